@@ -1,0 +1,191 @@
+"""The shared vocabulary of treeplay: tasks, steps, trajectories and the protocols users plug into.
+
+Everything else imports from here; this module imports nothing from the project. It holds:
+
+- ``Task``, ``Step``, ``StepResult``, ``Trajectory``: plain dataclasses, text in and text out.
+- ``Environment``: what an agent acts in (``tasks``, ``reset``, ``step``, ``score``). A reasoning
+  task is an environment whose actions are reasoning steps.
+- ``Policy``: what acts. Engines (``orchestrator/engines``) and scripted test policies implement it.
+- ``Judge``: what scores candidates (verifiers, rubric judges, peers, critics).
+
+Protocols are structural (``typing.Protocol``): implement the methods, no base class needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+# A prompt is raw text, or chat messages ({"role": ..., "content": ...}) rendered with the
+# tokenizer's chat template by engines that have one.
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Task:
+    """One problem an environment poses.
+
+    Attributes:
+        id: Stable identifier, unique within (environment, split).
+        prompt: The text shown to the policy.
+        answer: The gold final answer an exact verifier compares against, if any.
+        reference: A gold worked solution (steps separated by newlines), if any. Search may show it
+            to the self-evaluator (MCTS-DPO does); warm starts train on it.
+        env: Name of the environment that made it.
+        split: "train" or "test".
+        meta: Free-form extras (difficulty knobs, tool state seeds, ...).
+    """
+
+    id: str
+    prompt: str
+    answer: str | None = None
+    reference: str | None = None
+    env: str = ""
+    split: str = "train"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """What an environment returns for one action."""
+
+    observation: str
+    reward: float = 0.0
+    done: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One step of a trajectory: the action taken and what came back."""
+
+    index: int
+    action: str
+    observation: str = ""
+    reward: float = 0.0
+    agent_id: str = "agent-0"
+    logprob: float | None = None
+    credit: float | None = None
+    rubric: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Trajectory:
+    """A whole episode of one task.
+
+    ``status`` is "ok" or "failed"; a failed trajectory keeps its steps and the ``error`` text so a
+    broken tool or environment is recorded, never fatal to the run.
+    """
+
+    task: Task
+    steps: list[Step] = field(default_factory=list)
+    outcome: float | None = None
+    status: str = "ok"
+    error: str | None = None
+    policy_version: int = 0
+    agent_id: str = "agent-0"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def actions(self) -> list[str]:
+        return [s.action for s in self.steps]
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """A text environment. ``reset`` starts a fresh episode on this instance; ``step`` advances it.
+
+    Instances are cheap: run concurrent episodes on separate instances (the registry makes them),
+    and replay a path of actions from ``reset`` to rebuild a state (tree search does this).
+    """
+
+    name: str
+
+    def tasks(self, split: str, n: int, seed: int) -> list[Task]: ...
+
+    def reset(self, task: Task) -> str: ...
+
+    def step(self, action: str) -> StepResult: ...
+
+    def score(self, task: Task, trajectory: Trajectory) -> float: ...
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of a prompt.
+
+    Attributes:
+        text: Decoded continuation (stop string excluded).
+        token_ids: Generated token ids (those that make up ``text``).
+        logprobs: Log-probability of each generated token under the sampling policy
+            (temperature-1, unwarped distribution), aligned with ``token_ids``.
+        finish_reason: "stop" (a stop string), "eos", or "length".
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = "length"
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+@dataclass
+class Scored:
+    """Log-probability of a given continuation after a prompt."""
+
+    total: float
+    token_logprobs: list[float]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A language model that can sample and score text. ``version`` counts weight updates."""
+
+    version: int
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        n: int = 1,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """Return ``n`` completions for each prompt, in prompt order."""
+        ...
+
+    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[Scored]:
+        """Log-probability of ``continuations[i]`` after ``prompts[i]`` (teacher forcing)."""
+        ...
+
+    def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> None:
+        """Replace the weights in place and set ``version``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Judgment:
+    """A judge's verdict on one candidate."""
+
+    score: float
+    rationale: str = ""
+    judge: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Scores candidate responses to a task: verifiers, rubric judges, peers, critics."""
+
+    name: str
+
+    def score(self, task: Task, candidates: Sequence[str]) -> list[Judgment]: ...

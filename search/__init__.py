@@ -1,0 +1,1 @@
+"""How we explore and what we keep of it: preference trees, batched MCTS, pair and list extraction."""

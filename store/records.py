@@ -1,0 +1,186 @@
+"""Row-shaped records: what the rest of treeplay hands to the store and gets back from it.
+
+These are plain dataclasses, free of SQLAlchemy, so search/, agents/ and the learners can build and
+consume them without touching the database layer. ``store/queries.py`` turns them into rows in one
+transaction (bulk inserts) and reads them back.
+
+Keys: inside one write, records refer to each other by *local keys* (``NodeRecord.key``, the index of
+a trajectory in the list, ...). The store assigns database ids and maps the local keys on write; on
+read, ``db_id`` fields carry the database ids so provenance can be followed (a pair to its nodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PAIR_SOURCES = ("mcts", "panel", "credit", "rubric", "slhf", "sample")
+
+
+@dataclass
+class NodeRecord:
+    """One node of a preference tree (a partial solution: the steps from the root to here).
+
+    ``key`` is unique within its tree; ``parent_key`` is None for the root only. ``step`` is the text
+    of the step that leads into this node (empty at the root).
+    """
+
+    key: int
+    parent_key: int | None
+    step: str
+    depth: int
+    visits: int = 0
+    value: float = 0.0
+    prior: float = 0.0
+    reward: float = 0.0
+    terminal: bool = False
+    correct: bool | None = None
+    selected: bool = False
+    policy_version: int = 0
+    error: str | None = None
+    info: dict[str, Any] | None = None
+    db_id: int | None = None
+
+
+@dataclass
+class PairRecord:
+    """A preference pair: ``chosen`` is preferred over ``rejected`` as a continuation of ``prompt``.
+
+    Attributes:
+        source: One of PAIR_SOURCES (where the pair came from).
+        margin: A score gap between chosen and rejected (Q gap, judge score gap, ...), if known.
+        weight: Per-pair loss weight (1.0 = plain).
+        label_smoothing: Conservative-DPO epsilon (MCTS-DPO's visit-count alpha), 0 = plain DPO.
+        shared_prefix_chars: Length of the common text prefix of chosen and rejected, so a learner
+            can start the loss at the divergence point.
+        chosen_node / rejected_node: Local node keys in the tree written alongside (on write) or
+            database ids of tree nodes (on read), if the pair came from a tree.
+        chosen_visits / rejected_visits: Visit counts of those nodes (MCTS), if any.
+        tree_index: Which of the TaskResult's trees the node keys refer to (on write).
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str = "mcts"
+    margin: float | None = None
+    weight: float = 1.0
+    label_smoothing: float = 0.0
+    shared_prefix_chars: int = 0
+    chosen_node: int | None = None
+    rejected_node: int | None = None
+    chosen_visits: int | None = None
+    rejected_visits: int | None = None
+    tree_index: int = 0
+    task_id: str | None = None
+    info: dict[str, Any] | None = None
+    db_id: int | None = None
+    iteration: int | None = None
+
+
+@dataclass
+class RankedItem:
+    """One response in a ranked list (TPO): its text, its score, and per-step rewards if known."""
+
+    text: str
+    score: float
+    step_rewards: list[float] | None = None
+    node: int | None = None
+
+
+@dataclass
+class RankedListRecord:
+    """Responses to one prompt with scores, for listwise learners (TPO, LiPO)."""
+
+    prompt: str
+    items: list[RankedItem]
+    source: str = "mcts"
+    task_id: str | None = None
+    info: dict[str, Any] | None = None
+    db_id: int | None = None
+    iteration: int | None = None
+
+
+@dataclass
+class StepRecord:
+    index: int
+    action: str
+    observation: str = ""
+    reward: float = 0.0
+    agent_id: str = "agent-0"
+    credit: float | None = None
+    rubric: str | None = None
+    logprob: float | None = None
+    info: dict[str, Any] | None = None
+
+
+@dataclass
+class TrajectoryRecord:
+    task_id: str
+    environment: str
+    steps: list[StepRecord] = field(default_factory=list)
+    agent_id: str = "agent-0"
+    policy_version: int = 0
+    outcome: float | None = None
+    status: str = "ok"
+    error: str | None = None
+    info: dict[str, Any] | None = None
+    db_id: int | None = None
+
+
+@dataclass
+class JudgmentRecord:
+    """A judge's score of a target.
+
+    ``target_kind`` is "trajectory", "node", "step" or "candidate"; ``target_key`` is the local key of
+    the target in the same write (trajectory list index, node key, ...) or None for free candidates,
+    whose text goes in ``target_text``.
+    """
+
+    judge: str
+    score: float
+    target_kind: str = "candidate"
+    target_key: int | None = None
+    target_text: str | None = None
+    rationale: str = ""
+    info: dict[str, Any] | None = None
+
+
+@dataclass
+class TreeRecord:
+    """A whole preference tree for one task, ready to write."""
+
+    task_id: str
+    prompt: str
+    nodes: list[NodeRecord]
+    environment: str = ""
+    policy_version: int = 0
+    info: dict[str, Any] | None = None
+    db_id: int | None = None
+
+
+@dataclass
+class TaskResult:
+    """Everything one task produced in an iteration; ``queries.write_task_result`` writes it in ONE
+    transaction. Any field may be empty."""
+
+    task_id: str
+    environment: str = ""
+    prompt: str = ""
+    answer: str | None = None
+    trees: list[TreeRecord] = field(default_factory=list)
+    trajectories: list[TrajectoryRecord] = field(default_factory=list)
+    pairs: list[PairRecord] = field(default_factory=list)
+    ranked_lists: list[RankedListRecord] = field(default_factory=list)
+    judgments: list[JudgmentRecord] = field(default_factory=list)
+
+
+@dataclass
+class PreferenceData:
+    """What a learner reads for an iteration: pairs and ranked lists (with replay window)."""
+
+    pairs: list[PairRecord] = field(default_factory=list)
+    ranked_lists: list[RankedListRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pairs) + len(self.ranked_lists)
