@@ -189,3 +189,25 @@ class Judge(Protocol):
     name: str
 
     def score(self, task: Task, candidates: Sequence[str]) -> list[Judgment]: ...
+
+
+def transcript(prompt: str, steps: Sequence[tuple[str, str]] | Sequence[Step]) -> str:
+    """Render a prompt and the steps so far into the text a policy continues.
+
+    Every action is one line; a non-empty observation follows its action on its own line(s). Search,
+    agents and warm starts all use this so that what the model is trained on is what it is asked.
+
+    Args:
+        prompt: The task prompt (conventionally ending in a newline).
+        steps: ``Step`` objects or ``(action, observation)`` tuples, in order.
+
+    Returns:
+        ``prompt`` followed by ``action + "\\n"`` (and ``observation + "\\n"`` where non-empty) per step.
+    """
+    parts = [prompt]
+    for s in steps:
+        action, obs = (s.action, s.observation) if isinstance(s, Step) else s
+        parts.append(action + "\n")
+        if obs:
+            parts.append(obs if obs.endswith("\n") else obs + "\n")
+    return "".join(parts)
