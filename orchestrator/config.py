@@ -1,0 +1,200 @@
+"""Run configuration: pydantic models loaded from YAML, overridable as ``key=value``.
+
+    cfg = load_config("configs/demo.yaml", ["iterations=3", "learner.beta=0.2"])
+
+Every field is declared, documented and typed here; an unknown or ill-typed key is a ``ConfigError``
+whose one-line message names the key (the CLI prints it and exits 2). The resolved config is stored
+with the run, so ``treeplay resume`` rebuilds exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Strict):
+    """A random-init Llama with the char tokenizer, built on the spot when ``model.path`` is unset."""
+
+    hidden_size: int = Field(128, ge=16, description="Model width.")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    max_positions: int = Field(256, ge=32, description="Context length in characters.")
+    seed: int = Field(0, description="Seed of the random init.")
+
+
+class ModelConfig(_Strict):
+    path: str | None = Field(None, description="Local Hugging Face directory; None builds a tiny model.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+class EnvConfig(_Strict):
+    name: str = Field("arithmetic", description="Built-in name, 'module:Class', or an entry point name.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments.")
+
+
+class EngineConfig(_Strict):
+    kind: Literal["hf", "vllm"] = Field("hf", description="Policy engine of the rollout workers.")
+    num_threads: int | None = Field(1, description="torch threads per worker (CPU).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra engine arguments.")
+
+
+class WarmStartConfig(_Strict):
+    """Supervised warm start on the environment's demonstrations (before iteration 0)."""
+
+    enabled: bool = True
+    examples: int = Field(20000, ge=1, description="Demonstrations drawn from the train split.")
+    steps: int = Field(600, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+
+
+class SearchConfig(_Strict):
+    """MCTS over reasoning steps (search/mcts.py, MCTS-DPO). See docs/search.md."""
+
+    iterations: int = Field(4, ge=1, description="MCTS iterations per root before committing a step.")
+    first_root_multiplier: int = Field(1, ge=1, description="MCTS-DPO runs 4x iterations at the first root.")
+    depth_limit: int = Field(3, ge=1, description="Greedy look-ahead below the current root.")
+    max_depth: int = Field(8, ge=1, description="Hard limit on steps from the task root.")
+    root_width: int = Field(8, ge=1, description="Candidate steps sampled at the task root.")
+    width: int = Field(4, ge=1, description="Candidate steps sampled deeper.")
+    breadth_limit: int = Field(8, ge=1, description="Children kept after de-duplication.")
+    c_puct: float = Field(1.0, ge=0)
+    length_penalty: float = Field(1.25, description="lambda of the length-normalised prior.")
+    temperature: float = Field(1.0, ge=0)
+    max_step_tokens: int = Field(16, ge=1)
+    self_eval: bool = Field(False, description="Add the policy's own step evaluation to node values.")
+    self_eval_sees_reference: bool = Field(False, description="Show the gold solution to the self-evaluator.")
+    time_limit_s: float = Field(600.0, gt=0)
+
+
+class RolloutConfig(_Strict):
+    mode: Literal["mcts", "sample", "react", "panel", "multi_agent"] = "mcts"
+    tasks_per_iteration: int = Field(256, ge=1)
+    chunk_size: int = Field(32, ge=1, description="Tasks sent to a worker at a time (streamed back).")
+    num_workers: int = Field(1, ge=1, description="Rollout worker actors.")
+    samples_per_task: int = Field(8, ge=1, description="'sample' mode: completions per task.")
+    max_steps: int = Field(8, ge=1, description="Agent modes: step limit per episode.")
+    max_step_tokens: int = Field(24, ge=1)
+    rubrics: bool = Field(True, description="react mode: rubric-guided (Co-ReAct) or plain ReAct.")
+    num_agents: int = Field(3, ge=1, description="multi_agent / panel: agents or peers.")
+    temperature: float = Field(1.0, ge=0)
+    pair_filter_incorrect: bool = Field(True, description="MCTS-DPO --filter: drop trees whose answer is wrong.")
+    max_pairs_per_tree: int = Field(8, ge=1)
+
+
+class LearnerConfig(_Strict):
+    algorithm: Literal["dpo", "tpo", "slhf"] = "dpo"
+    loss: Literal["sigmoid", "ipo", "mcts_dpo"] = Field("mcts_dpo", description="DPO-family loss.")
+    beta: float = Field(0.1, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    nll_weight: float = Field(1.0, ge=0, description="NLL on chosen (iterative RPO); FIELD-NOTES: needed.")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    reference: Literal["fixed", "refresh"] = Field("refresh", description="Reference = model at round start.")
+    replay: int = Field(0, ge=0, description="Also train on the pairs of this many past iterations.")
+    max_length: int = Field(256, ge=8)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra learner config fields.")
+
+
+class EvalConfig(_Strict):
+    tasks: int = Field(300, ge=0, description="Held-out tasks evaluated each iteration.")
+    sample_temperature: float = Field(1.0, ge=0, description="Also report accuracy of samples at this T.")
+
+
+class StoreConfig(_Strict):
+    url: str = Field("sqlite:///runs/treeplay.db", description="sqlite:///path or postgresql://...")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None starts a local cluster; 'auto' joins one.")
+    num_cpus: int | None = Field(None, description="CPUs of a local cluster (None = all).")
+    worker_num_cpus: float = Field(1.0, ge=0)
+    worker_num_gpus: float = Field(0.0, ge=0)
+    learner_num_cpus: float = Field(1.0, ge=0)
+    learner_num_gpus: float = Field(0.0, ge=0)
+
+
+class RunConfig(_Strict):
+    """One self-improvement run."""
+
+    name: str = Field("demo", description="Run name (unique in the store).")
+    seed: int = 0
+    iterations: int = Field(6, ge=0)
+    output_dir: str = Field("runs", description="Where models, checkpoints and plots go.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    return f"config key '{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` pairs in a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{key}': '{p}' is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML") from e
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_first_error(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+        data = loaded or {}
+    return config_from_dict(apply_overrides(data, list(overrides or [])))
