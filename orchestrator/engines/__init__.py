@@ -1,0 +1,64 @@
+"""Policy engines: language models behind the ``agents.base.Policy`` contract.
+
+Two real engines implement the same contract (see docs/engines.md):
+
+- ``hf``: ``HFEngine`` (orchestrator/engines/hf.py), transformers with a hand-written batched
+  sampling loop: one prompt forward shared by the n samples, shared-prefix reuse for tree search.
+- ``vllm``: ``VLLMEngine`` (orchestrator/engines/vllm.py), vLLM's ``LLM`` with prefix caching.
+
+Use ``make_engine("hf" | "vllm", model_path, **kwargs)``. Importing this package is cheap: torch and
+vllm load only when an engine is made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class EngineError(RuntimeError):
+    """An engine could not be built or stopped working (bad model directory, dead worker process)."""
+
+
+ENGINE_KINDS = ("hf", "vllm")
+
+
+def make_engine(kind: str, model_path: str | Path, **kwargs: Any):
+    """Build a policy engine by name.
+
+    Args:
+        kind: "hf" or "vllm".
+        model_path: A local Hugging Face model directory.
+        **kwargs: Passed to the engine's constructor (``HFEngine`` or ``VLLMEngine``).
+
+    Returns:
+        An object implementing ``agents.base.Policy``.
+
+    Raises:
+        ValueError: ``kind`` is not a known engine.
+    """
+    if kind == "hf":
+        from orchestrator.engines.hf import HFEngine
+
+        return HFEngine(model_path, **kwargs)
+    if kind == "vllm":
+        from orchestrator.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model_path, **kwargs)
+    raise ValueError(f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
+
+
+def __getattr__(name: str):
+    # Lazy exports, so `import orchestrator.engines` does not pull in torch or vllm.
+    if name == "HFEngine":
+        from orchestrator.engines.hf import HFEngine
+
+        return HFEngine
+    if name == "VLLMEngine":
+        from orchestrator.engines.vllm import VLLMEngine
+
+        return VLLMEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ENGINE_KINDS", "EngineError", "HFEngine", "VLLMEngine", "make_engine"]

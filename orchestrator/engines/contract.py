@@ -1,0 +1,155 @@
+"""What both engines share so they agree token for token: prompt tokenization, request checks, stops.
+
+Both engines tokenize here (vLLM receives token ids, never text), so a prompt is the same ids in
+either engine, and ``score`` sees exactly the ids ``generate`` saw:
+
+- raw text: ``tokenizer(text)`` with the tokenizer's special tokens (a BOS where it adds one);
+- chat messages: the chat template rendered with ``add_generation_prompt=True``, then tokenized
+  without adding special tokens again (templates write their own BOS);
+- a continuation: tokenized on its own without special tokens and appended to the prompt ids.
+
+Decoding keeps special tokens (``skip_special_tokens=False``) so that ``score(prompt, text)`` re-reads
+exactly the tokens that were sampled; EOS is never part of a completion's ids or text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator.engines import EngineError
+
+
+def check_model_dir(model_path: str | Path) -> Path:
+    """Return ``model_path`` as a Path, or raise if it is not a Hugging Face model directory.
+
+    Raises:
+        EngineError: No directory, or no config.json in it.
+    """
+    path = Path(model_path)
+    if not path.is_dir():
+        raise EngineError(f"model path {str(path)!r} is not a directory (engines load local models only)")
+    if not (path / "config.json").is_file():
+        raise EngineError(f"model path {str(path)!r} is not a model: it has no config.json")
+    return path
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of one prompt (raw text, or chat messages rendered with the chat template).
+
+    Raises:
+        ValueError: Chat messages for a tokenizer without a chat template, a prompt of another
+            type, or a prompt that tokenizes to nothing and the tokenizer has no BOS to stand in.
+    """
+    if isinstance(prompt, str):
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    elif isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat-message prompt given but the tokenizer has no chat template; pass text")
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        raise ValueError(f"a prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+    if not ids:
+        if tokenizer.bos_token_id is None:
+            raise ValueError("empty prompt and the tokenizer has no BOS token to start from")
+        ids = [tokenizer.bos_token_id]
+    return ids
+
+
+def continuation_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a continuation, tokenized on its own (no special tokens added)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Decode ids faithfully: special tokens kept, no space clean-up."""
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def eos_token_ids(model_dir: Path, tokenizer: Any, config: Any) -> set[int]:
+    """Every id that ends a completion: the tokenizer's EOS, the config's and generation config's."""
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        import json
+
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(int(i) for i in eos)
+    return ids
+
+
+def check_request(num_prompts: int, n: int, max_tokens: int, temperature: float, top_p: float) -> None:
+    """Reject a generate request that cannot mean anything.
+
+    Raises:
+        ValueError: One line naming the bad argument.
+    """
+    if num_prompts == 0:
+        raise ValueError("generate() got an empty prompt list")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_context(ids: Sequence[Sequence[int]], extra: int | Sequence[int], max_len: int, what: str) -> None:
+    """Raise if any prompt plus ``extra`` tokens does not fit in the model's context.
+
+    Args:
+        ids: Prompt token ids.
+        extra: Tokens to be added per prompt (max_tokens for generate, continuation lengths for score).
+        max_len: The model's context length.
+        what: "max_tokens" or "continuation", for the message.
+
+    Raises:
+        ValueError: Naming the first prompt that does not fit.
+    """
+    for i, p in enumerate(ids):
+        e = extra if isinstance(extra, int) else extra[i]
+        if len(p) + e > max_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens + {what} {e} = {len(p) + e} > the model's context {max_len}"
+            )
+
+
+def cut_at_stop(
+    tokenizer: Any, ids: list[int], logprobs: list[float], stop: Sequence[str]
+) -> tuple[str, list[int], list[float], bool]:
+    """Cut a completion before the first stop string.
+
+    The text ends just before the stop string. The ids kept are the longest run of leading tokens
+    whose decoded text is a prefix of that text: with a character tokenizer exactly the text; with
+    merges, a token that straddles the stop string is dropped (its characters before the stop stay in
+    ``text``).
+
+    Returns:
+        (text, ids, logprobs, stopped) where ``stopped`` says whether a stop string was found.
+    """
+    text = decode(tokenizer, ids)
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    if cut < 0:
+        return text, ids, logprobs, False
+    text = text[:cut]
+    # Largest k with decode(ids[:k]) a prefix of text: decoded length grows with k, so bisect.
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text.startswith(decode(tokenizer, ids[:mid])) and len(decode(tokenizer, ids[:mid])) <= len(text):
+            lo = mid
+        else:
+            hi = mid - 1
+    return text, ids[:lo], logprobs[:lo], True

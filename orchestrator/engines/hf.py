@@ -1,0 +1,416 @@
+"""``HFEngine``: a transformers model behind the Policy contract, with its own batched sampling loop.
+
+Why not ``model.generate``: we need control over three things it does not give together.
+
+1. The n samples of a prompt share ONE prompt forward: the prompt's KV cache is computed once and
+   expanded n times (``DynamicCache.batch_select_indices``), never recomputed.
+2. Prompts that share a long token prefix (tree search: one task prompt, many partial paths) run the
+   shared prefix once per group and expand its cache to the members, which then only run their own
+   suffixes. Rows are left padded and the suffix stage pads in the middle; an explicit 2-D attention
+   mask and explicit position ids keep every row's positions exact.
+3. Per-token log-probs, stop strings and early exit: finished rows are dropped from the batch as
+   they finish, and the loop ends when all rows are done.
+
+Log-prob definition (shared with ``VLLMEngine``): each generated token's log-probability under the
+model's raw next-token distribution, ``log_softmax(logits)`` at temperature 1, before temperature or
+top-p. That is the policy's own probability of the token, what ``score`` returns for the same text
+and what policy-gradient and DPO learners need; the sampling distribution differs when temperature
+!= 1 or top_p < 1.
+
+Usage:
+
+    engine = HFEngine("runs/tiny-model", seed=0)
+    out = engine.generate(["2+3="], n=4, max_tokens=8, stop=["\\n"])
+    engine.score(["2+3="], ["5"])
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agents.base import Completion, Prompt, Scored
+from orchestrator.engines import EngineError
+from orchestrator.engines.contract import (
+    check_context,
+    check_model_dir,
+    check_request,
+    continuation_token_ids,
+    cut_at_stop,
+    decode,
+    eos_token_ids,
+    prompt_token_ids,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFEngine:
+    """A transformers causal LM that samples and scores in batches.
+
+    Args:
+        model_path: Local Hugging Face model directory.
+        device: torch device ("cpu", "cuda", "cuda:1").
+        dtype: "float32", "bfloat16" or "float16"; None means float32 on CPU, bfloat16 on GPU.
+        seed: Seeds the engine's sampling generator: the same seed and the same calls give the same
+            outputs. A ``seed`` passed to ``generate`` overrides it for that call.
+        num_threads: torch intra-op threads, set process-wide; None leaves torch's setting alone.
+        max_batch_size: Most sequences (prompts x n) decoded together; larger requests run in chunks.
+        prefix_reuse: Run a prefix shared by several prompts once (see the module docstring).
+        min_shared_prefix: Shortest shared prefix, in tokens, worth its own forward.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "cpu",
+        dtype: str | None = None,
+        seed: int = 0,
+        num_threads: int | None = None,
+        max_batch_size: int = 256,
+        prefix_reuse: bool = True,
+        min_shared_prefix: int = 16,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = check_model_dir(model_path)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        if dtype is None:
+            dtype = "float32" if device == "cpu" else "bfloat16"
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[dtype])
+        except Exception as e:  # transformers raises many types; one clear line is what callers need
+            raise EngineError(f"could not load a model from {str(self.model_path)!r}: {e}") from e
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.max_len = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.eos_ids = eos_token_ids(self.model_path, self.tokenizer, model.config)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = next(iter(self.eos_ids), 0)
+        self.max_batch_size = max_batch_size
+        self.prefix_reuse = prefix_reuse
+        self.min_shared_prefix = min_shared_prefix
+        self.version = 0
+        self.last_load_seconds = 0.0
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
+        self._params = dict(self.model.named_parameters())
+        self._params.update(dict(self.model.named_buffers()))
+        self._closed = False
+
+    # ---------------------------------------------------------------- Policy contract
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        n: int = 1,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """Sample ``n`` completions for each prompt.
+
+        Args:
+            prompts: Raw texts or chat-message lists.
+            n: Samples per prompt.
+            max_tokens: Most new tokens per sample.
+            temperature: 0 is greedy.
+            top_p: Nucleus sampling mass.
+            stop: Strings that end a sample; the stop string is not part of the text.
+            seed: Seeds this call alone (same seed, same request: same output).
+
+        Returns:
+            ``n`` completions per prompt, in prompt order. Log-probs are under the raw
+            (temperature-1, unfiltered) distribution; see the module docstring.
+        """
+        self._check_open()
+        check_request(len(prompts), n, max_tokens, temperature, top_p)
+        ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
+        check_context(ids, max_tokens, self.max_len, "max_tokens")
+        gen = self._generator if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+        stops = [s for s in (stop or []) if s]
+        results: list[list[Completion]] = [[] for _ in prompts]
+        for chunk in self._chunks(self._groups(ids), n):
+            self._generate_chunk(ids, chunk, n, max_tokens, temperature, top_p, stops, gen, results)
+        return results
+
+    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[Scored]:
+        """Log-probability of each continuation after its prompt, by teacher forcing.
+
+        Prompt and continuation are tokenized separately and their ids concatenated, as ``generate``
+        produced them, so ``score(p, c.text)`` matches ``c.logprobs`` for a completion ``c`` of ``p``.
+
+        Returns:
+            One ``Scored`` per pair: the sum and the per-token log-probs of the continuation tokens.
+        """
+        self._check_open()
+        if len(prompts) != len(continuations):
+            raise ValueError(f"score() got {len(prompts)} prompts but {len(continuations)} continuations")
+        if not prompts:
+            return []
+        p_ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
+        c_ids = [continuation_token_ids(self.tokenizer, c) for c in continuations]
+        check_context(p_ids, [len(c) for c in c_ids], self.max_len, "continuation")
+        out: list[Scored | None] = [None] * len(prompts)
+        # Similar lengths together, so padding stays small.
+        order = sorted(range(len(prompts)), key=lambda i: len(p_ids[i]) + len(c_ids[i]))
+        for start in range(0, len(order), self.max_batch_size):
+            batch = order[start : start + self.max_batch_size]
+            for i, lps in zip(
+                batch, self._score_batch([p_ids[i] for i in batch], [c_ids[i] for i in batch]), strict=True
+            ):
+                out[i] = Scored(total=float(sum(lps)), token_logprobs=lps)
+        return out  # type: ignore[return-value]
+
+    def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> None:
+        """Copy new weights into the live parameters (no rebuild) and set ``version``.
+
+        Args:
+            version: The policy version these weights are.
+            state_dict: Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``...) to
+                tensors; a subset is fine. A ``module.`` prefix (DDP) is stripped.
+
+        Raises:
+            ValueError: An unknown name or a shape that does not match; nothing is copied then.
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        pairs = []
+        for name, value in state_dict.items():
+            key = name.removeprefix("module.")
+            if key not in self._params:
+                raise ValueError(f"load_weights: {name!r} is not a parameter of this model")
+            target = self._params[key]
+            value = torch.as_tensor(value)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"load_weights: {name!r} has shape {tuple(value.shape)}, the model has {tuple(target.shape)}"
+                )
+            pairs.append((target, value))
+        with torch.no_grad():
+            for target, value in pairs:
+                target.copy_(value)
+        self.version = int(version)
+        self.last_load_seconds = time.perf_counter() - t0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the current weights (Hugging Face names), e.g. to restore after a test."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def close(self) -> None:
+        """Drop the model; later calls raise EngineError."""
+        self._closed = True
+        self.model = None  # type: ignore[assignment]
+        self._params = {}
+
+    # ---------------------------------------------------------------- batching plan
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("engine is closed")
+
+    def _groups(self, ids: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """Group prompts by shared token prefix: [(prefix_len, [prompt indices])].
+
+        Sorted prompts put shared prefixes next to each other; a group's prefix is the common prefix
+        of its first and last member (capped one short of the shortest member, so every member has a
+        suffix token whose logits start sampling). A prompt alone forms a group whose "prefix" is all
+        but its last token, which is a plain prompt forward.
+        """
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        groups: list[tuple[int, list[int]]] = []
+
+        def shared(a: list[int], b: list[int]) -> int:
+            k, m = 0, min(len(a), len(b)) - 1
+            while k < m and a[k] == b[k]:
+                k += 1
+            return k
+
+        for i in order:
+            if groups and self.prefix_reuse:
+                plen, members = groups[-1]
+                # Sorted order: the prefix shared with the first member only shrinks along the group.
+                s = min(shared(ids[members[0]], ids[i]), plen)
+                if s >= self.min_shared_prefix:
+                    groups[-1] = (s, members + [i])
+                    continue
+            groups.append((len(ids[i]) - 1, [i]))
+        return groups
+
+    def _chunks(self, groups: list[tuple[int, list[int]]], n: int):
+        """Yield lists of groups whose rows (members x n) fit in max_batch_size."""
+        per_chunk = max(1, self.max_batch_size // n)
+        chunk: list[tuple[int, list[int]]] = []
+        size = 0
+        for plen, members in groups:
+            for start in range(0, len(members), per_chunk):
+                part = members[start : start + per_chunk]
+                if size + len(part) > per_chunk and chunk:
+                    yield chunk
+                    chunk, size = [], 0
+                chunk.append((plen, part))
+                size += len(part)
+        if chunk:
+            yield chunk
+
+    # ---------------------------------------------------------------- the sampling loop
+
+    def _forward(self, input_ids, mask, positions, cache, logits_to_keep: int = 1):
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        ).logits
+
+    @torch.inference_mode()
+    def _generate_chunk(self, ids, chunk, n, max_tokens, temperature, top_p, stops, gen, results) -> None:
+        from transformers import DynamicCache
+
+        dev = self.device
+        members = [i for _, m in chunk for i in m]
+        prefix_len = [plen for plen, m in chunk]
+        # Stage 1: each group's shared prefix once, left padded.
+        width = max(prefix_len)
+        cache = DynamicCache(config=self.model.config)
+        mask_a = torch.zeros(len(chunk), width, dtype=torch.long)
+        tok_a = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        for g, (plen, m) in enumerate(chunk):
+            if plen:
+                tok_a[g, width - plen :] = torch.tensor(ids[m[0]][:plen])
+                mask_a[g, width - plen :] = 1
+        if width:
+            pos_a = (mask_a.cumsum(-1) - 1).clamp(min=0)
+            self._forward(tok_a.to(dev), mask_a.to(dev), pos_a.to(dev), cache)
+        # Stage 2: expand the prefix cache to every member; members run their own suffixes.
+        group_of = torch.tensor([g for g, (_, m) in enumerate(chunk) for _ in m], dtype=torch.long)
+        if width:
+            cache.batch_select_indices(group_of.to(dev))
+        suffixes = [ids[i][prefix_len[g] :] for g, (_, m) in enumerate(chunk) for i in m]
+        swidth = max(len(s) for s in suffixes)
+        mask_b = torch.zeros(len(members), swidth, dtype=torch.long)
+        tok_b = torch.full((len(members), swidth), self.pad_id, dtype=torch.long)
+        for r, s in enumerate(suffixes):
+            tok_b[r, swidth - len(s) :] = torch.tensor(s)
+            mask_b[r, swidth - len(s) :] = 1
+        mask = torch.cat([mask_a[group_of], mask_b], dim=1)
+        start = torch.tensor([prefix_len[g] for g in group_of.tolist()], dtype=torch.long)
+        pos_b = (start[:, None] + mask_b.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(tok_b.to(dev), mask.to(dev), pos_b.to(dev), cache)[:, -1]
+        # Stage 3: the n samples of each prompt share its cache.
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+            mask = mask.repeat_interleave(n, dim=0)
+            start = start.repeat_interleave(n)
+            pos_b = pos_b.repeat_interleave(n, dim=0)
+        mask = mask.to(dev)
+        next_pos = pos_b[:, -1].to(dev) + 1
+        rows = len(members) * n
+        out_tok = torch.zeros(rows, max_tokens, dtype=torch.long)
+        out_lp = torch.zeros(rows, max_tokens, dtype=torch.float32)
+        length = torch.full((rows,), max_tokens, dtype=torch.long)
+        finish = ["length"] * rows
+        live = torch.arange(rows)  # original row of each batch row
+        window = max((len(s) for s in stops), default=0) + 1
+        for t in range(max_tokens):
+            # One uniform per original row each step: a row's draws do not depend on which other
+            # rows are still running, so stop strings or EOS elsewhere never change its sample.
+            uniform = torch.rand(rows, generator=gen)[live]
+            tok, lp = _sample(logits, temperature, top_p, uniform)
+            tok_cpu, lp_cpu = tok.cpu(), lp.float().cpu()
+            out_tok[live, t] = tok_cpu
+            out_lp[live, t] = lp_cpu
+            done = (
+                torch.isin(tok, self._eos).cpu()
+                if len(self._eos)
+                else torch.zeros_like(tok_cpu, dtype=torch.bool)
+            )
+            for r in torch.nonzero(done).flatten().tolist():
+                length[live[r]] = t  # EOS is not part of the completion
+                finish[live[r]] = "eos"
+            if stops:
+                lo = max(0, t + 1 - window)
+                cand = [r for r in range(len(live)) if not done[r]]
+                tails = self.tokenizer.batch_decode(
+                    out_tok[live[cand], lo : t + 1].tolist(),
+                    skip_special_tokens=False,
+                    clean_up_tokenization_spaces=False,
+                )
+                for r, tail in zip(cand, tails, strict=True):
+                    if any(s in tail for s in stops):
+                        done[r] = True
+                        length[live[r]] = t + 1
+                        finish[live[r]] = "stop"
+            if t == max_tokens - 1 or bool(done.all()):
+                break
+            keep = torch.nonzero(~done).flatten()
+            if len(keep) < len(live):
+                keep_dev = keep.to(dev)
+                cache.batch_select_indices(keep_dev)
+                live, tok, mask, next_pos = live[keep], tok[keep_dev], mask[keep_dev], next_pos[keep_dev]
+            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=dev)], dim=1)
+            logits = self._forward(tok[:, None], mask, next_pos[:, None], cache)[:, -1]
+            next_pos = next_pos + 1
+        for r in range(rows):
+            toks = out_tok[r, : length[r]].tolist()
+            lps = out_lp[r, : length[r]].tolist()
+            if finish[r] == "stop":
+                text, toks, lps, _ = cut_at_stop(self.tokenizer, toks, lps, stops)
+            else:
+                text = decode(self.tokenizer, toks)
+            results[members[r // n]].append(Completion(text, toks, lps, finish[r]))
+
+    @torch.inference_mode()
+    def _score_batch(self, p_ids: list[list[int]], c_ids: list[list[int]]) -> list[list[float]]:
+        seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
+        width = max(len(s) for s in seqs)
+        keep = max(len(c) for c in c_ids)
+        if keep == 0:
+            return [[] for _ in seqs]
+        tok = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            tok[r, width - len(s) :] = torch.tensor(s)
+            mask[r, width - len(s) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        # Left padding puts every continuation at the right end: only those logits are needed.
+        logits = self._forward(tok.to(dev), mask.to(dev), pos.to(dev), None, logits_to_keep=keep + 1)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = tok[:, width - keep :].to(dev)
+        picked = logp.gather(-1, target[..., None]).squeeze(-1).cpu()
+        return [picked[r, keep - len(c) :].tolist() for r, c in enumerate(c_ids)]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor):
+    """Pick one token per row by inverse CDF on ``uniform``; return it and its raw log-prob."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        tok = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest set of top tokens whose mass reaches top_p (always the first).
+            sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        cdf = probs.cumsum(dim=-1)
+        target = uniform.to(cdf.device)[:, None] * cdf[:, -1:]
+        # side="right" never lands on a zero-probability token (its CDF step is flat).
+        tok = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
