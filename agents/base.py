@@ -77,6 +77,10 @@ class Trajectory:
 
     ``status`` is "ok" or "failed"; a failed trajectory keeps its steps and the ``error`` text so a
     broken tool or environment is recorded, never fatal to the run.
+
+    In multi-agent episodes ``steps`` are the executed (voted) actions and ``proposals`` holds every
+    agent's proposed action at every step (``Step.index`` = the step, ``Step.agent_id`` = the
+    proposer, ``Step.credit`` = a critic's score); single-agent episodes leave it empty.
     """
 
     task: Task
@@ -87,6 +91,7 @@ class Trajectory:
     policy_version: int = 0
     agent_id: str = "agent-0"
     info: dict[str, Any] = field(default_factory=dict)
+    proposals: list[Step] = field(default_factory=list)
 
     @property
     def actions(self) -> list[str]:
