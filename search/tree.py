@@ -277,7 +277,9 @@ class PreferenceTree:
             raise ValueError(f"nodes not reachable from the root: {sorted(set(g.nodes) - reach)}")
         for u, v in g.edges:
             if g.nodes[v]["depth"] != g.nodes[u]["depth"] + 1:
-                raise ValueError(f"node {v} has depth {g.nodes[v]['depth']} under depth {g.nodes[u]['depth']}")
+                raise ValueError(
+                    f"node {v} has depth {g.nodes[v]['depth']} under depth {g.nodes[u]['depth']}"
+                )
 
     # ----------------------------------------------------------------------------- records
     def to_record(

@@ -1,0 +1,611 @@
+"""MCTS over reasoning steps (MCTS-DPO), batched across many trees at once.
+
+One tree per task; a node is a partial solution, an edge one step (an environment action, one line).
+Per tree the search follows MCTS-DPO (Xie et al. 2024; spec: ALGORITHMS.md §1):
+
+1. **Select** from the current search root by PUCT,
+   ``Q(s,a) + c_puct · p(a|s) · sqrt(N(s)) / (1 + N(s,a))``, with the length-normalised prior
+   ``p = exp(Σ log π(a) / L^λ)`` (L = tokens of the step, λ = ``length_penalty``).
+2. **Expand** the leaf: sample ``root_width`` (tree root) or ``width`` candidate steps from the policy
+   (stop at a newline), drop empty and near-duplicate steps (normalised text), keep at most
+   ``breadth_limit``; step each candidate in the environment (replaying the path from ``reset``).
+3. **Evaluate** every new child at once, no rollouts: value ``v = C / max(depth_parent − 3, 1)``
+   where C is the policy's own probability that the partial solution is correct (self-evaluation,
+   optional; when C is 0 or off, ``v = v_parent``), plus the outcome O (+1 correct / −1 wrong) at
+   terminal nodes. The edge reward is the value increment ``r = v − v_parent`` and a new child
+   starts at ``Q = V(parent) + r``, ``N = 0``.
+4. Keep **expanding greedily** (PUCT among the new children) until a terminal node or ``depth_limit``
+   steps below the search root, then **back up**: leaf ``Q = r + γV``; every ancestor
+   ``V = Σ max(1,N_c)·Q_c / Σ max(1,N_c)`` over all its children, ``N += 1``, ``Q = r + γV``.
+5. **Receding horizon**: after ``iterations`` iterations (× ``first_root_multiplier`` at the tree
+   root) commit the root to the child with the largest ``N_c·(1 + gap_c)`` (gap = max − min visits
+   among c's children; ties by Q then V), mark it ``selected`` and repeat until the root is terminal
+   or ``max_depth`` is reached.
+
+**Batching across trees** is the point of this module: ``search_many`` advances every active tree to
+its next expansion, then makes ONE ``policy.generate`` call carrying the leaves of all trees
+(``n`` = the widest k asked for in the wave; narrower requests use the first k samples) and ONE
+``policy.score`` call for all self-evaluations of the wave. Without it MCTS is a chain of tiny calls.
+
+Robustness: an empty step, a policy error or an environment exception becomes a terminal child with
+``error`` set (failed outcome, no environment reward); the search goes on. Nothing loops forever:
+each iteration ends at a terminal node or the depth limit, each root gets a fixed number of
+iterations, the committed path stops at ``max_depth``, and ``time_limit_s`` stops the whole batch
+(trees then commit greedily along what was already expanded).
+
+Deviations from the MCTS-DPO code, with reasons, are listed in docs/search.md and commented below.
+
+Example:
+    >>> trees = search_many(tasks, lambda: ArithmeticEnv(ops=2), engine, MCTSConfig(iterations=4))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents.base import Environment, Policy, StepResult, Task
+from search.tree import PreferenceTree
+
+_PROMPTS = Path(__file__).parent / "prompts"
+
+
+class MCTSConfig(BaseModel):
+    """Settings of the tree search (defaults follow MCTS-DPO's math scripts where they exist)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(5, ge=0, description="MCTS iterations per search root (paper K=5).")
+    first_root_multiplier: int = Field(
+        4, ge=1, description="Iterations are multiplied by this at the tree root."
+    )
+    depth_limit: int = Field(
+        3, ge=1, description="How far below the current search root one iteration expands."
+    )
+    max_depth: int = Field(
+        16, ge=1, description="Absolute cap on steps from the tree root; nodes there end the episode."
+    )
+    root_width: int = Field(4, ge=1, description="Candidate steps sampled at the tree root (n_init_actions).")
+    width: int = Field(2, ge=1, description="Candidate steps sampled below the root (n_actions).")
+    breadth_limit: int = Field(4, ge=1, description="Most children a node keeps after de-duplication.")
+    c_puct: float = Field(1.0, ge=0.0, description="Exploration weight of PUCT (w_exp).")
+    length_penalty: float = Field(1.25, description="λ in the prior p = exp(Σ logπ / L^λ).")
+    gamma: float = Field(1.0, description="Discount in Q = r + γ·V.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of candidate steps.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of candidate steps.")
+    max_step_tokens: int = Field(64, ge=1, description="Token cap of one step.")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="Stop strings ending a step.")
+    self_eval: bool = Field(False, description="Score each new child by the policy's own P(correct).")
+    self_eval_sees_reference: bool = Field(
+        False,
+        description="Show task.reference to the self-evaluator as an example answer (MCTS-DPO does).",
+    )
+    verdict_correct: str = Field("B", description="Continuation of the self-eval prompt meaning 'correct'.")
+    verdict_incorrect: str = Field(
+        "A", description="Continuation of the self-eval prompt meaning 'incorrect'."
+    )
+    include_reference_steps: bool = Field(
+        False,
+        description="Inject the next line of task.reference as a candidate while the path follows it "
+        "(MCTS-DPO's include_gt for math).",
+    )
+    success_reward: float = Field(
+        1.0,
+        description="A terminal step is correct when its reward reaches this (unless info['correct'] says).",
+    )
+    time_limit_s: float | None = Field(None, gt=0.0, description="Wall-clock budget of one search_many call.")
+    env_cache_size: int = Field(
+        64, ge=0, description="Environments kept parked at fresh nodes per tree, to skip replays."
+    )
+    seed: int = Field(0, description="Base seed; wave w samples with seed + w.")
+
+
+@dataclass
+class _Run:
+    """The search state of one tree inside a batch."""
+
+    index: int
+    task: Task
+    tree: PreferenceTree
+    root: int
+    iters_left: int
+    path: list[int] | None = None
+    done: bool = False
+    stopped: str | None = None
+    # node key -> environment whose episode is exactly at that node (parked after stepping into it)
+    parked: OrderedDict[int, Environment] = field(default_factory=OrderedDict)
+    free: list[Environment] = field(default_factory=list)
+    expanded: set[int] = field(default_factory=set)
+    expansions: int = 0
+    env_steps: int = 0
+
+
+def normalise_step(text: str) -> str:
+    """The key two candidate steps must share to count as duplicates: case-folded, whitespace-free.
+
+    MCTS-DPO compares steps with a BERTScore-like cosine on the policy's hidden states; engines here
+    expose text and log-probs only, so near-duplicates are the steps equal after this normalisation.
+    """
+    return re.sub(r"\s+", "", text).casefold()
+
+
+def prior(logprobs: Sequence[float], length_penalty: float) -> float:
+    """Length-normalised prior ``exp(Σ logπ / L^λ)`` (1.0 for an empty step)."""
+    n = len(logprobs)
+    if n == 0:
+        return 1.0
+    return math.exp(float(sum(logprobs)) / n**length_penalty)
+
+
+def puct(q: float, p: float, parent_visits: int, visits: int, c_puct: float) -> float:
+    """PUCT score of a child.
+
+    ``sqrt(max(N_parent, 1))``: the reference code backs up after every expansion of the greedy
+    chain, so a freshly expanded node already has N = 1 when its children are compared; we back up
+    once per iteration, and the floor keeps the prior in play at that first comparison.
+    """
+    return q + c_puct * p * math.sqrt(max(parent_visits, 1)) / (1 + visits)
+
+
+def search_many(
+    tasks: Sequence[Task],
+    env_factory: Callable[[], Environment],
+    policy: Policy,
+    config: MCTSConfig | None = None,
+) -> list[PreferenceTree]:
+    """Search a tree per task, all at once, batching every policy call across the trees.
+
+    Args:
+        tasks: The problems; one tree each, in this order.
+        env_factory: Returns a fresh environment instance (instances are reused via ``reset``).
+        policy: Samples candidate steps (``generate``) and, with ``self_eval``, scores verdicts.
+        config: Search settings; defaults to ``MCTSConfig()``.
+
+    Returns:
+        One ``PreferenceTree`` per task with the committed path marked ``selected``; search
+        statistics are in ``tree.info["search"]``.
+    """
+    cfg = config or MCTSConfig()
+    start = time.monotonic()
+    version = int(getattr(policy, "version", 0) or 0)
+    runs = []
+    for i, task in enumerate(tasks):
+        tree = PreferenceTree(task.prompt, task_id=task.id, environment=task.env, policy_version=version)
+        tree[tree.root]["selected"] = True
+        runs.append(_Run(i, task, tree, tree.root, cfg.iterations * cfg.first_root_multiplier))
+
+    waves = generate_calls = score_calls = 0
+    while True:
+        requests = [(run, node) for run in runs if (node := _next_expansion(run, cfg)) is not None]
+        if not requests:
+            break
+        if cfg.time_limit_s is not None and time.monotonic() - start >= cfg.time_limit_s:
+            for run, _ in requests:
+                run.stopped = "time_limit"
+            break
+        calls = _expand_wave(requests, env_factory, policy, cfg, waves, version)
+        generate_calls += calls[0]
+        score_calls += calls[1]
+        waves += 1
+
+    elapsed = time.monotonic() - start
+    for run in runs:
+        if run.stopped:
+            _commit_greedily(run)
+        run.tree.info["search"] = {
+            "stopped": run.stopped,
+            "expansions": run.expansions,
+            "env_steps": run.env_steps,
+            "nodes": len(run.tree),
+            "waves": waves,
+            "generate_calls": generate_calls,
+            "score_calls": score_calls,
+            "batch_trees": len(runs),
+            "seconds": round(elapsed, 4),
+            "solved": run.tree.solved(),
+        }
+        run.tree.info["config"] = cfg.model_dump()
+        for env in [*run.parked.values(), *run.free]:
+            _close(env)
+        run.parked.clear()
+        run.free.clear()
+    return [run.tree for run in runs]
+
+
+def search(
+    task: Task, env_factory: Callable[[], Environment], policy: Policy, config: MCTSConfig | None = None
+) -> PreferenceTree:
+    """One tree, unbatched: ``search_many([task], ...)[0]``."""
+    return search_many([task], env_factory, policy, config)[0]
+
+
+# --------------------------------------------------------------------------------- schedule
+def _stops_chain(tree: PreferenceTree, node: int, root: int, cfg: MCTSConfig) -> bool:
+    d = tree[node]
+    return bool(d["terminal"]) or d["depth"] - tree[root]["depth"] >= cfg.depth_limit
+
+
+def _puct_child(tree: PreferenceTree, node: int, cfg: MCTSConfig) -> int:
+    n_parent = tree[node]["visits"]
+    return max(
+        tree.children(node),
+        key=lambda c: puct(tree[c]["value"], tree[c]["prior"], n_parent, tree[c]["visits"], cfg.c_puct),
+    )
+
+
+def _next_expansion(run: _Run, cfg: MCTSConfig) -> int | None:
+    """Advance one tree (backups, root commits) to the next node it needs expanded; None when done."""
+    tree = run.tree
+    while not run.done:
+        if run.path is None:
+            if run.iters_left <= 0:
+                _commit(run, cfg)
+                continue
+            run.iters_left -= 1
+            path = [run.root]
+            while tree.children(path[-1]) and not _stops_chain(tree, path[-1], run.root, cfg):
+                path.append(_puct_child(tree, path[-1], cfg))
+            run.path = path
+        leaf = run.path[-1]
+        if _stops_chain(tree, leaf, run.root, cfg):
+            _backup(tree, run.path, cfg.gamma)
+            run.path = None
+        elif leaf in run.expanded:
+            if not tree.children(leaf):  # cannot happen (expansion always adds a child); stay safe
+                tree[leaf].update(terminal=True, correct=False, error="expansion produced no children")
+                continue
+            run.path.append(_puct_child(tree, leaf, cfg))
+        else:
+            return leaf
+    return None
+
+
+def _commit(run: _Run, cfg: MCTSConfig) -> None:
+    """Receding horizon: move the search root to its most visited child (visits × (1 + gap))."""
+    tree = run.tree
+    kids = tree.children(run.root)
+    if tree[run.root]["terminal"] or not kids:
+        run.done = True
+        return
+
+    def key(c: int) -> tuple[float, float, float]:
+        grand = [tree[g]["visits"] for g in tree.children(c)]
+        gap = (max(grand) - min(grand)) if grand else 0
+        return (tree[c]["visits"] * (1 + gap), tree[c]["value"], tree[c]["V"])
+
+    best = max(kids, key=key)
+    tree[best]["selected"] = True
+    run.root = best
+    run.iters_left = cfg.iterations
+    if tree[best]["terminal"] or tree[best]["depth"] >= cfg.max_depth:
+        run.done = True
+
+
+def _commit_greedily(run: _Run) -> None:
+    """After a time-out: follow the same rule along what is already expanded, with no new calls."""
+    tree = run.tree
+    node = run.root
+    while kids := tree.children(node):
+        node = max(kids, key=lambda c: (tree[c]["visits"], tree[c]["value"], tree[c]["V"]))
+        tree[node]["selected"] = True
+    run.root = node
+    run.done = True
+
+
+def _backup(tree: PreferenceTree, path: list[int], gamma: float) -> None:
+    """MCTS-DPO backup along ``path`` (search root first), once per iteration."""
+    leaf = tree[path[-1]]
+    leaf["value"] = leaf["reward"] + gamma * leaf["V"]
+    leaf["visits"] += 1
+    for n in reversed(path[:-1]):
+        d = tree[n]
+        kids = [tree[c] for c in tree.children(n)]
+        weights = [max(1, k["visits"]) for k in kids]
+        d["V"] = sum(w * k["value"] for w, k in zip(weights, kids, strict=True)) / sum(weights)
+        d["visits"] += 1
+        if n != tree.root:  # the tree root has no incoming step, hence no Q
+            d["value"] = d["reward"] + gamma * d["V"]
+
+
+# --------------------------------------------------------------------------------- one wave
+@dataclass
+class _Candidate:
+    run: _Run
+    parent: int
+    step: str
+    logprob: float = 0.0
+    tokens: int = 0
+    prior: float = 1.0
+    error: str | None = None
+    needs_prior: bool = False
+    from_reference: bool = False
+    result: StepResult | None = None
+    self_eval: float | None = None
+    env: Environment | None = None  # the environment that took the step, parked at the new node
+
+
+def _expand_wave(
+    requests: list[tuple[_Run, int]],
+    env_factory: Callable[[], Environment],
+    policy: Policy,
+    cfg: MCTSConfig,
+    wave: int,
+    version: int,
+) -> tuple[int, int]:
+    """Expand one leaf per active tree with one generate call (and at most one score call)."""
+    prompts = [run.tree.text(node) for run, node in requests]
+    widths = [cfg.root_width if run.tree[node]["depth"] == 0 else cfg.width for run, node in requests]
+    policy_error: str | None = None
+    outputs: list[Any] = []
+    try:
+        outputs = policy.generate(
+            prompts,
+            n=max(widths),
+            max_tokens=cfg.max_step_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop=list(cfg.stop),
+            seed=cfg.seed + wave,
+        )
+        if len(outputs) != len(prompts):
+            policy_error = f"policy returned {len(outputs)} completion lists for {len(prompts)} prompts"
+    except Exception as e:  # a broken engine must not kill the batch; it is recorded on the nodes
+        policy_error = f"policy.generate raised {type(e).__name__}: {e}"
+
+    cands: list[_Candidate] = []
+    for i, ((run, node), k) in enumerate(zip(requests, widths, strict=True)):
+        run.expanded.add(node)
+        run.expansions += 1
+        if policy_error is not None:
+            cands.append(_Candidate(run, node, "", error=policy_error))
+            continue
+        cands.extend(_candidates(run, node, list(outputs[i] or [])[:k], cfg))
+
+    # Step the environment for every candidate (replaying paths from reset where needed).
+    for c in cands:
+        if c.error is None:
+            _step_env(c, env_factory, cfg)
+
+    # One score call: self-evaluation verdicts and priors of injected reference steps.
+    score_calls = _score_wave(cands, policy, cfg)
+
+    for c in cands:
+        _add_child(c, cfg, version)
+    return 1, score_calls
+
+
+def _candidates(run: _Run, node: int, completions: list[Any], cfg: MCTSConfig) -> list[_Candidate]:
+    """Turn sampled completions into de-duplicated candidate steps (at most ``breadth_limit``)."""
+    tree = run.tree
+    seen = {normalise_step(tree[c]["step"]) for c in tree.children(node)}
+    good: list[_Candidate] = []
+    bad: list[_Candidate] = []
+    if cfg.include_reference_steps and run.task.reference:
+        ref = [s for s in run.task.reference.splitlines() if s.strip()]
+        done = [normalise_step(a) for a, _ in tree.steps(node)]
+        if len(done) < len(ref) and done == [normalise_step(s) for s in ref[: len(done)]]:
+            step = ref[len(done)].strip()
+            seen.add(normalise_step(step))
+            good.append(_Candidate(run, node, step, needs_prior=True, from_reference=True))
+    for comp in completions:
+        try:
+            text = str(comp.text)
+            logps = [float(x) for x in comp.logprobs]
+        except Exception as e:  # not a Completion at all
+            bad.append(_Candidate(run, node, "", error=f"policy returned {type(comp).__name__}: {e}"))
+            continue
+        step = text.strip()
+        if not step:
+            bad.append(_Candidate(run, node, "", error="empty step"))
+            continue
+        key = normalise_step(step)
+        if key in seen:
+            continue
+        seen.add(key)
+        good.append(
+            _Candidate(
+                run,
+                node,
+                step,
+                logprob=float(sum(logps)),
+                tokens=len(logps),
+                prior=prior(logps, cfg.length_penalty),
+            )
+        )
+    if not completions and not good:
+        bad.append(_Candidate(run, node, "", error="policy returned no completions"))
+    keep = good[: cfg.breadth_limit]
+    # Failures are kept (one of each kind, if room) so the tree shows what went wrong there.
+    kinds: set[str] = set()
+    for b in bad:
+        if len(keep) >= cfg.breadth_limit and good:
+            break
+        if b.error not in kinds:
+            kinds.add(b.error or "")
+            keep.append(b)
+    return keep
+
+
+def _acquire_env(run: _Run, node: int, env_factory: Callable[[], Environment]) -> Environment:
+    """An environment whose episode is at ``node``: a parked one (used once) or a replay from reset."""
+    env = run.parked.pop(node, None)
+    if env is not None:
+        return env
+    env = run.free.pop() if run.free else env_factory()
+    try:
+        env.reset(run.task)
+        for action, _ in run.tree.steps(node):
+            env.step(action)
+            run.env_steps += 1
+    except Exception:
+        _release_env(run, env)
+        raise
+    return env
+
+
+def _release_env(run: _Run, env: Environment) -> None:
+    if len(run.free) < 4:
+        run.free.append(env)
+    else:
+        _close(env)
+
+
+def _close(env: Environment) -> None:
+    close = getattr(env, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:
+            pass
+
+
+def _step_env(c: _Candidate, env_factory: Callable[[], Environment], cfg: MCTSConfig) -> None:
+    run = c.run
+    try:
+        env = _acquire_env(run, c.parent, env_factory)
+    except Exception as e:
+        c.error = f"environment raised {type(e).__name__} while replaying the path: {e}"
+        return
+    try:
+        c.result = env.step(c.step)
+        run.env_steps += 1
+        if not isinstance(c.result, StepResult):
+            raise TypeError(f"step returned {type(c.result).__name__}, not StepResult")
+    except Exception as e:
+        c.error = f"environment raised {type(e).__name__}: {e}"
+        c.result = None
+        _release_env(run, env)
+        return
+    # Parking the environment at the new node saves a replay when the chain expands it next.
+    if not c.result.done and cfg.env_cache_size > 0:
+        c.env = env
+    else:
+        _release_env(run, env)
+
+
+def _self_eval_prompt(c: _Candidate, cfg: MCTSConfig) -> str:
+    task = c.run.task
+    reference = ""
+    if cfg.self_eval_sees_reference and task.reference:
+        reference = (
+            (_PROMPTS / "self_eval_reference.txt").read_text().format(reference=task.reference.rstrip("\n"))
+        )
+    solution = c.run.tree.continuation(c.parent, c.run.tree.root) + c.step + "\n"
+    return _SELF_EVAL.format(
+        question=task.prompt.rstrip("\n"), reference=reference, solution=solution.rstrip("\n")
+    )
+
+
+_SELF_EVAL = (_PROMPTS / "self_eval.txt").read_text()
+
+
+def _score_wave(cands: list[_Candidate], policy: Policy, cfg: MCTSConfig) -> int:
+    prompts: list[str] = []
+    conts: list[str] = []
+    slots: list[tuple[_Candidate, str]] = []
+    for c in cands:
+        if c.error is not None:
+            continue
+        if c.needs_prior:
+            prompts.append(c.run.tree.text(c.parent))
+            conts.append(c.step)
+            slots.append((c, "prior"))
+        if cfg.self_eval:
+            p = _self_eval_prompt(c, cfg)
+            prompts += [p, p]
+            conts += [cfg.verdict_correct, cfg.verdict_incorrect]
+            slots += [(c, "yes"), (c, "no")]
+    if not prompts:
+        return 0
+    try:
+        scored = policy.score(prompts, conts)
+        if len(scored) != len(prompts):
+            raise ValueError(f"score returned {len(scored)} results for {len(prompts)} prompts")
+    except Exception as e:  # without scores the children fall back to outcome-only values
+        for c, _ in slots:
+            c.run.tree.info.setdefault("score_errors", []).append(f"{type(e).__name__}: {e}")
+        return 1
+    yes: dict[int, float] = {}
+    for (c, what), s in zip(slots, scored, strict=True):
+        if what == "prior":
+            c.logprob, c.tokens = float(s.total), len(s.token_logprobs)
+            c.prior = prior(s.token_logprobs, cfg.length_penalty)
+        elif what == "yes":
+            yes[id(c)] = float(s.total)
+        else:
+            a, b = yes[id(c)], float(s.total)
+            m = max(a, b)
+            c.self_eval = math.exp(a - m) / (math.exp(a - m) + math.exp(b - m))
+    return 1
+
+
+def _add_child(c: _Candidate, cfg: MCTSConfig, version: int) -> None:
+    """Score a candidate (value, reward, outcome) and add it under its parent."""
+    run, tree = c.run, c.run.tree
+    parent = tree[c.parent]
+    depth = parent["depth"] + 1
+    v_parent = float(parent["estimate"])
+    info: dict[str, Any] = {}
+    if c.from_reference:
+        info["from_reference"] = True
+    env_reward, terminal, correct, outcome = 0.0, False, None, 0.0
+    if c.error is not None:
+        terminal, correct, outcome = True, False, -1.0
+    else:
+        res = c.result
+        assert res is not None
+        env_reward = float(res.reward)
+        info.update({k: v for k, v in (res.info or {}).items() if isinstance(v, (bool, int, float, str))})
+        if res.done:
+            terminal = True
+            flag = (res.info or {}).get("correct")
+            correct = bool(flag) if isinstance(flag, bool) else env_reward >= cfg.success_reward
+            outcome = 1.0 if correct else 2.0 * min(max(env_reward, 0.0), 1.0) - 1.0
+        elif depth >= cfg.max_depth:
+            # The episode ran out of steps without an answer: scored like a wrong answer.
+            terminal, correct, outcome = True, False, -1.0
+            info["truncated"] = True
+    C = c.self_eval
+    v = C / max(parent["depth"] - 3, 1) if C else v_parent
+    v += outcome
+    r = v - v_parent
+    key = tree.add_child(
+        c.parent,
+        c.step,
+        observation=(c.result.observation if c.result is not None else "") or "",
+        visits=0,
+        value=float(parent["V"]) + r,
+        V=0.0,
+        estimate=v,
+        prior=float(c.prior),
+        reward=r,
+        self_eval=C,
+        env_reward=env_reward,
+        terminal=terminal,
+        correct=correct,
+        policy_version=version,
+        logprob=float(c.logprob),
+        tokens=int(c.tokens),
+        error=c.error,
+        info=info,
+    )
+    env = c.env
+    if env is not None:
+        if terminal:
+            _release_env(run, env)
+        else:
+            run.parked[key] = env
+            while len(run.parked) > cfg.env_cache_size:
+                _, old = run.parked.popitem(last=False)
+                _release_env(run, old)
+
+
+__all__ = ["MCTSConfig", "normalise_step", "prior", "puct", "search", "search_many"]
