@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -396,14 +397,21 @@ class PreferenceTree:
         return tree
 
     def to_graphml(self) -> str:
-        """GraphML text. None-valued attributes are left out; dicts are stored as JSON strings."""
-        g = nx.DiGraph(prompt=self.prompt, task_id=self.task_id, environment=self.environment)
+        """GraphML text. None-valued attributes are left out; dicts are stored as JSON strings; characters
+        XML 1.0 cannot carry (control characters) are written as ``\\xNN``."""
+        g = nx.DiGraph(
+            prompt=_xml_safe(self.prompt),
+            task_id=_xml_safe(self.task_id),
+            environment=_xml_safe(self.environment),
+        )
         for n, d in self.graph.nodes(data=True):
             flat = {}
             for k, v in d.items():
                 if v is None:
                     continue
-                flat[k] = json.dumps(v, default=str) if isinstance(v, (dict, list)) else v
+                if isinstance(v, (dict, list)):
+                    v = json.dumps(v, default=str)
+                flat[k] = _xml_safe(v) if isinstance(v, str) else v
             g.add_node(n, **flat)
         g.add_edges_from(self.graph.edges)
         buf = io.BytesIO()
@@ -434,6 +442,16 @@ class PreferenceTree:
             lines.append(f"  n{u} -> n{v};")
         lines.append("}")
         return "\n".join(lines) + "\n"
+
+
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_safe(text: str) -> str:
+    """Replace characters XML 1.0 forbids by a visible ``\\xNN`` / ``\\uNNNN`` escape."""
+    return _XML_BAD.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text
+    )
 
 
 def _dot_escape(text: str) -> str:
