@@ -1,0 +1,247 @@
+"""Iterative DPO on preference pairs from the store: sigmoid DPO, IPO, MCTS-DPO, SimPO, + NLL (RPO).
+
+    learner = DPOLearner("runs/tiny-model", DPOConfig(lr=1e-4, beta=0.1, loss_type="sigmoid"))
+    metrics = learner.train(preference_data)      # one iteration; call again next iteration
+    weights = learner.state_dict()                # for redeploy
+    learner.save("runs/ckpt-3")                   # a Hugging Face directory
+
+Each micro-batch groups its pairs by prompt and runs one packed row per prompt (prompt and the
+responses' common prefix computed once; see logprobs.py), for the policy and for the reference.
+The loss is the chosen pairwise loss plus ``nll_weight`` times the length-normalised NLL of the
+chosen response (iterative RPO; 1.0 by default because plain DPO on a tiny model's own samples
+stalls, see ../../shared/FIELD-NOTES.md).
+
+Tokenization and EOS: prompt and responses are tokenized separately and concatenated (as the
+engines' ``score()`` does). With ``append_eos="final"`` (default) an EOS is appended to both
+responses only when the pair's ``info["final"]`` is true: a step-level pair's responses are
+intermediate steps, after which the model must keep going, so teaching it to stop there would be
+wrong. Whole-answer pairs from a producer that knows they end the episode set ``final``.
+
+MCTS-DPO (``loss_type="mcts_dpo"``): log-probs are summed from the first token where chosen and
+rejected differ, and the conservative-DPO smoothing is the visit-count alpha when both visit
+counts are on the record (else the record's ``label_smoothing``). For the other losses the
+shared prefix still lives in the packed trunk, but its tokens count in both sums (they cancel in
+DPO's margin; they matter for IPO's lengths and the NLL term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from orchestrator.learners import losses
+from orchestrator.learners.logprobs import (
+    Group,
+    common_prefix_length,
+    encode_prompt,
+    encode_response,
+    fit_length,
+    pack,
+    packed_logprobs,
+    sequence_sums,
+)
+from orchestrator.learners.trainable import LearnerConfig, StatsMeter, TrainablePolicy, run_epochs
+from store.records import PairRecord, PreferenceData
+
+
+class DPOConfig(LearnerConfig):
+    """DPO-family settings (plus everything in LearnerConfig)."""
+
+    loss_type: Literal["sigmoid", "ipo", "mcts_dpo", "simpo"] = Field(
+        "sigmoid", description="sigmoid DPO, IPO (beta is tau), MCTS-DPO (divergence + visit alpha), SimPO."
+    )
+    nll_weight: float = Field(1.0, ge=0.0, description="Weight of the chosen-response NLL term (RPO); 0 = plain.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, le=0.5, description="Conservative-DPO epsilon for pairs whose record has none."
+    )
+    simpo_gamma: float = Field(0.5, description="SimPO target margin.")
+    append_eos: Literal["final", "always", "never"] = Field(
+        "final", description="Append EOS to responses: only for pairs with info['final'], always, or never."
+    )
+
+
+@dataclass
+class PairExample:
+    """A tokenized pair (prompt already truncated to fit)."""
+
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+    shared: int
+    weight: float
+    smoothing: float
+    alpha: float | None
+
+
+class DPOLearner:
+    """Trains a policy on preference pairs; keeps optimizer state across ``train()`` calls.
+
+    Args:
+        model_path: Hugging Face directory of the starting policy (also the fixed reference).
+        config: Settings; keyword overrides are applied on top.
+    """
+
+    def __init__(self, model_path: str | Path, config: DPOConfig | None = None, **overrides: Any):
+        cfg = (config or DPOConfig()).model_copy(update=overrides)
+        self.config = DPOConfig.model_validate(cfg.model_dump())
+        if self.config.loss_type == "simpo":
+            self.config = self.config.model_copy(update={"reference": "none"})
+        self.policy = TrainablePolicy(model_path, self.config)
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def _eos(self, pair: PairRecord) -> bool:
+        mode = self.config.append_eos
+        return mode == "always" or (mode == "final" and bool((pair.info or {}).get("final")))
+
+    def prepare(self, pairs: list[PairRecord]) -> list[PairExample]:
+        """Tokenize pairs (prompt and responses separately) and truncate them to ``max_length``."""
+        tok = self.policy.tokenizer
+        out = []
+        for p in pairs:
+            eos = self._eos(p)
+            prompt, (chosen, rejected) = fit_length(
+                encode_prompt(tok, p.prompt),
+                [encode_response(tok, p.chosen, eos), encode_response(tok, p.rejected, eos)],
+                self.config.max_length,
+            )
+            alpha = None
+            if p.chosen_visits is not None and p.rejected_visits is not None:
+                alpha = float(losses.visit_alpha(torch.tensor(p.chosen_visits), torch.tensor(p.rejected_visits)))
+            out.append(
+                PairExample(
+                    tuple(prompt),
+                    tuple(chosen),
+                    tuple(rejected),
+                    common_prefix_length([chosen, rejected]),
+                    p.weight,
+                    p.label_smoothing or self.config.label_smoothing,
+                    alpha,
+                )
+            )
+        return out
+
+    # -- loss -------------------------------------------------------------------------------------
+
+    def micro_loss(self, batch: list[PairExample], meter: StatsMeter) -> losses.LossOutput:
+        """Loss of one micro-batch (mean over its pairs) with stats recorded in ``meter``."""
+        groups: dict[tuple[int, ...], tuple[Group, dict[tuple[int, ...], int]]] = {}
+        for ex in batch:
+            if ex.prompt not in groups:
+                groups[ex.prompt] = (Group(list(ex.prompt), []), {})
+            group, seen = groups[ex.prompt]
+            for resp in (ex.chosen, ex.rejected):
+                if resp not in seen:
+                    seen[resp] = len(group.responses)
+                    group.responses.append(list(resp))
+        offsets, n = {}, 0
+        for key, (group, _) in groups.items():
+            offsets[key] = n
+            n += len(group.responses)
+        packed = pack([g for g, _ in groups.values()], self.policy.tokenizer.pad_token_id).to(self.policy.device)
+        mcts = self.config.loss_type == "mcts_dpo"
+        chosen_spans, rejected_spans, full_chosen = [], [], []
+        for ex in batch:
+            base, seen = offsets[ex.prompt], groups[ex.prompt][1]
+            start = ex.shared if mcts else 0
+            chosen_spans.append((base + seen[ex.chosen], start))
+            rejected_spans.append((base + seen[ex.rejected], start))
+            full_chosen.append((base + seen[ex.chosen], 0))
+        spans = chosen_spans + rejected_spans
+        b = len(batch)
+        dev = self.policy.device
+        lengths = torch.tensor([len(packed.seq_tokens[s]) - st for s, st in spans], device=dev, dtype=torch.float32)
+        weights = torch.tensor([ex.weight for ex in batch], device=dev, dtype=torch.float32)
+
+        policy_tokens = packed_logprobs(self.policy.model, packed).values
+        sums = sequence_sums(packed, policy_tokens, spans + full_chosen)
+        pol_c, pol_r, pol_full = sums[:b], sums[b : 2 * b], sums[2 * b :]
+        ref_c = ref_r = None
+        if self.policy.reference is not None:
+            with torch.no_grad():
+                ref_tokens = packed_logprobs(self.policy.reference, packed).values
+                ref_sums = sequence_sums(packed, ref_tokens, spans)
+            ref_c, ref_r = ref_sums[:b], ref_sums[b:]
+
+        cfg = self.config
+        if cfg.loss_type == "sigmoid":
+            eps = torch.tensor([ex.smoothing for ex in batch], device=dev)
+            out = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, eps, weights)
+        elif cfg.loss_type == "mcts_dpo":
+            eps = torch.tensor([ex.alpha if ex.alpha is not None else ex.smoothing for ex in batch], device=dev)
+            out = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, eps, weights)
+            meter.add("alpha", eps, b)
+        elif cfg.loss_type == "ipo":
+            out = losses.ipo_loss(pol_c, pol_r, ref_c, ref_r, lengths[:b], lengths[b:], cfg.beta, weights)
+        else:
+            out = losses.simpo_loss(pol_c, pol_r, lengths[:b], lengths[b:], cfg.beta, cfg.simpo_gamma, weights)
+        total = out.loss
+        meter.add("pair_loss", out.loss.detach(), b)
+        if cfg.nll_weight > 0:
+            chosen_len = torch.tensor([len(ex.chosen) for ex in batch], device=dev, dtype=torch.float32)
+            nll = losses.nll_loss(pol_full, chosen_len, weights)
+            total = total + cfg.nll_weight * nll.loss
+            meter.add("nll_loss", nll.loss.detach(), b)
+        s = out.stats
+        meter.add("reward_chosen", s["chosen_rewards"], b)
+        meter.add("reward_rejected", s["rejected_rewards"], b)
+        meter.add("reward_margin", s["margins"], b)
+        meter.add("reward_accuracy", s["accuracies"], b)
+        meter.add("logp_chosen", pol_c.detach(), b)
+        meter.add("logp_rejected", pol_r.detach(), b)
+        meter.add("tokens_per_batch", float(packed.segments.ge(0).sum()), 1)
+        return losses.LossOutput(total, {**s, "pair_loss": out.loss.detach()})
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def _examples(self, data: PreferenceData | list[PairRecord]) -> list[PairExample]:
+        pairs = data.pairs if isinstance(data, PreferenceData) else list(data)
+        if not pairs:
+            raise ValueError("DPOLearner.train needs at least one preference pair; the data has none")
+        return self.prepare(pairs)
+
+    def train(self, data: PreferenceData | list[PairRecord]) -> dict[str, Any]:
+        """One iteration: ``epochs`` passes over the pairs.
+
+        Returns:
+            Metrics: ``loss`` (total), ``pair_loss``, ``nll_loss``, ``reward_chosen``,
+            ``reward_rejected``, ``reward_margin``, ``reward_accuracy``, ``logp_chosen``,
+            ``logp_rejected``, ``grad_norm``, ``first_loss``, ``updates``, ``skipped_updates``,
+            ``last_skip_reason`` (if any), ``pairs``, ``pairs_per_s``, ``seconds``, ``healthy``.
+
+        Raises:
+            ValueError: No pairs.
+        """
+        examples = self._examples(data)
+        self.policy.begin_iteration()
+        metrics = run_epochs(self.policy, examples, self.micro_loss, unit="pairs")
+        metrics["pairs"] = float(len(examples))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, data: PreferenceData | list[PairRecord]) -> dict[str, float]:
+        """Loss and implicit-reward statistics of the current policy, without updating it."""
+        examples = self._examples(data)
+        meter = StatsMeter()
+        for s in range(0, len(examples), self.config.batch_size):
+            batch = examples[s : s + self.config.batch_size]
+            meter.add("loss", self.micro_loss(batch, meter).loss, len(batch))
+        return meter.means()
+
+    @property
+    def healthy(self) -> bool:
+        """True when the current weights passed the guard rails (safe to redeploy)."""
+        return self.policy.healthy
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights under Hugging Face names, for redeploy."""
+        return self.policy.state_dict()
+
+    def save(self, path: str | Path) -> Path:
+        """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
+        return self.policy.save(path)
+
