@@ -210,6 +210,7 @@ def trajectory_records(traj: Trajectory) -> list[TrajectoryRecord]:
     Proposal records carry ``info["role"] = "proposals"`` and their steps' ``credit``; their
     outcome is the episode's outcome.
     """
+
     def record(steps: Sequence[Step], agent_id: str, info: dict[str, Any] | None) -> TrajectoryRecord:
         return TrajectoryRecord(
             task_id=traj.task.id,
