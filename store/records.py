@@ -99,6 +99,8 @@ class RankedListRecord:
     info: dict[str, Any] | None = None
     db_id: int | None = None
     iteration: int | None = None
+    # Which of the TaskResult's trees the items' ``node`` keys refer to (on write).
+    tree_index: int = 0
 
 
 @dataclass
@@ -135,6 +137,11 @@ class JudgmentRecord:
     ``target_kind`` is "trajectory", "node", "step" or "candidate"; ``target_key`` is the local key of
     the target in the same write (trajectory list index, node key, ...) or None for free candidates,
     whose text goes in ``target_text``.
+
+    On write: a "trajectory" key is an index into ``TaskResult.trajectories``; a "node" key is a node
+    key of ``TaskResult.trees[tree_index]``; a "step" key is an index into the steps of all the
+    result's trajectories taken in order (trajectory 0's steps, then trajectory 1's, ...). On read,
+    ``target_key`` holds the database id of the target row.
     """
 
     judge: str
@@ -144,6 +151,9 @@ class JudgmentRecord:
     target_text: str | None = None
     rationale: str = ""
     info: dict[str, Any] | None = None
+    tree_index: int = 0
+    db_id: int | None = None
+    iteration: int | None = None
 
 
 @dataclass

@@ -18,3 +18,37 @@ def tiny_model_dir(tmp_path_factory):
     from orchestrator.engines.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=128, num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the whole session (a temp cluster on a free 127.0.0.1 port).
+
+    Skips, saying what is missing, where PostgreSQL's server binaries are absent or cannot start.
+    """
+    from postgres_server import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server):
+    """URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database("treeplay_session")
+
+
+_database_names = iter(range(1_000_000))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, tmp_path):
+    """An empty store URL on each backend: a SQLite file, and a fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    server = request.getfixturevalue("postgres_server")
+    return server.create_database(f"store_test_{next(_database_names)}")
