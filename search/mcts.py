@@ -56,6 +56,9 @@ from agents.base import Environment, Policy, StepResult, Task
 from search.tree import PreferenceTree
 
 _PROMPTS = Path(__file__).parent / "prompts"
+# The fixed instructions come first so that all self-evaluation prompts of a wave share a prefix.
+_SELF_EVAL = (_PROMPTS / "self_eval.txt").read_text()
+_SELF_EVAL_REFERENCE = (_PROMPTS / "self_eval_reference.txt").read_text()
 
 
 class MCTSConfig(BaseModel):
@@ -495,16 +498,11 @@ def _self_eval_prompt(c: _Candidate, cfg: MCTSConfig) -> str:
     task = c.run.task
     reference = ""
     if cfg.self_eval_sees_reference and task.reference:
-        reference = (
-            (_PROMPTS / "self_eval_reference.txt").read_text().format(reference=task.reference.rstrip("\n"))
-        )
+        reference = _SELF_EVAL_REFERENCE.format(reference=task.reference.rstrip("\n"))
     solution = c.run.tree.continuation(c.parent, c.run.tree.root) + c.step + "\n"
     return _SELF_EVAL.format(
         question=task.prompt.rstrip("\n"), reference=reference, solution=solution.rstrip("\n")
     )
-
-
-_SELF_EVAL = (_PROMPTS / "self_eval.txt").read_text()
 
 
 def _score_wave(cands: list[_Candidate], policy: Policy, cfg: MCTSConfig) -> int:

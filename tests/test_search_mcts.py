@@ -118,7 +118,7 @@ def test_more_iterations_find_the_answer_more_often():
             )
             total += sum(t.solved() for t in trees)
         solved[iters] = total
-    assert solved[8] >= solved[1] + 30, solved  # measured: ~60 vs ~200 of 120
+    assert solved[8] >= solved[1] + 25, solved  # measured: 28 vs 64 of 120
 
 
 def test_invariants_after_search():
@@ -183,7 +183,7 @@ def test_self_eval_values_and_reference_visibility():
 
     def score_fn(prompt: str, cont: str) -> float:
         # "B" (correct) is likely exactly when the proposed solution follows the answer so far
-        sol = prompt.split("Proposed solution:\n", 1)[1].split("\nIs the", 1)[0].split("\n")
+        sol = prompt.split("Proposed solution:\n", 1)[1].split("\nThe answer is (", 1)[0].split("\n")
         good = sol == answer_steps[: len(sol)]
         return math.log(0.9 if (cont == "B") == good else 0.1)
 
