@@ -52,6 +52,7 @@ from store.records import (
     TreeRecord,
 )
 
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 JUDGMENT_TARGETS = ("trajectory", "node", "step", "candidate")
 DONE = "done"
 RUNNING = "running"
@@ -146,15 +147,18 @@ class WriteReceipt:
 # Checking and coercing input: each helper names the offending field in its error.
 
 
-def _int(value: Any, where: str, *, optional: bool = False) -> int | None:
+def _int(value: Any, where: str, *, optional: bool = False, bounded: bool = True) -> int | None:
     if value is None and optional:
         return None
     if isinstance(value, bool):
         raise StoreError(f"{where} must be an integer, got a bool")
     try:
-        return operator.index(value)
+        number = operator.index(value)
     except TypeError:
         raise StoreError(f"{where} must be an integer, got {type(value).__name__} {value!r:.60}") from None
+    if bounded and not INT_MIN <= number <= INT_MAX:
+        raise StoreError(f"{where} is {number}, outside the 32-bit integer range of the store's columns")
+    return number
 
 
 def _float(value: Any, where: str, *, optional: bool = False, nan_ok: bool = False) -> float | None:
@@ -238,11 +242,11 @@ def _order_tree(tree: TreeRecord, where: str) -> list[NodeRecord]:
     for i, node in enumerate(tree.nodes):
         if not isinstance(node, NodeRecord):
             raise StoreError(f"{where}.nodes[{i}] must be a NodeRecord, got {type(node).__name__}")
-        key = _int(node.key, f"{where}.nodes[{i}].key")
+        key = _int(node.key, f"{where}.nodes[{i}].key", bounded=False)
         if key in keys:
             raise StoreError(f"{where} has two nodes with key {key}")
         keys.add(key)
-        parent = _int(node.parent_key, f"{where}.nodes[{i}].parent_key", optional=True)
+        parent = _int(node.parent_key, f"{where}.nodes[{i}].parent_key", optional=True, bounded=False)
         if parent is None:
             roots.append(node)
         else:
@@ -552,7 +556,7 @@ def _node_ref(plan: _Plan, tree_index: Any, key: Any, where: str) -> tuple[int, 
     if key is None:
         return None
     t = _int(tree_index, f"{where}.tree_index")
-    k = _int(key, where)
+    k = _int(key, where, bounded=False)
     if not 0 <= t < len(plan.node_keys):
         raise StoreError(f"{where} refers to tree {t}, but the TaskResult has {len(plan.node_keys)} trees")
     if k not in plan.node_keys[t]:
@@ -748,7 +752,7 @@ class _Rows:
         kind = jd.target_kind
         if kind not in JUDGMENT_TARGETS:
             raise StoreError(f"{w}.target_kind {kind!r} is not one of {', '.join(JUDGMENT_TARGETS)}")
-        key = _int(jd.target_key, f"{w}.target_key", optional=True)
+        key = _int(jd.target_key, f"{w}.target_key", optional=True, bounded=kind == "candidate")
         target: Any = key
         if kind != "candidate":
             if key is None:
