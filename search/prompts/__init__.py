@@ -1,1 +1,1 @@
-"""Prompt files of the search package (data, read with ``importlib.resources``-free path lookups)."""
+"""Prompt files of the search package: plain-text templates that search.mcts reads by path."""
