@@ -45,5 +45,26 @@ def db_upgrade(
     typer.echo(f"store at {url} is at revision {rev}")
 
 
+envs_app = typer.Typer(help="Environments: what can be named in a run config.", no_args_is_help=True)
+app.add_typer(envs_app, name="envs")
+
+
+@envs_app.command("list")
+def envs_list() -> None:
+    """List the environments that can be made by name (built-ins and installed entry points)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from agents.registry import list_environments
+
+    table = Table(title="treeplay environments")
+    for column in ("name", "target", "source"):
+        table.add_column(column)
+    for entry in list_environments():
+        table.add_row(entry.name, entry.target, entry.source)
+    Console(width=120).print(table)
+    typer.echo("Any 'package.module:Class' implementing the Environment protocol works too.")
+
+
 if __name__ == "__main__":
     app()
