@@ -15,6 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from orchestrator.learners.dpo import DPOConfig
+from search.mcts import MCTSConfig
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the offending key."""
@@ -30,7 +33,7 @@ class TinyModelConfig(_Strict):
     hidden_size: int = Field(128, ge=16, description="Model width.")
     num_layers: int = Field(4, ge=1, description="Transformer blocks.")
     num_heads: int = Field(4, ge=1, description="Attention heads.")
-    max_positions: int = Field(256, ge=32, description="Context length in characters.")
+    max_positions: int = Field(128, ge=32, description="Context length in characters.")
     seed: int = Field(0, description="Seed of the random init.")
 
 
@@ -41,7 +44,8 @@ class ModelConfig(_Strict):
 
 class EnvConfig(_Strict):
     name: str = Field("arithmetic", description="Built-in name, 'module:Class', or an entry point name.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments.")
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"ops": 1, "digits": 2},
+                                   description="Constructor arguments.")
 
 
 class EngineConfig(_Strict):
@@ -55,34 +59,15 @@ class WarmStartConfig(_Strict):
 
     enabled: bool = True
     examples: int = Field(20000, ge=1, description="Demonstrations drawn from the train split.")
-    steps: int = Field(600, ge=0)
+    steps: int = Field(500, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
 
 
-class SearchConfig(_Strict):
-    """MCTS over reasoning steps (search/mcts.py, MCTS-DPO). See docs/search.md."""
-
-    iterations: int = Field(4, ge=1, description="MCTS iterations per root before committing a step.")
-    first_root_multiplier: int = Field(1, ge=1, description="MCTS-DPO runs 4x iterations at the first root.")
-    depth_limit: int = Field(3, ge=1, description="Greedy look-ahead below the current root.")
-    max_depth: int = Field(8, ge=1, description="Hard limit on steps from the task root.")
-    root_width: int = Field(8, ge=1, description="Candidate steps sampled at the task root.")
-    width: int = Field(4, ge=1, description="Candidate steps sampled deeper.")
-    breadth_limit: int = Field(8, ge=1, description="Children kept after de-duplication.")
-    c_puct: float = Field(1.0, ge=0)
-    length_penalty: float = Field(1.25, description="lambda of the length-normalised prior.")
-    temperature: float = Field(1.0, ge=0)
-    max_step_tokens: int = Field(16, ge=1)
-    self_eval: bool = Field(False, description="Add the policy's own step evaluation to node values.")
-    self_eval_sees_reference: bool = Field(False, description="Show the gold solution to the self-evaluator.")
-    time_limit_s: float = Field(600.0, gt=0)
-
-
 class RolloutConfig(_Strict):
     mode: Literal["mcts", "sample", "react", "panel", "multi_agent"] = "mcts"
-    tasks_per_iteration: int = Field(256, ge=1)
-    chunk_size: int = Field(32, ge=1, description="Tasks sent to a worker at a time (streamed back).")
+    tasks_per_iteration: int = Field(512, ge=1)
+    chunk_size: int = Field(128, ge=1, description="Tasks sent to a worker at a time (streamed back).")
     num_workers: int = Field(1, ge=1, description="Rollout worker actors.")
     samples_per_task: int = Field(8, ge=1, description="'sample' mode: completions per task.")
     max_steps: int = Field(8, ge=1, description="Agent modes: step limit per episode.")
@@ -94,19 +79,19 @@ class RolloutConfig(_Strict):
     max_pairs_per_tree: int = Field(8, ge=1)
 
 
-class LearnerConfig(_Strict):
-    algorithm: Literal["dpo", "tpo", "slhf"] = "dpo"
-    loss: Literal["sigmoid", "ipo", "mcts_dpo"] = Field("mcts_dpo", description="DPO-family loss.")
-    beta: float = Field(0.1, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    nll_weight: float = Field(1.0, ge=0, description="NLL on chosen (iterative RPO); FIELD-NOTES: needed.")
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    reference: Literal["fixed", "refresh"] = Field("refresh", description="Reference = model at round start.")
-    replay: int = Field(0, ge=0, description="Also train on the pairs of this many past iterations.")
-    max_length: int = Field(256, ge=8)
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra learner config fields.")
+def _demo_dpo() -> DPOConfig:
+    # FIELD-NOTES: on tiny models plain DPO on self-generated pairs stalls; DPO + NLL on the chosen
+    # response (iterative RPO) learns. lr 1e-4, beta 0.1, batch 16, reference = policy at round start.
+    return DPOConfig(loss_type="mcts_dpo", nll_weight=1.0, lr=1e-4, beta=0.1, batch_size=16,
+                     reference="refresh", num_threads=1)
+
+
+class LearnerSection(_Strict):
+    """Which learner runs, on which data, with its own settings (orchestrator/learners)."""
+
+    algorithm: Literal["dpo", "tpo", "slhf"] = Field("dpo", description="Learner of the run.")
+    replay: int = Field(0, ge=0, description="Also train on the data of this many past iterations.")
+    dpo: DPOConfig = Field(default_factory=_demo_dpo, description="DPO family (sigmoid, IPO, MCTS-DPO, SimPO).")
 
 
 class EvalConfig(_Strict):
@@ -127,20 +112,27 @@ class RayConfig(_Strict):
     learner_num_gpus: float = Field(0.0, ge=0)
 
 
-class RunConfig(_Strict):
-    """One self-improvement run."""
+def _demo_search() -> MCTSConfig:
+    # The demo's tasks are one step deep: a wide root (8 samples, all kept) is where the pairs come
+    # from; steps are short lines.
+    return MCTSConfig(iterations=2, first_root_multiplier=1, root_width=8, width=4, breadth_limit=8,
+                      max_step_tokens=12)
 
-    name: str = Field("demo", description="Run name (unique in the store).")
+
+class RunConfig(_Strict):
+    """One self-improvement run. The defaults ARE the demo (configs/demo.yaml spells them out)."""
+
+    name: str = Field("demo", description="Run name; a taken name gets a numeric suffix.")
     seed: int = 0
-    iterations: int = Field(6, ge=0)
+    iterations: int = Field(8, ge=0)
     output_dir: str = Field("runs", description="Where models, checkpoints and plots go.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    search: SearchConfig = Field(default_factory=SearchConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    search: MCTSConfig = Field(default_factory=_demo_search, description="MCTS settings (docs/search.md).")
+    learner: LearnerSection = Field(default_factory=LearnerSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

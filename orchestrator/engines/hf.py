@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from agents.base import Completion, Prompt, Scored
 from orchestrator.engines import EngineError
@@ -103,6 +104,7 @@ class HFEngine:
         self.last_load_seconds = 0.0
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
+        self._eos_cpu = self._eos.cpu()
         self._params = dict(self.model.named_parameters())
         self._params.update(dict(self.model.named_buffers()))
         self._closed = False
@@ -278,14 +280,14 @@ class HFEngine:
 
     @torch.inference_mode()
     def _generate_chunk(self, ids, chunk, n, max_tokens, temperature, top_p, stops, gen, results) -> None:
-        from transformers import DynamicCache
-
         dev = self.device
         members = [i for _, m in chunk for i in m]
         prefix_len = [plen for plen, m in chunk]
         # Stage 1: each group's shared prefix once, left padded.
         width = max(prefix_len)
-        cache = DynamicCache(config=self.model.config)
+        suffixes = [ids[i][prefix_len[g] :] for g, (_, m) in enumerate(chunk) for i in m]
+        swidth = max(len(s) for s in suffixes)
+        cache = _preallocated_cache(self.model.config, width + swidth + max_tokens)
         mask_a = torch.zeros(len(chunk), width, dtype=torch.long)
         tok_a = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
         for g, (plen, m) in enumerate(chunk):
@@ -299,8 +301,6 @@ class HFEngine:
         group_of = torch.tensor([g for g, (_, m) in enumerate(chunk) for _ in m], dtype=torch.long)
         if width:
             cache.batch_select_indices(group_of.to(dev))
-        suffixes = [ids[i][prefix_len[g] :] for g, (_, m) in enumerate(chunk) for i in m]
-        swidth = max(len(s) for s in suffixes)
         mask_b = torch.zeros(len(members), swidth, dtype=torch.long)
         tok_b = torch.full((len(members), swidth), self.pad_id, dtype=torch.long)
         for r, s in enumerate(suffixes):
@@ -325,6 +325,7 @@ class HFEngine:
         length = torch.full((rows,), max_tokens, dtype=torch.long)
         finish = ["length"] * rows
         live = torch.arange(rows)  # original row of each batch row
+        active = torch.ones(rows, dtype=torch.bool)  # batch rows still sampling
         window = max((len(s) for s in stops), default=0) + 1
         for t in range(max_tokens):
             # One uniform per original row each step: a row's draws do not depend on which other
@@ -332,19 +333,18 @@ class HFEngine:
             uniform = torch.rand(rows, generator=gen)[live]
             tok, lp = _sample(logits, temperature, top_p, uniform)
             tok_cpu, lp_cpu = tok.cpu(), lp.float().cpu()
-            out_tok[live, t] = tok_cpu
-            out_lp[live, t] = lp_cpu
-            done = (
-                torch.isin(tok, self._eos).cpu()
-                if len(self._eos)
-                else torch.zeros_like(tok_cpu, dtype=torch.bool)
-            )
-            for r in torch.nonzero(done).flatten().tolist():
-                length[live[r]] = t  # EOS is not part of the completion
-                finish[live[r]] = "eos"
+            rec = live[active]
+            out_tok[rec, t] = tok_cpu[active]
+            out_lp[rec, t] = lp_cpu[active]
+            if len(self._eos):
+                eos = torch.isin(tok_cpu, self._eos_cpu) & active
+                for r in torch.nonzero(eos).flatten().tolist():
+                    length[live[r]] = t  # EOS is not part of the completion
+                    finish[live[r]] = "eos"
+                active &= ~eos
             if stops:
                 lo = max(0, t + 1 - window)
-                cand = [r for r in range(len(live)) if not done[r]]
+                cand = torch.nonzero(active).flatten().tolist()
                 tails = self.tokenizer.batch_decode(
                     out_tok[live[cand], lo : t + 1].tolist(),
                     skip_special_tokens=False,
@@ -352,16 +352,20 @@ class HFEngine:
                 )
                 for r, tail in zip(cand, tails, strict=True):
                     if any(s in tail for s in stops):
-                        done[r] = True
+                        active[r] = False
                         length[live[r]] = t + 1
                         finish[live[r]] = "stop"
-            if t == max_tokens - 1 or bool(done.all()):
+            n_active = int(active.sum())
+            if t == max_tokens - 1 or n_active == 0:
                 break
-            keep = torch.nonzero(~done).flatten()
-            if len(keep) < len(live):
+            if n_active <= 0.75 * len(live):
+                # Drop finished rows once a quarter of the batch is done: each drop copies the cache,
+                # so dropping on every finish costs more than the rows it saves.
+                keep = torch.nonzero(active).flatten()
                 keep_dev = keep.to(dev)
                 cache.batch_select_indices(keep_dev)
-                live, tok, mask, next_pos = live[keep], tok[keep_dev], mask[keep_dev], next_pos[keep_dev]
+                live, active = live[keep], active[keep]
+                tok, mask, next_pos = tok[keep_dev], mask[keep_dev], next_pos[keep_dev]
             mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=dev)], dim=1)
             logits = self._forward(tok[:, None], mask, next_pos[:, None], cache)[:, -1]
             next_pos = next_pos + 1
@@ -394,6 +398,67 @@ class HFEngine:
         target = tok[:, width - keep :].to(dev)
         picked = logp.gather(-1, target[..., None]).squeeze(-1).cpu()
         return [picked[r, keep - len(c) :].tolist() for r, c in enumerate(c_ids)]
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A KV cache layer that writes into a buffer sized for the whole request.
+
+    ``DynamicLayer`` concatenates on every step, copying the whole cache each token; here a step
+    writes one column in place and attention reads a view of the filled part.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_empty(b, h, self.capacity, d)
+        self._v = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def _regather(self, rows: torch.Tensor) -> None:
+        # Copy only the filled part into fresh buffers.
+        k = self._k.new_empty(len(rows), *self._k.shape[1:])
+        v = self._v.new_empty(len(rows), *self._v.shape[1:])
+        k[:, :, : self.length] = self._k[rows, :, : self.length]
+        v[:, :, : self.length] = self._v[rows, :, : self.length]
+        self._k, self._v = k, v
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            rows = torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats)
+            self._regather(rows)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._regather(indices)
+
+
+def _preallocated_cache(config, capacity: int):
+    """A ``DynamicCache`` whose layers are ``_PreallocatedLayer``s of ``capacity`` positions."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_PreallocatedLayer(capacity) for _ in range(config.get_text_config().num_hidden_layers)]
+    return cache
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor):

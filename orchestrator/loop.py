@@ -1,0 +1,394 @@
+"""The self-improvement loop: one run = a warm start and N iterations, each read top to bottom.
+
+    tasks -> rollouts on RolloutWorkers (streamed back chunk by chunk) -> store (one transaction per
+    task) -> learner on this iteration's data (+ replay) -> new weights into the object store ONCE ->
+    every worker applies them in place and reports its version (mixed versions refused) -> held-out
+    evaluation -> metrics -> finish the iteration.
+
+The store is the record: ``resume`` reads the run's config, the finished iterations and the last
+checkpoint from it, keeps the unfinished iteration's finished tasks, and carries on. A rollout worker
+that dies is restarted by Ray; its chunk is re-run after the current weights are re-applied, and the
+store refuses to write a task twice, so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agents.base import Task
+from agents.registry import make_environment
+from orchestrator.config import RunConfig, config_from_dict
+from store import queries
+from store.database import Store, open_store
+
+console = Console(stderr=True)
+
+
+@dataclass
+class IterationReport:
+    index: int
+    version: int
+    metrics: dict[str, float]
+    timings: dict[str, float]
+
+
+@dataclass
+class RunReport:
+    run_id: int
+    name: str
+    accuracy_before: float
+    accuracy_after: float
+    seconds: float
+    iterations: list[IterationReport] = field(default_factory=list)
+    plot: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run": self.name,
+            "run_id": self.run_id,
+            "accuracy_before": round(self.accuracy_before, 4),
+            "accuracy_after": round(self.accuracy_after, 4),
+            "sample_accuracy_before": round(self.iterations[0].metrics.get("eval/accuracy_sample_before", 0.0), 4)
+            if self.iterations else None,
+            "sample_accuracy_after": round(self.iterations[-1].metrics.get("eval/accuracy_sample", 0.0), 4)
+            if self.iterations else None,
+            "iterations": len(self.iterations),
+            "seconds": round(self.seconds, 1),
+            "plot": self.plot,
+        }
+
+
+# ------------------------------------------------------------------------------------------- model
+def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float], None] | None = None) -> tuple[Path, dict]:
+    """The starting policy: ``model.path`` as is, or a tiny model built and warm-started here."""
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.path '{path}' is not a Hugging Face model directory (no config.json)")
+        return path, {}
+    from orchestrator.engines.tiny import build_tiny_model
+    from orchestrator.warmstart import supervised_warm_start
+
+    t = cfg.model.tiny
+    path = build_tiny_model(run_dir / "model-v0", t.hidden_size, t.num_layers, t.num_heads,
+                            max_positions=t.max_positions, seed=t.seed)
+    info: dict[str, float] = {}
+    ws = cfg.warm_start
+    if ws.enabled and ws.steps > 0:
+        env = make_environment(cfg.env.name, **cfg.env.kwargs)
+        demos = getattr(env, "demonstrations", None)
+        if demos is None:
+            raise ValueError(f"warm_start needs demonstrations, environment '{cfg.env.name}' has none")
+        examples = demos(env.tasks("train", ws.examples, seed=cfg.seed + 99))
+        info = supervised_warm_start(path, examples, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,
+                                     seed=cfg.seed, num_threads=cfg.engine.num_threads, on_step=on_step)
+    return path, info
+
+
+# -------------------------------------------------------------------------------------------- loop
+class Loop:
+    """Owns the Ray actors and the store connection of one run."""
+
+    def __init__(self, cfg: RunConfig, store: Store, run_id: int, model: Path, version: int) -> None:
+        import ray
+
+        from orchestrator.workers import LearnerActor, ModelFiles, RolloutWorker, init_ray
+
+        self.cfg, self.store, self.run_id, self.version = cfg, store, run_id, version
+        self.run_dir = Path(cfg.output_dir) / cfg.name
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        self.ray = ray
+        # The model travels through the object store once (no shared paths between nodes).
+        # Held for the run's lifetime: a restarted worker re-reads its constructor arguments.
+        self.model_ref = model_ref = ray.put(ModelFiles.pack(model))
+        cfg_dict = cfg.model_dump(mode="json")
+        self.workers = [
+            RolloutWorker.options(num_cpus=cfg.ray.worker_num_cpus, num_gpus=cfg.ray.worker_num_gpus)
+            .remote(cfg_dict, model_ref, i, version)
+            for i in range(cfg.rollout.num_workers)
+        ]
+        self.learner = LearnerActor.options(
+            num_cpus=cfg.ray.learner_num_cpus, num_gpus=cfg.ray.learner_num_gpus
+        ).remote(cfg_dict, model_ref, run_id, version)
+        self.weights_ref = None  # the payload every worker must serve (None: the initial model)
+        infos = ray.get([w.info.remote() for w in self.workers] + [self.learner.ping.remote()])
+        self.worker_info = infos[:-1]
+
+    # -- rollouts ---------------------------------------------------------------------------------
+    def _ensure_version(self, worker) -> None:
+        if self.weights_ref is not None and self.ray.get(worker.info.remote())["version"] != self.version:
+            self.ray.get(worker.apply_weights.remote(self.weights_ref))
+
+    def rollout(self, index: int, tasks: Sequence[Task], progress: Progress | None = None) -> dict[str, float]:
+        """Run ``tasks`` over the workers, writing each chunk's results as it finishes."""
+        from orchestrator.rollouts import rollout_summary
+
+        ray = self.ray
+        done = queries.completed_task_ids(self.store, self.run_id, index)
+        size = self.cfg.rollout.chunk_size
+        # Chunks are fixed over the full task list, each with its own seed, so a resumed iteration
+        # re-runs exactly the chunks it lacks.
+        chunks = [(c, [t for t in tasks[i : i + size] if t.id not in done]) for c, i in enumerate(range(0, len(tasks), size))]
+        pending = [(c, ts) for c, ts in chunks if ts]
+        bar = progress.add_task(f"iter {index} rollouts", total=len(tasks), completed=len(tasks) - sum(len(t) for _, t in pending)) if progress else None
+        in_flight: dict[Any, tuple[int, list[Task], int]] = {}
+        idle = list(range(len(self.workers)))
+        stats, restarts, write_s = [], 0, 0.0
+        while pending or in_flight:
+            while pending and idle:
+                w = idle.pop(0)
+                c, ts = pending.pop(0)
+                self._ensure_version(self.workers[w])
+                seed = self.cfg.seed * 1_000_003 + index * 7919 + c
+                in_flight[self.workers[w].rollout.remote(ts, index, self.version, seed)] = (c, ts, w)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            c, ts, w = in_flight.pop(ref)
+            try:
+                results, st = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                # The worker died (Ray restarts it): re-run its chunk; nothing of it was written.
+                restarts += 1
+                console.print(f"[yellow]worker {w} died ({type(e).__name__}); re-running chunk {c}[/]")
+                pending.insert(0, (c, ts))
+                idle.append(w)
+                continue
+            idle.append(w)
+            t0 = time.perf_counter()
+            already = queries.completed_task_ids(self.store, self.run_id, index)
+            queries.write_task_results(self.store, self.run_id, index, [r for r in results if r.task_id not in already])
+            write_s += time.perf_counter() - t0
+            stats.append(st)
+            if progress is not None:
+                progress.update(bar, advance=len(ts))
+        out = rollout_summary(stats)
+        out["worker_restarts"] = float(restarts)
+        out["store_s"] = write_s
+        return out
+
+    # -- learning and redeploy ------------------------------------------------------------------
+    def learn(self, index: int) -> tuple[dict[str, float], bool]:
+        """Train on the store's data; on success the new weights become ``weights_ref``."""
+        ckpt_dir = str(self.run_dir / "checkpoints")
+        metrics_ref, weights_ref = self.learner.train.remote(index, ckpt_dir)
+        metrics = self.ray.get(metrics_ref)
+        if metrics.get("rejected_update", 0.0) or metrics.get("pairs", 0.0) == 0:
+            return metrics, False
+        self.weights_ref = weights_ref  # stays in the object store: one copy for every worker
+        self.version += 1
+        return metrics, True
+
+    def _deploy(self) -> float:
+        t0 = time.perf_counter()
+        versions = self.ray.get([w.apply_weights.remote(self.weights_ref) for w in self.workers])
+        if len(set(versions)) != 1 or versions[0] != self.version:
+            raise RuntimeError(f"workers report mixed weight versions {versions}, expected {self.version}")
+        return time.perf_counter() - t0
+
+    def redeploy(self) -> float:
+        return self._deploy()
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, tasks: Sequence[Task], temperature: float) -> float:
+        if not tasks:
+            return 0.0
+        n = len(self.workers)
+        parts = [list(tasks[i::n]) for i in range(n)]
+        for w in self.workers:
+            self._ensure_version(w)
+        scores = self.ray.get([w.evaluate.remote(p, temperature) for w, p in zip(self.workers, parts, strict=True) if p])
+        flat = [s for part in scores for s in part]
+        return sum(flat) / len(flat)
+
+    def shutdown(self) -> None:
+        for a in [*self.workers, self.learner]:
+            try:
+                self.ray.kill(a)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+
+
+def _print_iteration(rep: IterationReport) -> None:
+    m = rep.metrics
+    console.print(
+        f"[bold]iteration {rep.index}[/] v{rep.version}: greedy acc {m.get('eval/accuracy_before', 0):.3f} -> "
+        f"[bold green]{m.get('eval/accuracy_greedy', 0):.3f}[/], sample acc {m.get('eval/accuracy_sample', 0):.3f}, "
+        f"pairs {int(m.get('rollout/pairs', 0))}, loss {m.get('learn/loss', float('nan')):.3f}, "
+        f"{sum(rep.timings.values()):.1f}s"
+    )
+
+
+def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_version: int = 0,
+             t_start: float | None = None) -> RunReport:
+    """Run (or continue) the iterations of a run whose model is ready."""
+    t_start = t_start or time.perf_counter()
+    env = make_environment(cfg.env.name, **cfg.env.kwargs)
+    held_out = env.tasks("test", cfg.eval.tasks, seed=cfg.seed)
+    loop = Loop(cfg, store, run_id, model, start_version)
+    reports: list[IterationReport] = []
+    finished = set(queries.finished_iterations(store, run_id))
+    try:
+        acc = loop.evaluate(held_out, 0.0)
+        acc_sample = loop.evaluate(held_out, cfg.eval.sample_temperature)
+        acc_before_run = _first_accuracy(store, run_id, acc)
+        if not finished and not queries.metric_series(store, run_id):
+            # Iteration -1 holds the warm-started policy's figures (the first point of the curve).
+            queries.log_metrics(store, run_id, -1, {"eval/accuracy_greedy": acc, "eval/accuracy_sample": acc_sample})
+        console.print(f"held-out greedy accuracy at v{loop.version}: [bold]{acc:.3f}[/] (T={cfg.eval.sample_temperature} samples: {acc_sample:.3f})")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            for index in range(cfg.iterations):
+                if index in finished:
+                    continue
+                timings: dict[str, float] = {}
+                queries.start_iteration(store, run_id, index, loop.version)
+                rng = random.Random(cfg.seed * 31 + index)
+                tasks = env.tasks("train", cfg.rollout.tasks_per_iteration, seed=rng.randrange(2**31))
+
+                ckpt = queries.latest_checkpoint(store, run_id)
+                if ckpt is not None and ckpt.iteration == index:
+                    # Resumed after this iteration's update was saved (rollouts were all written
+                    # before learning began): only evaluation and bookkeeping are left.
+                    roll, learn, updated = {}, {"resumed_after_learn": 1.0}, False
+                else:
+                    t = time.perf_counter()
+                    roll = loop.rollout(index, tasks, progress)
+                    timings["rollout_s"] = time.perf_counter() - t - roll.get("store_s", 0.0)
+                    timings["store_s"] = roll.pop("store_s", 0.0)
+
+                    t = time.perf_counter()
+                    learn, updated = loop.learn(index)
+                    timings["learn_s"] = time.perf_counter() - t
+
+                timings["redeploy_s"] = loop.redeploy() if updated else 0.0
+                if not updated and "resumed_after_learn" not in learn:
+                    console.print(f"[yellow]iteration {index}: no update deployed ({_why_not(learn)}); keeping v{loop.version}[/]")
+
+                t = time.perf_counter()
+                before = acc
+                acc = loop.evaluate(held_out, 0.0)
+                acc_sample = loop.evaluate(held_out, cfg.eval.sample_temperature)
+                timings["eval_s"] = time.perf_counter() - t
+
+                metrics = {f"rollout/{k}": float(v) for k, v in roll.items()}
+                metrics.update({f"learn/{k}": float(v) for k, v in learn.items() if isinstance(v, (int, float))})
+                metrics.update({"eval/accuracy_before": before, "eval/accuracy_greedy": acc,
+                                "eval/accuracy_sample": acc_sample, "policy_version": float(loop.version)})
+                metrics.update({f"time/{k}": v for k, v in timings.items()})
+                queries.log_metrics(store, run_id, index, metrics)
+                queries.finish_iteration(store, run_id, index, metrics=metrics, timings=timings)
+                rep = IterationReport(index, loop.version, metrics, timings)
+                reports.append(rep)
+                _print_iteration(rep)
+    finally:
+        loop.shutdown()
+    queries.finish_run(store, run_id, "done")
+    plot = plot_learning_curve(store, run_id, Path(cfg.output_dir) / cfg.name / "learning_curve.png")
+    return RunReport(run_id, cfg.name, acc_before_run, acc, time.perf_counter() - t_start, reports, plot)
+
+
+def _why_not(learn: dict[str, float]) -> str:
+    if learn.get("pairs", 0.0) == 0:
+        return "no preference data"
+    return str(learn.get("last_skip_reason") or "update rejected by the learner's guard rails")
+
+
+def _first_accuracy(store: Store, run_id: int, default: float) -> float:
+    series = queries.metric_series(store, run_id).get("eval/accuracy_greedy", [])
+    return series[0][1] if series and series[0][0] == -1 else default
+
+
+def plot_learning_curve(store: Store, run_id: int, path: Path) -> str | None:
+    """Held-out accuracy (greedy and sampled) per policy version, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = queries.metric_series(store, run_id)
+    greedy, sample = series.get("eval/accuracy_greedy", []), series.get("eval/accuracy_sample", [])
+    if not greedy:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    # x = iterations completed: -1 (the warm start) plots at 0, iteration i at i + 1.
+    ax.plot([i + 1 for i, _ in greedy], [v for _, v in greedy], marker="o", label="greedy (T=0)")
+    if sample:
+        ax.plot([i + 1 for i, _ in sample], [v for _, v in sample], marker="s", label="sampled (T=1)")
+    ax.set_xlabel("iterations completed (0 = warm start)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"run {run_id}: held-out accuracy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------ entry points
+def start_run(cfg: RunConfig) -> RunReport:
+    """A new run: store row, model (warm start), then the iterations."""
+    t0 = time.perf_counter()
+    store = open_store(cfg.store.url)
+    cfg = cfg.model_copy(update={"name": _free_name(store, cfg.name)})
+    run_id = queries.start_run(store, cfg.name, cfg.model_dump(mode="json"))
+    run_dir = Path(cfg.output_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task("warm start", total=cfg.warm_start.steps, loss=float("nan"))
+        model, ws = prepare_model(cfg, run_dir, on_step=lambda s, loss: progress.update(bar, completed=s + 1, loss=loss))
+    if ws:
+        console.print(f"warm start: {cfg.warm_start.steps} steps, loss {ws['loss']:.3f}, {ws['seconds']:.1f}s")
+        queries.log_metrics(store, run_id, None, {"warm_start/loss": ws["loss"], "warm_start/seconds": ws["seconds"]})
+    queries.record_checkpoint(store, run_id, -1, 0, Path(model).resolve().as_uri(), ws or None)
+    return run_loop(cfg, run_id, store, Path(model), 0, t0)
+
+
+def _free_name(store: Store, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... if the store already has a run called that."""
+    taken = {r.name for r in queries.list_runs(store)}
+    if name not in taken:
+        return name
+    k = 2
+    while f"{name}-{k}" in taken:
+        k += 1
+    return f"{name}-{k}"
+
+
+def resume_run(run: str | int, store_url: str) -> RunReport:
+    """Carry on a run from the store: finished iterations are kept, the rest are run."""
+    t0 = time.perf_counter()
+    store = open_store(store_url)
+    info = queries.get_run(store, run)
+    cfg = config_from_dict(info.config)
+    ckpt = queries.latest_checkpoint(store, info.id)
+    if ckpt is None:
+        raise ValueError(f"run '{info.name}' has no checkpoint to resume from")
+    model = Path(_uri_to_path(ckpt.uri))
+    console.print(f"resuming run '{info.name}' at policy v{ckpt.policy_version} from {model}")
+    return run_loop(cfg, info.id, store, model, ckpt.policy_version, t0)
+
+
+def _uri_to_path(uri: str) -> str:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        raise ValueError(f"checkpoint URI scheme '{parsed.scheme}' is not supported (only file://)")
+    return unquote(parsed.path)
+
+
+def final_line(report: RunReport) -> str:
+    return json.dumps(report.summary())

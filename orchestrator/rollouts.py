@@ -1,0 +1,152 @@
+"""What a rollout worker does with a chunk of tasks, per rollout mode, as plain functions.
+
+    results, stats = run_rollouts(cfg, tasks, policy, env_factory, iteration=3, seed=17)
+
+Modes (``rollout.mode``):
+- ``mcts``: MCTS-DPO tree search batched across the chunk's tasks (``search.mcts.search_many``);
+  each tree yields step-level pairs and ranked lists (``search.preferences.tree_result``).
+- ``sample``: k independent episodes per task; correct-vs-wrong pairs (a rejection-sampling baseline).
+- ``react``, ``panel``, ``multi_agent``: the agents package (rubric-guided ReAct, a panel of peers,
+  several agents with a credit critic).
+
+Every result is a ``store.records.TaskResult`` that the loop writes in one transaction per task. No
+Ray here: workers call these functions, and tests call them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from agents.base import Environment, Policy, Task, Trajectory
+from agents.episode import run_episodes, task_result
+from orchestrator.config import RunConfig
+from store.records import PairRecord, TaskResult
+
+EnvFactory = Callable[[], Environment]
+
+
+def run_rollouts(
+    cfg: RunConfig,
+    tasks: Sequence[Task],
+    policy: Policy,
+    env_factory: EnvFactory,
+    iteration: int = 0,
+    seed: int | None = None,
+) -> tuple[list[TaskResult], dict[str, float]]:
+    """Run the configured rollout mode on ``tasks``.
+
+    Returns:
+        One TaskResult per task (same order) and summary stats (reward, solved fraction, pairs...).
+    """
+    seed = cfg.seed * 1_000_003 + iteration * 7919 if seed is None else seed
+    mode = cfg.rollout.mode
+    if mode == "mcts":
+        return _mcts(cfg, tasks, policy, env_factory, seed)
+    if mode == "sample":
+        return _sample(cfg, tasks, policy, env_factory, seed)
+    if mode == "react":
+        return _react(cfg, tasks, policy, env_factory, seed)
+    if mode == "panel":
+        return _panel(cfg, tasks, policy, env_factory, seed)
+    if mode == "multi_agent":
+        return _multi_agent(cfg, tasks, policy, env_factory, seed)
+    raise ValueError(f"unknown rollout.mode '{mode}'")
+
+
+def _mcts(cfg, tasks, policy, env_factory, seed):
+    from search.mcts import search_many
+    from search.preferences import tree_result
+
+    trees = search_many(tasks, env_factory, policy, cfg.search.model_copy(update={"seed": seed}))
+    results = [
+        tree_result(
+            tree,
+            task,
+            filter_incorrect=cfg.rollout.pair_filter_incorrect,
+            max_pairs=cfg.rollout.max_pairs_per_tree,
+        )
+        for tree, task in zip(trees, tasks, strict=True)
+    ]
+    nodes = sum(len(t) for t in trees)
+    stats = {
+        "tasks": float(len(tasks)),
+        "solved": sum(bool(t.solved()) for t in trees) / max(1, len(trees)),
+        "nodes": float(nodes),
+        "pairs": float(sum(len(r.pairs) for r in results)),
+        "lists": float(sum(len(r.ranked_lists) for r in results)),
+    }
+    return results, stats
+
+
+def _correct_vs_wrong(task: Task, trajs: Sequence[Trajectory], max_pairs: int) -> list[PairRecord]:
+    """Pairs (correct sample, wrong sample) for one task, round-robin so each sample is used evenly."""
+    def text(t: Trajectory) -> str:
+        return "".join(s.action + "\n" for s in t.steps)
+
+    good = [t for t in trajs if (t.outcome or 0.0) > 0.5 and t.status == "ok"]
+    bad = [t for t in trajs if (t.outcome or 0.0) <= 0.5]
+    pairs = []
+    for i in range(min(max_pairs, len(good) * len(bad))):
+        g, b = good[i % len(good)], bad[(i // len(good) + i) % len(bad)]
+        pairs.append(PairRecord(
+            prompt=task.prompt, chosen=text(g), rejected=text(b), source="sample",
+            margin=(g.outcome or 0.0) - (b.outcome or 0.0), task_id=task.id,
+        ))
+    return pairs
+
+
+def _sample(cfg, tasks, policy, env_factory, seed):
+    k = cfg.rollout.samples_per_task
+    expanded = [t for t in tasks for _ in range(k)]
+    trajs = run_episodes(
+        env_factory, policy, expanded, max_steps=cfg.rollout.max_steps,
+        max_tokens=cfg.rollout.max_step_tokens, temperature=cfg.rollout.temperature, seed=seed,
+    )
+    results = []
+    for i, task in enumerate(tasks):
+        mine = trajs[i * k : (i + 1) * k]
+        pairs = _correct_vs_wrong(task, mine, cfg.rollout.max_pairs_per_tree)
+        results.append(task_result(task, mine, pairs))
+    outcomes = [t.outcome or 0.0 for t in trajs]
+    return results, {
+        "tasks": float(len(tasks)),
+        "reward": sum(outcomes) / max(1, len(outcomes)),
+        "pairs": float(sum(len(r.pairs) for r in results)),
+    }
+
+
+def _react(cfg, tasks, policy, env_factory, seed):
+    raise NotImplementedError("rollout.mode 'react' is wired up with the agents package")
+
+
+def _panel(cfg, tasks, policy, env_factory, seed):
+    raise NotImplementedError("rollout.mode 'panel' is wired up with the agents package")
+
+
+def _multi_agent(cfg, tasks, policy, env_factory, seed):
+    raise NotImplementedError("rollout.mode 'multi_agent' is wired up with the agents package")
+
+
+def evaluate(
+    cfg: RunConfig, tasks: Sequence[Task], policy: Policy, env_factory: EnvFactory, temperature: float = 0.0
+) -> list[float]:
+    """Outcome of one episode per held-out task (greedy at temperature 0)."""
+    trajs = run_episodes(
+        env_factory, policy, tasks, max_steps=cfg.rollout.max_steps,
+        max_tokens=cfg.rollout.max_step_tokens, temperature=temperature, seed=cfg.seed + 12345,
+    )
+    return [float(t.outcome or 0.0) for t in trajs]
+
+
+def rollout_summary(stats: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Merge per-chunk stats: sums for counts, task-weighted means for rates."""
+    total = sum(s.get("tasks", 0.0) for s in stats) or 1.0
+    out: dict[str, float] = {}
+    for key in {k for s in stats for k in s}:
+        vals = [(s.get(key, 0.0), s.get("tasks", 0.0)) for s in stats]
+        if key in {"solved", "reward"}:
+            out[key] = sum(v * w for v, w in vals) / total
+        else:
+            out[key] = sum(v for v, _ in vals)
+    return out

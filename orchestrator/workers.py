@@ -1,0 +1,162 @@
+"""Ray actors: RolloutWorker (holds a policy engine) and LearnerActor (holds a learner).
+
+This is the only module that imports Ray. The actors are thin shells around plain Python objects
+(engines, ``orchestrator.rollouts``, learners) that are tested without Ray.
+
+Nothing assumes a shared filesystem between actors: a model directory travels as a ``ModelFiles``
+blob through the object store (put once, read by every node), and new weights travel as a
+``WeightsPayload`` (numpy arrays, zero-copy on each node). Rollout workers restart automatically
+when they die (``max_restarts``); a restarted worker comes back at the initial weights, so the loop
+checks versions and re-applies the current payload before it sends work (see ``loop.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from orchestrator.weights import WeightsPayload, from_payload, to_payload
+
+
+@dataclass
+class ModelFiles:
+    """A Hugging Face model directory as bytes, so it can travel through the object store."""
+
+    files: dict[str, bytes]
+
+    @classmethod
+    def pack(cls, directory: str | Path) -> ModelFiles:
+        d = Path(directory)
+        return cls({p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()})
+
+    def unpack(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        for name, data in self.files.items():
+            target = d / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return d
+
+
+def _materialise(model: str | ModelFiles, prefix: str) -> str:
+    """A local directory for the model: the path itself, or the blob unpacked into a temp dir."""
+    if isinstance(model, ModelFiles):
+        return str(model.unpack(tempfile.mkdtemp(prefix=prefix)))
+    return model
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class RolloutWorker:
+    """Holds one policy engine and runs rollouts and evaluations with it."""
+
+    def __init__(self, cfg: dict[str, Any], model: str | ModelFiles, index: int, version: int = 0) -> None:
+        from agents.registry import environment_factory
+        from orchestrator.config import RunConfig
+        from orchestrator.engines import make_engine
+
+        self.cfg = RunConfig.model_validate(cfg)
+        self.index = index
+        _set_threads(self.cfg.engine.num_threads)
+        model_dir = _materialise(model, f"treeplay-worker{index}-")
+        self.engine = make_engine(self.cfg.engine.kind, model_dir, seed=self.cfg.seed + index, **self.cfg.engine.kwargs)
+        self.engine.version = version  # the model it was built from (a checkpoint when resuming)
+        self.env_factory = environment_factory(self.cfg.env.name, **self.cfg.env.kwargs)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "version": self.engine.version,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
+
+    def apply_weights(self, payload: WeightsPayload) -> int:
+        """Load a new weights version in place; returns the version now served."""
+        self.engine.load_weights(payload.version, from_payload(payload))
+        return self.engine.version
+
+    def rollout(self, tasks: list, iteration: int, version: int, seed: int) -> tuple[list, dict[str, float]]:
+        """Run the configured rollout mode on ``tasks``; refuses to run on the wrong weights."""
+        from orchestrator.rollouts import run_rollouts
+
+        if self.engine.version != version:
+            raise RuntimeError(f"worker {self.index} serves version {self.engine.version}, loop expects {version}")
+        t0 = time.perf_counter()
+        results, stats = run_rollouts(self.cfg, tasks, self.engine, self.env_factory, iteration=iteration, seed=seed)
+        stats["rollout_s"] = time.perf_counter() - t0
+        return results, stats
+
+    def evaluate(self, tasks: list, temperature: float) -> list[float]:
+        from orchestrator.rollouts import evaluate
+
+        return evaluate(self.cfg, tasks, self.engine, self.env_factory, temperature=temperature)
+
+
+@ray.remote(max_restarts=0)
+class LearnerActor:
+    """Holds the learner: reads preference data from the store, trains, checkpoints, returns weights."""
+
+    def __init__(self, cfg: dict[str, Any], model: str | ModelFiles, run_id: int, version: int) -> None:
+        from orchestrator.config import RunConfig
+        from orchestrator.learners import make_learner
+        from store.database import open_store
+
+        self.cfg = RunConfig.model_validate(cfg)
+        _set_threads(self.cfg.engine.num_threads)
+        self.model_dir = _materialise(model, "treeplay-learner-")
+        self.learner = make_learner(self.cfg, self.model_dir)
+        self.store = open_store(self.cfg.store.url)
+        self.run_id = run_id
+        self.version = version
+
+    @ray.method(num_returns=2)
+    def train(self, iteration: int, checkpoint_dir: str | None) -> tuple[dict[str, float], WeightsPayload | None]:
+        """Train on this iteration's data (plus replay); return metrics and the new weights, or None
+        when the update was rejected (NaN/inf or exploding gradients): then the old weights stay."""
+        from store import queries
+
+        t0 = time.perf_counter()
+        data = queries.preference_data(self.store, self.run_id, iteration, replay=self.cfg.learner.replay)
+        if len(data) == 0:
+            return {"learn_s": time.perf_counter() - t0, "pairs": 0.0, "rejected_update": 0.0}, None
+        metrics = dict(self.learner.train(data))
+        metrics["learn_s"] = time.perf_counter() - t0
+        metrics["pairs"] = float(len(data.pairs))
+        if not getattr(self.learner, "healthy", True):
+            metrics["rejected_update"] = 1.0
+            return metrics, None
+        metrics["rejected_update"] = 0.0
+        self.version += 1
+        payload = to_payload(self.version, self.learner.state_dict())
+        if checkpoint_dir:
+            path = Path(checkpoint_dir) / f"v{self.version:04d}"
+            self.learner.save(path)
+            queries.record_checkpoint(self.store, self.run_id, iteration, self.version, path.resolve().as_uri(), metrics)
+        return metrics, payload
+
+    def ping(self) -> int:
+        return self.version
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (e.g. "auto") or start a fresh local cluster (never a stale one)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
