@@ -148,6 +148,8 @@ class WriteReceipt:
 
 
 def _int(value: Any, where: str, *, optional: bool = False, bounded: bool = True) -> int | None:
+    if type(value) is int and INT_MIN <= value <= INT_MAX:
+        return value
     if value is None and optional:
         return None
     if isinstance(value, bool):
@@ -162,6 +164,8 @@ def _int(value: Any, where: str, *, optional: bool = False, bounded: bool = True
 
 
 def _float(value: Any, where: str, *, optional: bool = False, nan_ok: bool = False) -> float | None:
+    if type(value) is float and (value == value or nan_ok):
+        return value
     if value is None and optional:
         return None
     if isinstance(value, (bool, str, bytes)) or value is None:
@@ -186,6 +190,8 @@ def _bool(value: Any, where: str, *, optional: bool = False) -> bool | None:
 
 
 def _str(value: Any, where: str, *, optional: bool = False) -> str | None:
+    if type(value) is str and "\x00" not in value:
+        return value
     if value is None and optional:
         return None
     if not isinstance(value, str):
@@ -203,6 +209,16 @@ def _json(value: Any, where: str) -> Any:
     except (TypeError, ValueError) as e:
         raise StoreError(f"{where} is not JSON-serialisable without NaN: {e}") from None
     return value
+
+
+def _json_text(value: Any, where: str) -> str | None:
+    """``value`` serialised for a JSON column written with raw ``executemany`` (None stays NULL)."""
+    if value is None:
+        return None
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"{where} is not JSON-serialisable without NaN: {e}") from None
 
 
 def _clean_floats(values: Mapping[str, Any] | None, where: str) -> dict[str, Any] | None:
@@ -284,27 +300,49 @@ def _db_errors(what: str) -> Iterator[None]:
         raise StoreError(f"{what}: {first_line(e)}") from None
 
 
-def _allocate_ids(conn: Connection, table: Table, n: int) -> list[int]:
-    """Reserve ``n`` fresh primary keys of ``table`` for rows this transaction is about to insert.
+def _allocate_ids(conn: Connection, wanted: dict[Table, int]) -> dict[Table, list[int]]:
+    """Reserve fresh primary keys for the rows this transaction is about to insert (one query).
 
-    SQLite: ids after the current largest; safe because write transactions hold the database's
-    write lock from their start (BEGIN IMMEDIATE). PostgreSQL: values drawn from the column's
-    sequence, which concurrent transactions never share.
+    SQLite: ids after each table's current largest; safe because write transactions hold the
+    database's write lock from their start (BEGIN IMMEDIATE). PostgreSQL: values drawn from each
+    column's sequence, which concurrent transactions never share.
     """
-    if n == 0:
-        return []
+    wanted = {t: n for t, n in wanted.items() if n}
+    if not wanted:
+        return {}
     if conn.dialect.name == "postgresql":
-        rows = conn.exec_driver_sql(
-            f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id')) FROM generate_series(1, {int(n)})"
-        )
-        return [r[0] for r in rows]
-    start = conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one() + 1
-    return list(range(start, start + n))
+        parts = [
+            f"ARRAY(SELECT nextval(pg_get_serial_sequence('{t.name}', 'id')) FROM generate_series(1, {int(n)}))"
+            for t, n in wanted.items()
+        ]
+        row = conn.exec_driver_sql("SELECT " + ", ".join(parts)).one()
+        return {t: list(ids) for t, ids in zip(wanted, row, strict=True)}
+    parts = [f"(SELECT coalesce(max(id), 0) FROM {t.name})" for t in wanted]
+    row = conn.exec_driver_sql("SELECT " + ", ".join(parts)).one()
+    return {t: list(range(last + 1, last + 1 + n)) for (t, n), last in zip(wanted.items(), row, strict=True)}
+
+
+_INSERT_SQL: dict[tuple[str, str], tuple[str, Any]] = {}
 
 
 def _insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(insert(table), rows)
+    """One ``executemany`` of plain INSERTs, straight to the driver (no per-row SQLAlchemy work).
+
+    Rows hold every column of the table, JSON columns already serialised to text.
+    """
+    if not rows:
+        return
+    key = (conn.dialect.name, table.name)
+    if key not in _INSERT_SQL:
+        cols = [c.name for c in table.columns]
+        mark = "?" if conn.dialect.name == "sqlite" else "%s"
+        sql = (
+            f"INSERT INTO {table.name} ({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) "
+            f"VALUES ({', '.join([mark] * len(cols))})"
+        )
+        _INSERT_SQL[key] = (sql, operator.itemgetter(*cols))
+    sql, getter = _INSERT_SQL[key]
+    conn.exec_driver_sql(sql, [getter(r) for r in rows])
 
 
 def _run_row(conn: Connection, run_id: int) -> Any:
@@ -629,7 +667,7 @@ class _Rows:
             "policy_version": _int(tree.policy_version, f"{w}.policy_version"),
             "n_nodes": len(tree.nodes),
             "max_depth": max(_int(n.depth, f"{w}.nodes[].depth") for n in tree.nodes),
-            "info": _json(tree.info, f"{w}.info"),
+            "info": _json_text(tree.info, f"{w}.info"),
         }
 
     def _node(self, t: int, i: int, n: NodeRecord) -> dict[str, Any]:
@@ -648,7 +686,7 @@ class _Rows:
             "selected": _bool(n.selected, f"{w}.selected"),
             "policy_version": _int(n.policy_version, f"{w}.policy_version"),
             "error": _str(n.error, f"{w}.error", optional=True),
-            "info": _json(n.info, f"{w}.info"),
+            "info": _json_text(n.info, f"{w}.info"),
         }
 
     def _trajectory(self, j: int, tr: TrajectoryRecord) -> dict[str, Any]:
@@ -660,7 +698,7 @@ class _Rows:
             "outcome": _float(tr.outcome, f"{w}.outcome", optional=True),
             "status": _str(tr.status, f"{w}.status"),
             "error": _str(tr.error, f"{w}.error", optional=True),
-            "info": _json(tr.info, f"{w}.info"),
+            "info": _json_text(tr.info, f"{w}.info"),
         }
 
     def _step(self, j: int, s: int, step: StepRecord) -> dict[str, Any]:
@@ -675,7 +713,7 @@ class _Rows:
             "credit": _float(step.credit, f"{w}.credit", optional=True),
             "rubric": _str(step.rubric, f"{w}.rubric", optional=True),
             "logprob": _float(step.logprob, f"{w}.logprob", optional=True),
-            "info": _json(step.info, f"{w}.info"),
+            "info": _json_text(step.info, f"{w}.info"),
         }
 
     def _pair(self, p: int, pair: PairRecord) -> dict[str, Any]:
@@ -705,7 +743,7 @@ class _Rows:
             "rejected_node_id": _node_ref(
                 self.plan, pair.tree_index, pair.rejected_node, f"{w}.rejected_node"
             ),
-            "info": _json(pair.info, f"{w}.info"),
+            "info": _json_text(pair.info, f"{w}.info"),
         }
 
     def _ranked_list(self, r: int, rl: RankedListRecord) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -735,14 +773,14 @@ class _Rows:
                     "position": i,
                     "text": _str(item.text, f"{wi}.text"),
                     "score": _float(item.score, f"{wi}.score"),
-                    "step_rewards": rewards,
+                    "step_rewards": None if rewards is None else json.dumps(rewards),
                     "node_id": _node_ref(self.plan, getattr(rl, "tree_index", 0), item.node, f"{wi}.node"),
                 }
             )
         row = {
             "prompt": _str(rl.prompt, f"{w}.prompt"),
             "source": rl.source,
-            "info": _json(rl.info, f"{w}.info"),
+            "info": _json_text(rl.info, f"{w}.info"),
         }
         return row, items
 
@@ -772,25 +810,31 @@ class _Rows:
             "target_text": _str(jd.target_text, f"{w}.target_text", optional=True),
             "score": _float(jd.score, f"{w}.score"),
             "rationale": _str(jd.rationale, f"{w}.rationale"),
-            "info": _json(jd.info, f"{w}.info"),
+            "info": _json_text(jd.info, f"{w}.info"),
         }
 
     # -- the transaction -------------------------------------------------------------------------
 
     def write(self, conn: Connection, run_id: int, iteration: int) -> WriteReceipt:
         result = self.result
-        it = db.Iteration.__table__
-        status = conn.execute(
-            select(it.c.status).where(it.c.run_id == run_id, it.c.index == iteration)
-        ).scalar()
+        it, tk, ro = db.Iteration.__table__, db.Task.__table__, db.Rollout.__table__
+        task_where = and_(
+            tk.c.run_id == run_id, tk.c.environment == self.environment, tk.c.task_key == result.task_id
+        )
+        status, task_db_id = conn.execute(
+            select(
+                select(it.c.status).where(it.c.run_id == run_id, it.c.index == iteration).scalar_subquery(),
+                select(tk.c.id).where(task_where).scalar_subquery(),
+            )
+        ).one()
         if status is None:
             raise StoreError(
                 f"iteration {iteration} of run {run_id} was never started (call start_iteration)"
             )
         if status == DONE:
             raise StoreError(f"iteration {iteration} of run {run_id} is finished; it takes no more tasks")
-        task_db_id = self._task_id(conn, run_id)
-        ro = db.Rollout.__table__
+        if task_db_id is None:
+            task_db_id = self._insert_task(conn, run_id, task_where)
         try:
             # The unique (run, iteration, task) row: a second write of the task fails here, and the
             # whole transaction is rolled back.
@@ -805,18 +849,31 @@ class _Rows:
         common = {"rollout_id": rollout_id, "run_id": run_id, "iteration": iteration, "task_id": task_db_id}
         receipt = WriteReceipt(rollout_id=rollout_id, task_db_id=task_db_id)
 
-        # Trees, then nodes (parents first, ids known up front), so pairs can point at nodes.
-        tree_ids = _allocate_ids(conn, db.Tree.__table__, len(self.trees))
-        node_ids = _allocate_ids(conn, db.TreeNode.__table__, sum(len(n) for n in self.nodes))
+        # Every id up front, in one query, so parents, children, pairs and judgments link directly.
+        tables = {
+            db.Tree.__table__: len(self.trees),
+            db.TreeNode.__table__: sum(len(n) for n in self.nodes),
+            db.Trajectory.__table__: len(self.trajectories),
+            db.Step.__table__: sum(len(s) for s in self.steps),
+            db.PreferencePair.__table__: len(self.pairs),
+            db.RankedList.__table__: len(self.lists),
+            db.RankedItem.__table__: sum(len(items) for _, items in self.lists),
+            db.Judgment.__table__: len(self.judgments),
+        }
+        ids = _allocate_ids(conn, tables)
+        tree_ids, node_ids, traj_ids, step_ids, pair_ids, list_ids, item_ids, judgment_ids = (
+            ids.get(t, []) for t in tables
+        )
+
+        # Trees, then nodes with parents before children (the foreign key is checked per row).
         node_rows: list[dict[str, Any]] = []
-        next_id = iter(node_ids)
+        next_node = iter(node_ids)
         for tree_id, row, nodes in zip(tree_ids, self.trees, self.nodes, strict=True):
             row.update(common, id=tree_id)
             key_to_id: dict[int, int] = {}
             for node in nodes:
-                node_id = next(next_id)
-                key_to_id[node.pop("key")] = node_id
-                parent = node.pop("parent_key")
+                node_id = key_to_id[node["key"]] = next(next_node)
+                parent = node["parent_key"]
                 node["id"] = node_id
                 node["tree_id"] = tree_id
                 node["parent_id"] = None if parent is None else key_to_id[parent]
@@ -826,58 +883,53 @@ class _Rows:
         _insert_many(conn, db.Tree.__table__, self.trees)
         _insert_many(conn, db.TreeNode.__table__, node_rows)
 
-        def node_id(ref: tuple[int, int] | None) -> int | None:
+        def node_ref(ref: tuple[int, int] | None) -> int | None:
             return None if ref is None else receipt.node_ids[ref[0]][ref[1]]
 
         # Trajectories and their steps.
-        traj_ids = _allocate_ids(conn, db.Trajectory.__table__, len(self.trajectories))
-        step_ids = iter(_allocate_ids(conn, db.Step.__table__, sum(len(s) for s in self.steps)))
         step_rows = []
+        next_step = iter(step_ids)
         for traj_id, row, steps in zip(traj_ids, self.trajectories, self.steps, strict=True):
             row.update(common, id=traj_id)
-            ids = []
             for step in steps:
-                step["id"] = next(step_ids)
+                step["id"] = next(next_step)
                 step["trajectory_id"] = traj_id
-                ids.append(step["id"])
                 step_rows.append(step)
-            receipt.step_ids.append(ids)
+            receipt.step_ids.append([step["id"] for step in steps])
         receipt.trajectory_ids = traj_ids
         _insert_many(conn, db.Trajectory.__table__, self.trajectories)
         _insert_many(conn, db.Step.__table__, step_rows)
 
         # Pairs.
-        pair_ids = _allocate_ids(conn, db.PreferencePair.__table__, len(self.pairs))
         for pair_id, row in zip(pair_ids, self.pairs, strict=True):
             row.update(common, id=pair_id)
-            row["chosen_node_id"] = node_id(row["chosen_node_id"])
-            row["rejected_node_id"] = node_id(row["rejected_node_id"])
+            row["chosen_node_id"] = node_ref(row["chosen_node_id"])
+            row["rejected_node_id"] = node_ref(row["rejected_node_id"])
         receipt.pair_ids = pair_ids
         _insert_many(conn, db.PreferencePair.__table__, self.pairs)
 
         # Ranked lists and their items.
-        list_ids = _allocate_ids(conn, db.RankedList.__table__, len(self.lists))
         list_rows, item_rows = [], []
+        next_item = iter(item_ids)
         for list_id, (row, items) in zip(list_ids, self.lists, strict=True):
             row.update(common, id=list_id)
             list_rows.append(row)
             for item in items:
+                item["id"] = next(next_item)
                 item["list_id"] = list_id
-                item["node_id"] = node_id(item["node_id"])
+                item["node_id"] = node_ref(item["node_id"])
                 item_rows.append(item)
         receipt.ranked_list_ids = list_ids
         _insert_many(conn, db.RankedList.__table__, list_rows)
         _insert_many(conn, db.RankedItem.__table__, item_rows)
 
         # Judgments, their targets mapped to database ids.
-        flat_steps = [i for ids in receipt.step_ids for i in ids]
-        judgment_ids = _allocate_ids(conn, db.Judgment.__table__, len(self.judgments))
+        flat_steps = step_ids
         for judgment_id, row in zip(judgment_ids, self.judgments, strict=True):
             row.update(common, id=judgment_id)
-            del row["task_id"]
             kind, target = row["target_kind"], row["target_id"]
             if kind == "node":
-                row["target_id"] = node_id(target)
+                row["target_id"] = node_ref(target)
             elif kind == "trajectory":
                 row["target_id"] = traj_ids[target]
             elif kind == "step":
@@ -886,31 +938,24 @@ class _Rows:
         _insert_many(conn, db.Judgment.__table__, self.judgments)
         return receipt
 
-    def _task_id(self, conn: Connection, run_id: int) -> int:
-        """The task's row id in this run, inserting the task on first sight."""
+    def _insert_task(self, conn: Connection, run_id: int, task_where: Any) -> int:
+        """Insert the task's row on its first write in this run; return its id."""
         tk = db.Task.__table__
-        result = self.result
-        where = and_(
-            tk.c.run_id == run_id, tk.c.environment == self.environment, tk.c.task_key == result.task_id
-        )
-        found = conn.execute(select(tk.c.id).where(where)).scalar()
-        if found is not None:
-            return found
         values = {
             "run_id": run_id,
             "environment": self.environment,
-            "task_key": result.task_id,
+            "task_key": self.result.task_id,
             "prompt": self.prompt,
             "answer": self.answer,
         }
         if conn.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-            # Another worker may insert the same task at the same moment (another iteration).
+            # Another worker may insert the same task at the same moment (for another iteration).
             made = conn.execute(
                 pg_insert(tk).values(values).on_conflict_do_nothing().returning(tk.c.id)
             ).scalar()
-            return made if made is not None else conn.execute(select(tk.c.id).where(where)).scalar_one()
+            return made if made is not None else conn.execute(select(tk.c.id).where(task_where)).scalar_one()
         return conn.execute(insert(tk).returning(tk.c.id), values).scalar_one()
 
 
@@ -1250,7 +1295,7 @@ def log_metrics(store: Store, run_id: int, iteration: int | None, metrics: Mappi
         return
     with _db_errors(f"cannot log metrics of run {run_id}"), store.write() as conn:
         _run_row(conn, run_id)
-        _insert_many(conn, db.Metric.__table__, rows)
+        conn.execute(insert(db.Metric.__table__), rows)
 
 
 def metric_series(store: Store, run_id: int) -> dict[str, list[tuple[int, float]]]:

@@ -1,0 +1,182 @@
+"""Store write benchmark: trees of ~50 nodes through ``write_task_result`` vs. naive ORM adds.
+
+    python bench/store.py [--trees 2000] [--naive-trees 300] [--nodes 50] [--pairs 3] [--no-postgres]
+
+For each backend (a temp SQLite file; PostgreSQL when a throwaway server can be started with
+``tests/postgres_server.py``) it writes ``--trees`` tasks, each one tree plus a few preference pairs,
+with the store API (one transaction per task, bulk inserts), and, as the baseline in the same
+process, ``--naive-trees`` tasks the naive way: one ORM ``session.add`` per row and a commit per tree.
+It prints human-readable lines; the LAST stdout line is one JSON object with the SQLite figures and
+the PostgreSQL ones nested under "postgres".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from store import queries, schema  # noqa: E402
+from store.database import Store, open_store  # noqa: E402
+from store.records import NodeRecord, PairRecord, TaskResult, TreeRecord  # noqa: E402
+
+
+def make_task(rng: random.Random, task_id: str, n_nodes: int, n_pairs: int) -> TaskResult:
+    """One task: a random tree of ``n_nodes`` nodes and ``n_pairs`` sibling pairs from it."""
+    nodes = [NodeRecord(key=0, parent_key=None, step="", depth=0, visits=n_nodes)]
+    for key in range(1, n_nodes):
+        parent = nodes[rng.randrange(max(1, key // 2), key) if key > 2 else 0]
+        nodes.append(
+            NodeRecord(
+                key=key,
+                parent_key=parent.key,
+                step=f"step {key}: x = {rng.randint(0, 99)} + {rng.randint(0, 99)}",
+                depth=parent.depth + 1,
+                visits=rng.randint(0, 20),
+                value=rng.uniform(-1, 1),
+                prior=rng.random(),
+                reward=rng.choice([0.0, 1.0]),
+                terminal=rng.random() < 0.2,
+                correct=rng.choice([None, True, False]),
+            )
+        )
+    pairs = []
+    for _ in range(n_pairs):
+        a, b = rng.sample(nodes[1:], 2)
+        pairs.append(
+            PairRecord(
+                prompt="Compute the chain.\n", chosen=a.step, rejected=b.step, margin=abs(a.value - b.value),
+                chosen_node=a.key, rejected_node=b.key, chosen_visits=a.visits, rejected_visits=b.visits,
+            )
+        )  # fmt: skip
+    tree = TreeRecord(task_id=task_id, prompt="Compute the chain.\n", nodes=nodes, environment="arithmetic")
+    return TaskResult(task_id=task_id, environment="arithmetic", prompt="Compute the chain.\n", trees=[tree], pairs=pairs)
+
+
+def write_with_api(store: Store, run_id: int, tasks: list[TaskResult]) -> float:
+    start = time.perf_counter()
+    for task in tasks:
+        queries.write_task_result(store, run_id, 0, task)
+    return time.perf_counter() - start
+
+
+def write_naively(store: Store, run_id: int, tasks: list[TaskResult]) -> float:
+    """The baseline: ORM objects added one at a time, relationships resolved by flush, a commit per tree."""
+    start = time.perf_counter()
+    with store.sessions() as session:
+        for task in tasks:
+            row = schema.Task(run_id=run_id, environment=task.environment, task_key=task.task_id, prompt=task.prompt)
+            session.add(row)
+            rollout = schema.Rollout(run_id=run_id, iteration=0, task_id=0)
+            rollout_task = row
+            session.flush()
+            rollout.task_id = rollout_task.id
+            session.add(rollout)
+            session.flush()
+            (tree_rec,) = task.trees
+            tree = schema.Tree(
+                rollout_id=rollout.id, run_id=run_id, iteration=0, task_id=row.id, environment=tree_rec.environment,
+                prompt=tree_rec.prompt, policy_version=0, n_nodes=len(tree_rec.nodes), max_depth=0,
+            )  # fmt: skip
+            session.add(tree)
+            by_key: dict[int, schema.TreeNode] = {}
+            for n in tree_rec.nodes:
+                node = schema.TreeNode(
+                    tree=tree, parent=by_key.get(n.parent_key), step=n.step, depth=n.depth, visits=n.visits,
+                    value=n.value, prior=n.prior, reward=n.reward, terminal=n.terminal, correct=n.correct,
+                    selected=n.selected, policy_version=n.policy_version,
+                )  # fmt: skip
+                session.add(node)
+                by_key[n.key] = node
+            session.flush()
+            for p in task.pairs:
+                session.add(
+                    schema.PreferencePair(
+                        rollout_id=rollout.id, run_id=run_id, iteration=0, task_id=row.id, prompt=p.prompt,
+                        chosen=p.chosen, rejected=p.rejected, source=p.source, margin=p.margin, weight=p.weight,
+                        label_smoothing=p.label_smoothing, shared_prefix_chars=p.shared_prefix_chars,
+                        chosen_visits=p.chosen_visits, rejected_visits=p.rejected_visits,
+                        chosen_node_id=by_key[p.chosen_node].id, rejected_node_id=by_key[p.rejected_node].id,
+                    )
+                )  # fmt: skip
+            session.commit()
+    return time.perf_counter() - start
+
+
+def bench_backend(url: str, args: argparse.Namespace) -> dict:
+    rng = random.Random(0)
+    api_tasks = [make_task(rng, f"api-{i}", args.nodes, args.pairs) for i in range(args.trees)]
+    naive_tasks = [make_task(rng, f"naive-{i}", args.nodes, args.pairs) for i in range(args.naive_trees)]
+    with open_store(url) as store:
+        run_api = queries.start_run(store, "bench-api", {})
+        run_naive = queries.start_run(store, "bench-naive", {})
+        for run in (run_api, run_naive):
+            queries.start_iteration(store, run, 0, 0)
+        write_with_api(store, run_api, api_tasks[: max(1, args.trees // 20)])  # warm-up, not timed
+        api_s = write_with_api(store, run_api, api_tasks[max(1, args.trees // 20) :])
+        naive_s = write_naively(store, run_naive, naive_tasks)
+        timed = len(api_tasks) - max(1, args.trees // 20)
+        api_nodes = timed * args.nodes
+        naive_nodes = len(naive_tasks) * args.nodes
+        assert queries.counts(store, run_api)["tree_nodes"] == len(api_tasks) * args.nodes
+        assert queries.counts(store, run_naive)["tree_nodes"] == naive_nodes
+    api_rate, naive_rate = api_nodes / api_s, naive_nodes / naive_s
+    return {
+        "trees": timed,
+        "nodes_per_tree": args.nodes,
+        "pairs_per_tree": args.pairs,
+        "nodes_per_s": round(api_rate),
+        "trees_per_s": round(timed / api_s, 1),
+        "naive_trees": len(naive_tasks),
+        "naive_nodes_per_s": round(naive_rate),
+        "ratio_vs_naive": round(api_rate / naive_rate, 2),
+    }
+
+
+def report(backend: str, figures: dict) -> None:
+    print(
+        f"{backend:10s} store API: {figures['nodes_per_s']:>9,} nodes/s ({figures['trees_per_s']:,} trees/s, "
+        f"{figures['trees']} trees)   naive ORM: {figures['naive_nodes_per_s']:>8,} nodes/s   "
+        f"ratio {figures['ratio_vs_naive']}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trees", type=int, default=2000)
+    parser.add_argument("--naive-trees", type=int, default=300)
+    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--no-postgres", action="store_true")
+    args = parser.parse_args()
+
+    postgres: dict = {}
+    if args.no_postgres:
+        postgres = {"skipped": "--no-postgres"}
+    else:
+        sys.path.insert(0, str(REPO / "tests"))
+        from postgres_server import PostgresServer, PostgresUnavailable
+
+        try:
+            with PostgresServer() as server:
+                postgres = bench_backend(server.create_database("bench_store"), args)
+            report("postgresql", postgres)
+        except PostgresUnavailable as e:
+            postgres = {"skipped": str(e)}
+            print(f"postgresql skipped: {e}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite = bench_backend(f"sqlite:///{tmp}/bench.db", args)
+    report("sqlite", sqlite)
+    print(json.dumps({"bench": "store", "backend": "sqlite", **sqlite, "postgres": postgres}))
+
+
+if __name__ == "__main__":
+    main()
