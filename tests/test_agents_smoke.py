@@ -1,0 +1,129 @@
+"""One smoke run per agent mode with the tiny real model, written to a real SQLite store.
+
+The random-init model writes nonsense; these runs check the plumbing end to end (engine calls,
+defensive parsing of what it writes, records the store accepts and gives back), not quality.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agents.credit import StepCheckCritic, assign_credit
+from agents.envs.arithmetic import ArithmeticEnv
+from agents.envs.toolqa import ToolQAEnv
+from agents.episode import task_result
+from agents.multi import Agent, run_multi_agent_episodes
+from agents.panel import ExactAnswerJudge, PanelConfig, Peer, run_panel
+from agents.react import ReActAgent, ReActConfig
+from agents.scripted import ScriptedPolicy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from orchestrator.engines.hf import HFEngine
+
+    eng = HFEngine(tiny_model_dir, seed=0, num_threads=1)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    from store import queries
+    from store.database import open_store
+
+    s = open_store(f"sqlite:///{tmp_path / 'agents.db'}")
+    run_id = queries.start_run(s, "agents-smoke", {"test": True})
+    queries.start_iteration(s, run_id, 0, 0)
+    yield s, run_id
+    s.close()
+
+
+def write(store, results):
+    from store import queries
+
+    s, run_id = store
+    for r in results:
+        queries.write_task_result(s, run_id, 0, r)
+
+
+def reference_policy(tasks) -> ScriptedPolicy:
+    refs = {t.prompt: t.reference.splitlines() for t in tasks}
+
+    def respond(prompt: str, rng) -> str:
+        for p, lines in refs.items():
+            if p in prompt:
+                return lines[min(prompt.split(p, 1)[1].count("\n"), len(lines) - 1)] + "\n"
+        return "?\n"
+
+    return ScriptedPolicy(respond)
+
+
+def test_react_with_rubrics_smoke(engine, store):
+    from store import queries
+
+    env = ToolQAEnv(n_entities=8, kinds=("ratio",), show_tools=False)
+    tasks = env.tasks("train", 2, seed=0)
+    # seed 2 hits an HFEngine bug (stop strings + every row at EOS: batch_decode([]) returns [""]);
+    # reported to the engines owner.
+    config = ReActConfig(
+        max_steps=3,
+        max_tokens=16,
+        rubric_max_tokens=40,
+        verify_max_tokens=40,
+        max_prompt_chars=400,
+        action_pattern=r"\w+\[.*\]",
+        seed=5,
+    )
+    trajs = ReActAgent(engine, config=config).run_many(
+        lambda: ToolQAEnv(n_entities=8, show_tools=False), tasks
+    )
+    for t in trajs:
+        assert t.status == "ok", t.error
+        assert len(t.steps) <= 3 and t.info["mode"] == "react+rubrics"
+    write(store, [task_result(task, [t]) for task, t in zip(tasks, trajs, strict=True)])
+    back = queries.list_trajectories(store[0], store[1], 0)
+    assert len(back) == 2 and sum(len(r.steps) for r in back) == sum(len(t.steps) for t in trajs)
+
+
+def test_panel_smoke(engine, store):
+    from store import queries
+
+    env = ArithmeticEnv(ops=1)
+    tasks = env.tasks("train", 2, seed=0)
+    peers = [Peer("tiny", engine), Peer("reference", reference_policy(tasks))]
+    config = PanelConfig(
+        n_candidates=2, max_tokens=12, stop=("\n\n",), judge_max_tokens=24, max_prompt_chars=400, seed=0
+    )
+    results = run_panel(peers, tasks, config, judges=[ExactAnswerJudge(env.verify)])
+    assert all(len(r.candidates) == 4 for r in results)
+    write(store, [r.task_result() for r in results])
+    s, run_id = store
+    pairs = queries.list_pairs(s, run_id, 0, source="panel")
+    assert len(pairs) == sum(len(r.pairs) for r in results)
+    assert len(queries.list_judgments(s, run_id, 0)) == sum(len(r.judgments) for r in results)
+
+
+def test_multi_agent_credit_smoke(engine, store):
+    from store import queries
+
+    tasks = ArithmeticEnv(ops=2).tasks("train", 2, seed=0)
+    agents = [Agent("tiny-0", engine), Agent("tiny-1", engine), Agent("reference", reference_policy(tasks))]
+    trajs = run_multi_agent_episodes(lambda: ArithmeticEnv(ops=2), agents, tasks, max_tokens=12, seed=0)
+    assert all(t.status == "ok" and len(t.steps) == 2 for t in trajs)
+    pairs = assign_credit(trajs, StepCheckCritic(lambda: ArithmeticEnv(ops=2)), agents=agents[:2], seed=0)
+    assert all(p.credit is not None for t in trajs for p in t.proposals)
+    write(
+        store,
+        [
+            task_result(task, [t], [p for p in pairs if p.task_id == task.id])
+            for task, t in zip(tasks, trajs, strict=True)
+        ],
+    )
+    s, run_id = store
+    back = queries.list_trajectories(s, run_id, 0)
+    assert {r.agent_id for r in back} >= {"vote", "tiny-0", "tiny-1", "reference"}
+    assert any(st.credit is not None for r in back for st in r.steps)
+    assert len(queries.list_pairs(s, run_id, 0, source="credit")) == len(pairs)
