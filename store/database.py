@@ -179,6 +179,8 @@ def _make_engine(parsed: URL) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA temp_store=MEMORY")
             cur.execute("PRAGMA cache_size=-32000")
+            # Checkpoint the WAL every ~32 MB rather than every 4 MB: fewer stalls for bulk writers.
+            cur.execute("PRAGMA wal_autocheckpoint=8000")
             cur.close()
 
         @event.listens_for(engine, "begin")

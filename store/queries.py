@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, func, insert, select, update
+from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from store import schema as db
@@ -671,20 +671,50 @@ class _Rows:
         }
 
     def _node(self, t: int, i: int, n: NodeRecord) -> dict[str, Any]:
+        depth, visits, version = n.depth, n.visits, n.policy_version
+        value, prior, reward = n.value, n.prior, n.reward
+        step, correct = n.step, n.correct
+        # Fast path for the common, well-typed node (this runs for every node of every tree).
+        if (
+            type(depth) is int
+            and type(visits) is int
+            and type(version) is int
+            and INT_MIN <= depth <= INT_MAX
+            and INT_MIN <= visits <= INT_MAX
+            and INT_MIN <= version <= INT_MAX
+            and type(value) is float
+            and type(prior) is float
+            and type(reward) is float
+            and value == value
+            and prior == prior
+            and reward == reward
+            and type(step) is str
+            and "\x00" not in step
+            and (n.terminal is True or n.terminal is False)
+            and (n.selected is True or n.selected is False)
+            and (correct is None or correct is True or correct is False)
+            and n.error is None
+            and n.info is None
+        ):
+            return {
+                "key": n.key, "parent_key": n.parent_key, "step": step, "depth": depth, "visits": visits,
+                "value": value, "prior": prior, "reward": reward, "terminal": n.terminal, "correct": correct,
+                "selected": n.selected, "policy_version": version, "error": None, "info": None,
+            }  # fmt: skip
         w = f"trees[{t}].node {n.key}"
         return {
             "key": n.key,
             "parent_key": n.parent_key,
-            "step": _str(n.step, f"{w}.step"),
-            "depth": _int(n.depth, f"{w}.depth"),
-            "visits": _int(n.visits, f"{w}.visits"),
-            "value": _float(n.value, f"{w}.value"),
-            "prior": _float(n.prior, f"{w}.prior"),
-            "reward": _float(n.reward, f"{w}.reward"),
+            "step": _str(step, f"{w}.step"),
+            "depth": _int(depth, f"{w}.depth"),
+            "visits": _int(visits, f"{w}.visits"),
+            "value": _float(value, f"{w}.value"),
+            "prior": _float(prior, f"{w}.prior"),
+            "reward": _float(reward, f"{w}.reward"),
             "terminal": _bool(n.terminal, f"{w}.terminal"),
-            "correct": _bool(n.correct, f"{w}.correct", optional=True),
+            "correct": _bool(correct, f"{w}.correct", optional=True),
             "selected": _bool(n.selected, f"{w}.selected"),
-            "policy_version": _int(n.policy_version, f"{w}.policy_version"),
+            "policy_version": _int(version, f"{w}.policy_version"),
             "error": _str(n.error, f"{w}.error", optional=True),
             "info": _json_text(n.info, f"{w}.info"),
         }
@@ -817,16 +847,8 @@ class _Rows:
 
     def write(self, conn: Connection, run_id: int, iteration: int) -> WriteReceipt:
         result = self.result
-        it, tk, ro = db.Iteration.__table__, db.Task.__table__, db.Rollout.__table__
-        task_where = and_(
-            tk.c.run_id == run_id, tk.c.environment == self.environment, tk.c.task_key == result.task_id
-        )
-        status, task_db_id = conn.execute(
-            select(
-                select(it.c.status).where(it.c.run_id == run_id, it.c.index == iteration).scalar_subquery(),
-                select(tk.c.id).where(task_where).scalar_subquery(),
-            )
-        ).one()
+        task = {"run_id": run_id, "environment": self.environment, "task_key": result.task_id}
+        status, task_db_id = conn.execute(_ITERATION_AND_TASK, {**task, "iteration": iteration}).one()
         if status is None:
             raise StoreError(
                 f"iteration {iteration} of run {run_id} was never started (call start_iteration)"
@@ -834,12 +856,12 @@ class _Rows:
         if status == DONE:
             raise StoreError(f"iteration {iteration} of run {run_id} is finished; it takes no more tasks")
         if task_db_id is None:
-            task_db_id = self._insert_task(conn, run_id, task_where)
+            task_db_id = self._insert_task(conn, task)
         try:
             # The unique (run, iteration, task) row: a second write of the task fails here, and the
             # whole transaction is rolled back.
             rollout_id = conn.execute(
-                insert(ro).returning(ro.c.id),
+                _INSERT_ROLLOUT,
                 {"run_id": run_id, "iteration": iteration, "task_id": task_db_id, "written": db.utcnow()},
             ).scalar_one()
         except IntegrityError:
@@ -938,25 +960,40 @@ class _Rows:
         _insert_many(conn, db.Judgment.__table__, self.judgments)
         return receipt
 
-    def _insert_task(self, conn: Connection, run_id: int, task_where: Any) -> int:
+    def _insert_task(self, conn: Connection, task: dict[str, Any]) -> int:
         """Insert the task's row on its first write in this run; return its id."""
-        tk = db.Task.__table__
-        values = {
-            "run_id": run_id,
-            "environment": self.environment,
-            "task_key": self.result.task_id,
-            "prompt": self.prompt,
-            "answer": self.answer,
-        }
+        values = {**task, "prompt": self.prompt, "answer": self.answer}
         if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
             # Another worker may insert the same task at the same moment (for another iteration).
-            made = conn.execute(
-                pg_insert(tk).values(values).on_conflict_do_nothing().returning(tk.c.id)
-            ).scalar()
-            return made if made is not None else conn.execute(select(tk.c.id).where(task_where)).scalar_one()
-        return conn.execute(insert(tk).returning(tk.c.id), values).scalar_one()
+            made = conn.execute(_INSERT_TASK_PG, values).scalar()
+            return made if made is not None else conn.execute(_TASK_ID, task).scalar_one()
+        return conn.execute(_INSERT_TASK, values).scalar_one()
+
+
+def _prebuilt_statements() -> tuple[Any, ...]:
+    """The write path's fixed statements, built once (building Core expressions per call is slow)."""
+    from sqlalchemy import bindparam
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    it, tk, ro = db.Iteration.__table__, db.Task.__table__, db.Rollout.__table__
+    task_id = select(tk.c.id).where(
+        tk.c.run_id == bindparam("run_id"),
+        tk.c.environment == bindparam("environment"),
+        tk.c.task_key == bindparam("task_key"),
+    )
+    status = select(it.c.status).where(
+        it.c.run_id == bindparam("run_id"), it.c.index == bindparam("iteration")
+    )
+    return (
+        select(status.scalar_subquery(), task_id.scalar_subquery()),
+        task_id,
+        insert(tk).returning(tk.c.id),
+        pg_insert(tk).on_conflict_do_nothing().returning(tk.c.id),
+        insert(ro).returning(ro.c.id),
+    )
+
+
+_ITERATION_AND_TASK, _TASK_ID, _INSERT_TASK, _INSERT_TASK_PG, _INSERT_ROLLOUT = _prebuilt_statements()
 
 
 # ----------------------------------------------------------------------------------------------
