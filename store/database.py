@@ -114,21 +114,22 @@ def _parse_url(url: str) -> URL:
         raise StoreError(
             f"not a database URL: {url!r} (use sqlite:///path/to/file.db or postgresql://host/db)"
         ) from None
+    shown = parsed.render_as_string(hide_password=True)
     backend, _, driver = parsed.drivername.partition("+")
     if backend == "postgres":
         backend = "postgresql"
     if backend == "sqlite":
         if driver not in ("", "pysqlite"):
-            raise StoreError(f"unsupported SQLite driver {driver!r} in {url!r}; use sqlite:///path")
+            raise StoreError(f"unsupported SQLite driver {driver!r} in {shown!r}; use sqlite:///path")
         return parsed.set(drivername="sqlite")
     if backend == "postgresql":
         if driver not in ("", "psycopg"):
             raise StoreError(
-                f"unsupported PostgreSQL driver {driver!r} in {url!r}; treeplay uses psycopg 3 (postgresql://)"
+                f"unsupported PostgreSQL driver {driver!r} in {shown!r}; treeplay uses psycopg 3 (postgresql://)"
             )
         return parsed.set(drivername="postgresql+psycopg")
     raise StoreError(
-        f"unknown database URL scheme {parsed.drivername!r} in {url!r}; use sqlite:///path or postgresql://..."
+        f"unknown database URL scheme {parsed.drivername!r} in {shown!r}; use sqlite:///path or postgresql://..."
     )
 
 
@@ -150,9 +151,11 @@ def _check_sqlite_file(path: Path) -> None:
         ) from None
     if path.is_dir():
         raise StoreError(f"SQLite store path {str(path)!r} is a folder, not a file")
-    if path.exists() and not os.access(path, os.W_OK):
+    # Effective ids: what SQLite's open() will be judged by.
+    effective = os.access in os.supports_effective_ids
+    if path.exists() and not os.access(path, os.W_OK, effective_ids=effective):
         raise StoreError(f"SQLite store file {str(path)!r} is read-only")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
+    if not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK, effective_ids=effective):
         raise StoreError(
             f"folder {str(path.parent)!r} is read-only; SQLite needs to create its file and WAL journal there"
         )
