@@ -93,7 +93,9 @@ class PostgresServer:
         )  # fmt: skip
         if done.returncode != 0:
             self.remove()
-            raise PostgresUnavailable(f"initdb failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            raise PostgresUnavailable(
+                f"initdb failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+            )
         self.port = _free_port()
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
@@ -106,7 +108,9 @@ class PostgresServer:
         if done.returncode != 0:
             log = (self.root / "log").read_text(errors="replace") if (self.root / "log").exists() else ""
             self.remove()
-            raise PostgresUnavailable(f"PostgreSQL did not start: {log.strip().splitlines()[-1:] or done.stderr}")
+            raise PostgresUnavailable(
+                f"PostgreSQL did not start: {log.strip().splitlines()[-1:] or done.stderr}"
+            )
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         return self
 
@@ -114,7 +118,9 @@ class PostgresServer:
         """Create an empty database (dropping one of that name) and return its URL."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             c.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"

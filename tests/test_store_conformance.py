@@ -41,8 +41,12 @@ def run(store):
 def make_nodes() -> list[NodeRecord]:
     """A small tree given children-first, with keys that are not 0..n-1."""
     return [
-        NodeRecord(key=30, parent_key=10, step="2+3=5", depth=2, visits=2, value=1.0, terminal=True, correct=True),
-        NodeRecord(key=31, parent_key=10, step="2+3=6", depth=2, visits=1, value=-1.0, terminal=True, correct=False),
+        NodeRecord(
+            key=30, parent_key=10, step="2+3=5", depth=2, visits=2, value=1.0, terminal=True, correct=True
+        ),
+        NodeRecord(
+            key=31, parent_key=10, step="2+3=6", depth=2, visits=1, value=-1.0, terminal=True, correct=False
+        ),
         NodeRecord(key=10, parent_key=7, step="start", depth=1, visits=3, value=0.33, prior=0.5, reward=0.1),
         NodeRecord(key=7, parent_key=None, step="", depth=0, visits=4, selected=True, info={"note": "root"}),
         NodeRecord(key=11, parent_key=7, step="oops", depth=1, error="tool failed", policy_version=1),
@@ -63,7 +67,9 @@ def make_result(task_id: str = "t-1") -> TaskResult:
                 environment="arithmetic",
                 steps=[
                     StepRecord(index=0, action="look", observation="a table", reward=0.0, logprob=-1.5),
-                    StepRecord(index=1, action="answer 5", reward=1.0, credit=0.7, rubric="correct", agent_id="b"),
+                    StepRecord(
+                        index=1, action="answer 5", reward=1.0, credit=0.7, rubric="correct", agent_id="b"
+                    ),
                 ],
                 agent_id="agent-0",
                 policy_version=1,
@@ -137,7 +143,9 @@ def test_task_result_round_trip(store, run):
     for original in make_nodes():
         loaded = by_id[ids[original.key]]
         parent = None if original.parent_key is None else ids[original.parent_key]
-        expected = NodeRecord(**{**vars(original), "key": loaded.db_id, "parent_key": parent, "db_id": loaded.db_id})
+        expected = NodeRecord(
+            **{**vars(original), "key": loaded.db_id, "parent_key": parent, "db_id": loaded.db_id}
+        )
         assert loaded == expected
     assert tree.nodes[0].parent_key is None  # parents come first
 
@@ -150,7 +158,13 @@ def test_task_result_round_trip(store, run):
     assert len(data) == 3
     mcts, panel = data.pairs
     assert mcts == PairRecord(
-        **{**vars(result.pairs[0]), "chosen_node": ids[30], "rejected_node": ids[31], "db_id": mcts.db_id, "iteration": 0}
+        **{
+            **vars(result.pairs[0]),
+            "chosen_node": ids[30],
+            "rejected_node": ids[31],
+            "db_id": mcts.db_id,
+            "iteration": 0,
+        }
     )
     assert panel.task_id == "t-1" and panel.info == {"judges": ["x", "y"]} and panel.chosen_node is None
     (ranked,) = data.ranked_lists
@@ -165,7 +179,9 @@ def test_task_result_round_trip(store, run):
     step_j = q.judgments_for(store, "step", receipt.step_ids[0][1])
     assert [(j.judge, j.rationale) for j in step_j] == [("critic", "fine")]
     assert q.judgments_for(store, "trajectory", receipt.trajectory_ids[0])[0].judge == "panel"
-    assert [j.target_text for j in q.list_judgments(store, run) if j.target_kind == "candidate"] == ["some answer"]
+    assert [j.target_text for j in q.list_judgments(store, run) if j.target_kind == "candidate"] == [
+        "some answer"
+    ]
 
     assert q.counts(store, run) == {
         "iterations": 1, "tasks": 1, "rollouts": 1, "trajectories": 2, "steps": 2, "trees": 1,
@@ -305,7 +321,12 @@ def test_checkpoints_and_metrics(store, run):
     q.record_checkpoint(store, run, 0, 1, "file:///ckpt/1", {"loss": 0.5})
     second = q.record_checkpoint(store, run, 1, 2, "s3://bucket/ckpt/2")
     latest = q.latest_checkpoint(store, run)
-    assert (latest.id, latest.policy_version, latest.uri, latest.metrics) == (second, 2, "s3://bucket/ckpt/2", None)
+    assert (latest.id, latest.policy_version, latest.uri, latest.metrics) == (
+        second,
+        2,
+        "s3://bucket/ckpt/2",
+        None,
+    )
     q.log_metrics(store, run, 0, {"loss": 1.0, "acc": 0.25})
     q.log_metrics(store, run, 1, {"loss": 0.5, "acc": math.nan})
     q.log_metrics(store, run, None, {"eval/acc": 0.75})
