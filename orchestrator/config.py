@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agents.panel import PanelConfig
+from agents.react import ReActConfig
 from orchestrator.learners.dpo import DPOConfig
 from search.mcts import MCTSConfig
 
@@ -72,9 +74,12 @@ class RolloutConfig(_Strict):
     samples_per_task: int = Field(8, ge=1, description="'sample' mode: completions per task.")
     max_steps: int = Field(8, ge=1, description="Agent modes: step limit per episode.")
     max_step_tokens: int = Field(24, ge=1)
-    rubrics: bool = Field(True, description="react mode: rubric-guided (Co-ReAct) or plain ReAct.")
     num_agents: int = Field(3, ge=1, description="multi_agent / panel: agents or peers.")
+    critic: Literal["policy", "step_check"] = Field(
+        "policy", description="multi_agent credit critic: the policy itself, or the env's exact step check.")
     temperature: float = Field(1.0, ge=0)
+    react: ReActConfig = Field(default_factory=ReActConfig, description="react mode (agents/react.py).")
+    panel: PanelConfig = Field(default_factory=PanelConfig, description="panel mode (agents/panel.py).")
     pair_filter_incorrect: bool = Field(True, description="MCTS-DPO --filter: drop trees whose answer is wrong.")
     max_pairs_per_tree: int = Field(8, ge=1)
 

@@ -15,6 +15,7 @@ Ray here: workers call these functions, and tests call them directly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -116,16 +117,74 @@ def _sample(cfg, tasks, policy, env_factory, seed):
     }
 
 
+def _by_task(tasks: Sequence[Task], pairs: Sequence[PairRecord]) -> dict[str, list[PairRecord]]:
+    out: dict[str, list[PairRecord]] = {t.id: [] for t in tasks}
+    for p in pairs:
+        out.setdefault(p.task_id or "", []).append(p)
+    return out
+
+
+def _agent_stats(tasks, trajs, results) -> dict[str, float]:
+    outcomes = [t.outcome or 0.0 for t in trajs]
+    return {
+        "tasks": float(len(tasks)),
+        "reward": sum(outcomes) / max(1, len(outcomes)),
+        "failed": float(sum(t.status != "ok" for t in trajs)),
+        "pairs": float(sum(len(r.pairs) for r in results)),
+    }
+
+
 def _react(cfg, tasks, policy, env_factory, seed):
-    raise NotImplementedError("rollout.mode 'react' is wired up with the agents package")
+    """Rubric-guided ReAct (Co-ReAct) or plain ReAct; pairs from verify-and-retry steps."""
+    from agents.react import ReActAgent, rubric_pairs
+
+    agent = ReActAgent(policy, config=dataclasses.replace(cfg.rollout.react, seed=seed))
+    trajs = agent.run_many(env_factory, tasks)
+    pairs = _by_task(tasks, rubric_pairs(trajs))
+    results = [task_result(t, [tr], pairs[t.id]) for t, tr in zip(tasks, trajs, strict=True)]
+    return results, _agent_stats(tasks, trajs, results)
 
 
 def _panel(cfg, tasks, policy, env_factory, seed):
-    raise NotImplementedError("rollout.mode 'panel' is wired up with the agents package")
+    """A panel of peers (Panel-of-Peers): every peer samples candidates and scores everyone's.
+
+    On one worker the peers share its engine and differ by their sampling streams; an exact-answer
+    judge joins them when the tasks have answers, so a small model's unreadable Likert scores do not
+    leave the panel without signal.
+    """
+    from agents.panel import ExactAnswerJudge, Peer, run_panel
+
+    peers = [Peer(f"peer-{i}", policy) for i in range(cfg.rollout.num_agents)]
+    judges = [ExactAnswerJudge()] if all(t.answer is not None for t in tasks) else []
+    panel = run_panel(peers, tasks, dataclasses.replace(cfg.rollout.panel, seed=seed), judges=judges)
+    results = [r.task_result() for r in panel]
+    aggregates = [c.aggregate for r in panel for c in r.candidates if c.aggregate is not None]
+    return results, {
+        "tasks": float(len(tasks)),
+        "reward": sum(aggregates) / max(1, len(aggregates)),
+        "pairs": float(sum(len(r.pairs) for r in results)),
+        "judgments": float(sum(len(r.judgments) for r in results)),
+    }
 
 
 def _multi_agent(cfg, tasks, policy, env_factory, seed):
-    raise NotImplementedError("rollout.mode 'multi_agent' is wired up with the agents package")
+    """Several agents propose each step, a vote executes one, a critic re-assigns credit.
+
+    ``rollout.critic``: "policy" prompts the policy as the critic (CollabUIAgents' LLM critic);
+    "step_check" uses the environment's exact step check (``info["step_ok"]``, e.g. arithmetic).
+    """
+    from agents.credit import PolicyCritic, StepCheckCritic, assign_credit
+    from agents.multi import Agent, run_multi_agent_episodes
+
+    agents = [Agent(f"agent-{i}", policy) for i in range(cfg.rollout.num_agents)]
+    trajs = run_multi_agent_episodes(
+        env_factory, agents, tasks, max_steps=cfg.rollout.max_steps, max_tokens=cfg.rollout.max_step_tokens,
+        temperature=cfg.rollout.temperature, seed=seed,
+    )
+    critic = StepCheckCritic(env_factory) if cfg.rollout.critic == "step_check" else PolicyCritic(policy)
+    pairs = _by_task(tasks, assign_credit(trajs, critic, agents, clumsy=True, seed=seed))
+    results = [task_result(t, [tr], pairs[t.id]) for t, tr in zip(tasks, trajs, strict=True)]
+    return results, _agent_stats(tasks, trajs, results)
 
 
 def evaluate(

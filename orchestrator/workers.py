@@ -83,6 +83,13 @@ class RolloutWorker:
             "node": ray.get_runtime_context().get_node_id(),
         }
 
+    def fingerprint(self) -> str | None:
+        """A hash of the served weights (engines that expose ``state_dict``), to compare workers."""
+        from orchestrator.weights import fingerprint
+
+        sd = getattr(self.engine, "state_dict", None)
+        return fingerprint(sd()) if callable(sd) else None
+
     def apply_weights(self, payload: WeightsPayload) -> int:
         """Load a new weights version in place; returns the version now served."""
         self.engine.load_weights(payload.version, from_payload(payload))
@@ -105,6 +112,17 @@ class RolloutWorker:
         return evaluate(self.cfg, tasks, self.engine, self.env_factory, temperature=temperature)
 
 
+def update_is_deployable(metrics: dict[str, Any], applied: float, healthy: bool) -> bool:
+    """Whether an iteration's training may be redeployed.
+
+    The learner already skips single bad updates and rolls back to its last good weights; an
+    iteration in which at least half of the updates were skipped (NaN/inf loss, exploding gradient)
+    did not train in any meaningful sense, so the loop keeps serving the previous weights.
+    """
+    skipped = float(metrics.get("skipped_updates", 0.0))
+    return healthy and applied > 0 and skipped < applied
+
+
 @ray.remote(max_restarts=0)
 class LearnerActor:
     """Holds the learner: reads preference data from the store, trains, checkpoints, returns weights."""
@@ -121,6 +139,7 @@ class LearnerActor:
         self.store = open_store(self.cfg.store.url)
         self.run_id = run_id
         self.version = version
+        self._updates = 0.0
 
     @ray.method(num_returns=2)
     def train(self, iteration: int, checkpoint_dir: str | None) -> tuple[dict[str, float], WeightsPayload | None]:
@@ -132,10 +151,13 @@ class LearnerActor:
         data = queries.preference_data(self.store, self.run_id, iteration, replay=self.cfg.learner.replay)
         if len(data) == 0:
             return {"learn_s": time.perf_counter() - t0, "pairs": 0.0, "rejected_update": 0.0}, None
+        updates_before = self._updates
         metrics = dict(self.learner.train(data))
         metrics["learn_s"] = time.perf_counter() - t0
         metrics["pairs"] = float(len(data.pairs))
-        if not getattr(self.learner, "healthy", True):
+        applied = metrics.get("updates", 0.0) - updates_before
+        self._updates = metrics.get("updates", self._updates)
+        if not update_is_deployable(metrics, applied, getattr(self.learner, "healthy", True)):
             metrics["rejected_update"] = 1.0
             return metrics, None
         metrics["rejected_update"] = 0.0

@@ -1,0 +1,84 @@
+"""RunConfig: every shipped config loads; bad keys and values fail with one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.config import ConfigError, RunConfig, apply_overrides, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert any(p.name == "demo.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # The environment it names exists and takes the given arguments.
+    from agents.registry import make_environment
+
+    env = make_environment(cfg.env.name, **cfg.env.kwargs)
+    assert env.tasks("test", 2, seed=0)
+
+
+def test_demo_yaml_spells_out_the_defaults():
+    assert load_config(Path(__file__).parents[1] / "configs" / "demo.yaml") == RunConfig()
+
+
+def test_overrides_set_nested_keys_with_yaml_values():
+    cfg = load_config(None, ["iterations=3", "learner.dpo.beta=0.25", "env.kwargs={ops: 2, digits: 1}",
+                             'search.stop=["\\n", ";"]'])
+    assert cfg.iterations == 3 and cfg.learner.dpo.beta == 0.25
+    assert cfg.env.kwargs == {"ops": 2, "digits": 1}
+    assert cfg.search.stop == ["\n", ";"]
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["learner.dpo.bta=1"], "unknown config key 'learner.dpo.bta'"),
+        (["iterations=many"], "config key 'iterations'"),
+        (["rollout.mode=dance"], "config key 'rollout.mode'"),
+        (["search.c_puct=-1"], "config key 'search.c_puct'"),
+        (["noequals"], "override 'noequals' is not key=value"),
+        (["iterations.x=1"], "config key 'iterations'"),
+        (["iterations=3", "iterations.x=1"], "'iterations' is not a section"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_cli_reports_a_bad_key_in_one_line_and_exits_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"learner": {"dpo": {"betta": 0.1}}}))
+    result = CliRunner().invoke(app, ["run", str(cfg)])
+    assert result.exit_code == 2
+    assert "unknown config key 'learner.dpo.betta'" in result.output
+
+
+def test_apply_overrides_keeps_other_keys():
+    data = {"a": {"b": 1, "c": 2}}
+    assert apply_overrides(data, ["a.b=5"]) == {"a": {"b": 5, "c": 2}}
