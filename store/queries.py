@@ -1404,3 +1404,126 @@ def counts(store: Store, run_id: int) -> dict[str, int]:
     with _db_errors("cannot count rows"), store.read() as conn:
         row = conn.execute(query).one()
     return dict(row._mapping)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading trees a node at a time (the inspector: large trees load their children on demand)
+
+_NODE_COLUMNS = (
+    "step", "depth", "visits", "value", "prior", "reward", "terminal", "correct", "selected",
+    "policy_version", "error", "info",
+)  # fmt: skip
+
+
+@dataclass
+class NodeView:
+    """One stored tree node with where it sits: its tree and how many children it has.
+
+    ``node.key`` = ``node.db_id`` = the node's database id; ``node.parent_key`` is the parent's id.
+    """
+
+    tree_id: int
+    node: NodeRecord
+    n_children: int
+
+
+def _node_views(conn: Connection, *conditions: Any) -> list[NodeView]:
+    tn = db.TreeNode.__table__
+    kids = db.TreeNode.__table__.alias("kids")
+    n_children = select(func.count()).where(kids.c.parent_id == tn.c.id).scalar_subquery()
+    rows = conn.execute(select(tn, n_children.label("n_children")).where(*conditions).order_by(tn.c.id))
+    return [
+        NodeView(
+            r.tree_id,
+            NodeRecord(key=r.id, parent_key=r.parent_id, db_id=r.id, **{c: getattr(r, c) for c in _NODE_COLUMNS}),
+            r.n_children,
+        )
+        for r in rows
+    ]
+
+
+def get_tree(store: Store, tree_id: int) -> TreeSummary:
+    """One tree's summary (no nodes).
+
+    Raises:
+        StoreError: No such tree.
+    """
+    tr, tk = db.Tree.__table__, db.Task.__table__
+    with _db_errors(f"cannot read tree {tree_id}"), store.read() as conn:
+        r = conn.execute(
+            select(tr, tk.c.task_key).join(tk, tk.c.id == tr.c.task_id).where(tr.c.id == _int(tree_id, "tree id"))
+        ).first()
+    if r is None:
+        raise StoreError(f"no tree with id {tree_id}")
+    return TreeSummary(
+        r.id, r.run_id, r.iteration, r.task_key, r.environment, r.prompt, r.policy_version, r.n_nodes, r.max_depth
+    )
+
+
+def tree_root(store: Store, tree_id: int) -> NodeView:
+    """The root node of a tree, with its number of children.
+
+    Raises:
+        StoreError: No such tree.
+    """
+    tn = db.TreeNode.__table__
+    with _db_errors(f"cannot read tree {tree_id}"), store.read() as conn:
+        views = _node_views(conn, tn.c.tree_id == _int(tree_id, "tree id"), tn.c.parent_id.is_(None))
+    if not views:
+        raise StoreError(f"no tree with id {tree_id}")
+    return views[0]
+
+
+def get_node(store: Store, node_id: int) -> NodeView:
+    """One tree node by database id.
+
+    Raises:
+        StoreError: No such node.
+    """
+    tn = db.TreeNode.__table__
+    with _db_errors(f"cannot read node {node_id}"), store.read() as conn:
+        views = _node_views(conn, tn.c.id == _int(node_id, "node id"))
+    if not views:
+        raise StoreError(f"no tree node with id {node_id}")
+    return views[0]
+
+
+def child_nodes(store: Store, node_id: int) -> list[NodeView]:
+    """The direct children of a node, in write order (empty for a leaf or an unknown id)."""
+    tn = db.TreeNode.__table__
+    with _db_errors(f"cannot read the children of node {node_id}"), store.read() as conn:
+        return _node_views(conn, tn.c.parent_id == _int(node_id, "node id"))
+
+
+def node_path(store: Store, node_id: int) -> list[NodeRecord]:
+    """The nodes from the tree's root down to ``node_id`` (both included), in one recursive query.
+
+    Raises:
+        StoreError: No such node.
+    """
+    tn = db.TreeNode.__table__
+    up = select(tn.c.id, tn.c.parent_id).where(tn.c.id == _int(node_id, "node id")).cte("up", recursive=True)
+    up = up.union_all(select(tn.c.id, tn.c.parent_id).join(up, tn.c.id == up.c.parent_id))
+    with _db_errors(f"cannot read the path to node {node_id}"), store.read() as conn:
+        views = _node_views(conn, tn.c.id.in_(select(up.c.id)))
+    if not views:
+        raise StoreError(f"no tree node with id {node_id}")
+    return sorted((v.node for v in views), key=lambda n: n.depth)
+
+
+def pairs_of_nodes(store: Store, node_ids: Sequence[int]) -> list[PairRecord]:
+    """Pairs whose chosen or rejected node is one of ``node_ids``, in write order."""
+    pp = db.PreferencePair.__table__
+    ids = [_int(i, "node id") for i in node_ids]
+    if not ids:
+        return []
+    with _db_errors("cannot read pairs"), store.read() as conn:
+        return _select_pairs(conn, pp.c.chosen_node_id.in_(ids) | pp.c.rejected_node_id.in_(ids))
+
+
+def tree_pairs(store: Store, tree_id: int) -> list[PairRecord]:
+    """Pairs whose chosen or rejected node belongs to the tree, in write order."""
+    pp, tn = db.PreferencePair.__table__, db.TreeNode.__table__
+    in_tree = select(tn.c.id).where(tn.c.tree_id == _int(tree_id, "tree id"))
+    with _db_errors(f"cannot read the pairs of tree {tree_id}"), store.read() as conn:
+        return _select_pairs(conn, pp.c.chosen_node_id.in_(in_tree) | pp.c.rejected_node_id.in_(in_tree))
