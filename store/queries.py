@@ -1129,28 +1129,43 @@ def list_ranked_lists(store: Store, run_id: int, iteration: int | None = None) -
         return _select_ranked_lists(conn, *cond)
 
 
+def _tree_summary(r: Any) -> TreeSummary:
+    return TreeSummary(
+        r.id,
+        r.run_id,
+        r.iteration,
+        r.task_key,
+        r.environment,
+        r.prompt,
+        r.policy_version,
+        r.n_nodes,
+        r.max_depth,
+    )
+
+
+def _select_trees(conn: Connection, *conditions: Any) -> list[TreeSummary]:
+    tr, tk = db.Tree.__table__, db.Task.__table__
+    rows = conn.execute(
+        select(tr, tk.c.task_key).join(tk, tk.c.id == tr.c.task_id).where(*conditions).order_by(tr.c.id)
+    )
+    return [_tree_summary(r) for r in rows]
+
+
 def list_trees(store: Store, run_id: int, iteration: int | None = None) -> list[TreeSummary]:
     """Summaries (no nodes) of a run's trees, optionally of one iteration, in write order."""
-    tr, tk = db.Tree.__table__, db.Task.__table__
+    tr = db.Tree.__table__
     cond = [tr.c.run_id == run_id] + ([tr.c.iteration == iteration] if iteration is not None else [])
     with _db_errors("cannot read trees"), store.read() as conn:
-        rows = conn.execute(
-            select(tr, tk.c.task_key).join(tk, tk.c.id == tr.c.task_id).where(*cond).order_by(tr.c.id)
-        ).all()
-    return [
-        TreeSummary(
-            r.id,
-            r.run_id,
-            r.iteration,
-            r.task_key,
-            r.environment,
-            r.prompt,
-            r.policy_version,
-            r.n_nodes,
-            r.max_depth,
-        )
-        for r in rows
-    ]
+        return _select_trees(conn, *cond)
+
+
+def _node_record(r: Any) -> NodeRecord:
+    """A tree_nodes row as a NodeRecord keyed by database ids."""
+    return NodeRecord(
+        key=r.id, parent_key=r.parent_id, step=r.step, depth=r.depth, visits=r.visits, value=r.value,
+        prior=r.prior, reward=r.reward, terminal=r.terminal, correct=r.correct, selected=r.selected,
+        policy_version=r.policy_version, error=r.error, info=r.info, db_id=r.id,
+    )  # fmt: skip
 
 
 def load_tree(store: Store, tree_id: int) -> TreeRecord:
@@ -1170,27 +1185,8 @@ def load_tree(store: Store, tree_id: int) -> TreeRecord:
         ).first()
         if head is None:
             raise StoreError(f"no tree with id {tree_id}")
-        rows = conn.execute(select(tn).where(tn.c.tree_id == tree_id).order_by(tn.c.id)).all()
-    nodes = [
-        NodeRecord(
-            key=r.id,
-            parent_key=r.parent_id,
-            step=r.step,
-            depth=r.depth,
-            visits=r.visits,
-            value=r.value,
-            prior=r.prior,
-            reward=r.reward,
-            terminal=r.terminal,
-            correct=r.correct,
-            selected=r.selected,
-            policy_version=r.policy_version,
-            error=r.error,
-            info=r.info,
-            db_id=r.id,
-        )
-        for r in rows
-    ]
+        rows = conn.execute(select(tn).where(tn.c.tree_id == tree_id).order_by(tn.c.id))
+        nodes = [_node_record(r) for r in rows]
     return TreeRecord(
         task_id=head.task_key,
         prompt=head.prompt,
@@ -1409,11 +1405,6 @@ def counts(store: Store, run_id: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------
 # Reading trees a node at a time (the inspector: large trees load their children on demand)
 
-_NODE_COLUMNS = (
-    "step", "depth", "visits", "value", "prior", "reward", "terminal", "correct", "selected",
-    "policy_version", "error", "info",
-)  # fmt: skip
-
 
 @dataclass
 class NodeView:
@@ -1432,14 +1423,7 @@ def _node_views(conn: Connection, *conditions: Any) -> list[NodeView]:
     kids = db.TreeNode.__table__.alias("kids")
     n_children = select(func.count()).where(kids.c.parent_id == tn.c.id).scalar_subquery()
     rows = conn.execute(select(tn, n_children.label("n_children")).where(*conditions).order_by(tn.c.id))
-    return [
-        NodeView(
-            r.tree_id,
-            NodeRecord(key=r.id, parent_key=r.parent_id, db_id=r.id, **{c: getattr(r, c) for c in _NODE_COLUMNS}),
-            r.n_children,
-        )
-        for r in rows
-    ]
+    return [NodeView(r.tree_id, _node_record(r), r.n_children) for r in rows]
 
 
 def get_tree(store: Store, tree_id: int) -> TreeSummary:
@@ -1448,16 +1432,11 @@ def get_tree(store: Store, tree_id: int) -> TreeSummary:
     Raises:
         StoreError: No such tree.
     """
-    tr, tk = db.Tree.__table__, db.Task.__table__
     with _db_errors(f"cannot read tree {tree_id}"), store.read() as conn:
-        r = conn.execute(
-            select(tr, tk.c.task_key).join(tk, tk.c.id == tr.c.task_id).where(tr.c.id == _int(tree_id, "tree id"))
-        ).first()
-    if r is None:
+        found = _select_trees(conn, db.Tree.__table__.c.id == _int(tree_id, "tree id"))
+    if not found:
         raise StoreError(f"no tree with id {tree_id}")
-    return TreeSummary(
-        r.id, r.run_id, r.iteration, r.task_key, r.environment, r.prompt, r.policy_version, r.n_nodes, r.max_depth
-    )
+    return found[0]
 
 
 def tree_root(store: Store, tree_id: int) -> NodeView:

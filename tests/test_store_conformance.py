@@ -351,3 +351,29 @@ def test_runs_are_isolated(store, run):
 def test_missing_tree(store):
     with pytest.raises(StoreError, match="no tree with id 12345"):
         q.load_tree(store, 12345)
+
+
+def test_node_at_a_time_readers(store, run):
+    receipt = q.write_task_result(store, run, 0, make_result())
+    ids = receipt.node_ids[0]
+    tree_id = receipt.tree_ids[0]
+    assert q.get_tree(store, tree_id) == q.list_trees(store, run)[0]
+    root = q.tree_root(store, tree_id)
+    assert (root.tree_id, root.node.db_id, root.n_children) == (tree_id, ids[7], 2)
+    kids = q.child_nodes(store, ids[10])
+    assert [(k.node.db_id, k.node.step, k.n_children) for k in kids] == [
+        (ids[30], "2+3=5", 0),
+        (ids[31], "2+3=6", 0),
+    ]
+    view = q.get_node(store, ids[30])
+    assert view.node.parent_key == ids[10] and view.node.correct is True and view.n_children == 0
+    assert [n.db_id for n in q.node_path(store, ids[30])] == [ids[7], ids[10], ids[30]]
+    assert [p.source for p in q.pairs_of_nodes(store, [ids[31]])] == ["mcts"]
+    assert q.pairs_of_nodes(store, []) == [] and q.pairs_of_nodes(store, [ids[11]]) == []
+    assert [p.db_id for p in q.tree_pairs(store, tree_id)] == receipt.pair_ids[:1]
+    with pytest.raises(StoreError, match="no tree node with id 999999"):
+        q.get_node(store, 999999)
+    with pytest.raises(StoreError, match="no tree node"):
+        q.node_path(store, 999999)
+    with pytest.raises(StoreError, match="no tree with id 999999"):
+        q.get_tree(store, 999999)
