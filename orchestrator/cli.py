@@ -187,5 +187,171 @@ def envs_list() -> None:
     typer.echo("Any 'package.module:Class' implementing the Environment protocol works too.")
 
 
+# ----------------------------------------------------------------------------------------------
+# The inspector (orchestrator/inspector.py, orchestrator/web/): read-only views of the store.
+
+tree_app = typer.Typer(help="Preference trees in the store.", no_args_is_help=True)
+app.add_typer(tree_app, name="tree")
+export_app = typer.Typer(help="Export pairs (TRL) and trees (JSON, GraphML, DOT).", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+def _print_json(value) -> None:
+    import json
+
+    typer.echo(json.dumps(value, ensure_ascii=False))
+
+
+@app.command()
+def runs(
+    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the runs in the store."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator import inspector
+    from store.database import StoreError
+
+    try:
+        rows = inspector.list_runs(inspector.open_for_reading(db))
+    except StoreError as e:
+        raise _fail(e) from None
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("id", "name", "status", "iterations", "greedy acc", "created", title=f"runs in {db}")
+    for r in rows:
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        t.add_row(str(r["id"]), r["name"], r["status"], str(r["iterations"]), acc, r["created"][:19])
+    Console().print(t)
+
+
+@tree_app.command("show")
+def tree_show(
+    tree: str = typer.Argument(..., help="Tree id (see `treeplay serve` or the tree ids in pairs)."),
+    depth: int = typer.Option(None, "--depth", min=0, help="Show nodes down to this depth only."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the tree as nested JSON."),
+) -> None:
+    """Draw a preference tree: step, N, Q, reward; ● selected path, ✓/✗ chosen/rejected sides of pairs."""
+    from rich.console import Console
+
+    from orchestrator import inspector
+    from store.database import StoreError
+
+    try:
+        store = inspector.open_for_reading(db)
+        nested = inspector.tree_nested(store, inspector.parse_id(tree, "tree id"), depth)
+    except StoreError as e:
+        raise _fail(e) from None
+    if as_json:
+        _print_json(nested)
+        return
+    Console().print(inspector.tree_renderable(nested))
+
+
+@app.command()
+def pairs(
+    run: str = typer.Argument(..., help="Run name or id."),
+    iteration: int = typer.Option(None, "--iteration", help="Only this iteration."),
+    source: str = typer.Option(None, "--source", help="mcts, panel, credit, rubric, slhf or sample."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List a run's preference pairs with the tree nodes they came from."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from orchestrator import inspector
+    from store.database import StoreError
+
+    try:
+        rows = inspector.list_pairs(inspector.open_for_reading(db), run, iteration, source)
+    except StoreError as e:
+        raise _fail(e) from None
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("id", "it", "source", "margin", "nodes", "prompt", "chosen", "rejected", title=f"{len(rows)} pairs")
+    for p in rows:
+        nodes = f"{p['chosen_node']}>{p['rejected_node']}" if p["chosen_node"] is not None else ""
+        margin = "" if p["margin"] is None else f"{p['margin']:.2f}"
+        tail = p["prompt"].rstrip("\n").rsplit("\n", 1)[-1]
+        t.add_row(str(p["id"]), str(p["iteration"]), p["source"], margin, nodes,
+                  Text(tail), Text(p["chosen"].rstrip("\n"), style="green"), Text(p["rejected"].rstrip("\n"), style="red"))
+    Console().print(t)
+
+
+@export_app.command("pairs")
+def export_pairs(
+    run: str = typer.Argument(..., help="Run name or id."),
+    fmt: str = typer.Option(..., "--format", help="trl-jsonl or hf-dataset (datasets.save_to_disk folder)."),
+    out: str = typer.Option(None, "--out", help="Output file (trl-jsonl: stdout if omitted) or folder."),
+    iteration: int = typer.Option(None, "--iteration", help="Only this iteration."),
+    source: str = typer.Option(None, "--source", help="Only this pair source."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+) -> None:
+    """Export a run's pairs as TRL preference data: {"prompt", "chosen", "rejected"}."""
+    from orchestrator import inspector
+    from store.database import StoreError
+
+    try:
+        n, text = inspector.export_pairs(inspector.open_for_reading(db), run, fmt, out, iteration, source)
+    except (StoreError, OSError) as e:
+        raise _fail(e) from None
+    if text is not None:
+        typer.echo(text, nl=False)
+    else:
+        typer.echo(f"wrote {n} pairs to {out}", err=True)
+
+
+@export_app.command("tree")
+def export_tree(
+    tree: str = typer.Argument(..., help="Tree id."),
+    fmt: str = typer.Option(..., "--format", help="json (node-link), graphml or dot."),
+    out: str = typer.Option(None, "--out", help="Output file; stdout if omitted."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+) -> None:
+    """Export a stored tree as node-link JSON, GraphML or Graphviz DOT."""
+    from pathlib import Path
+
+    from orchestrator import inspector
+    from store.database import StoreError
+
+    try:
+        text = inspector.export_tree(inspector.open_for_reading(db), inspector.parse_id(tree, "tree id"), fmt)
+        if out:
+            Path(out).write_text(text, encoding="utf-8")
+    except (StoreError, OSError) as e:
+        raise _fail(e) from None
+    if out:
+        typer.echo(f"wrote tree {tree} to {out}", err=True)
+    else:
+        typer.echo(text, nl=False)
+
+
+@app.command()
+def serve(
+    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    port: int = typer.Option(8765, "--port", help="TCP port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; anything but 127.0.0.1 exposes the store."),
+) -> None:
+    """Serve the read-only inspector page and JSON API (http://127.0.0.1:8765/ by default)."""
+    from orchestrator.web import app as web
+    from store.database import StoreError
+
+    if not web.is_local(host):
+        typer.echo(f"warning: binding {host}: everything in the store (prompts, model outputs, configs) "
+                   "becomes readable by anyone who can reach this port on the network", err=True)
+    typer.echo(f"treeplay inspector on http://{host}:{port}/ reading {db} (Ctrl+C to stop)", err=True)
+    try:
+        web.serve(db, host, port)
+    except StoreError as e:
+        raise _fail(e) from None
+
+
 if __name__ == "__main__":
     app()
