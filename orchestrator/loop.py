@@ -47,6 +47,8 @@ class RunReport:
     name: str
     accuracy_before: float
     accuracy_after: float
+    sample_accuracy_before: float
+    sample_accuracy_after: float
     seconds: float
     iterations: list[IterationReport] = field(default_factory=list)
     plot: str | None = None
@@ -57,10 +59,8 @@ class RunReport:
             "run_id": self.run_id,
             "accuracy_before": round(self.accuracy_before, 4),
             "accuracy_after": round(self.accuracy_after, 4),
-            "sample_accuracy_before": round(self.iterations[0].metrics.get("eval/accuracy_sample_before", 0.0), 4)
-            if self.iterations else None,
-            "sample_accuracy_after": round(self.iterations[-1].metrics.get("eval/accuracy_sample", 0.0), 4)
-            if self.iterations else None,
+            "sample_accuracy_before": round(self.sample_accuracy_before, 4),
+            "sample_accuracy_after": round(self.sample_accuracy_after, 4),
             "iterations": len(self.iterations),
             "seconds": round(self.seconds, 1),
             "plot": self.plot,
@@ -239,7 +239,8 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
     try:
         acc = loop.evaluate(held_out, 0.0)
         acc_sample = loop.evaluate(held_out, cfg.eval.sample_temperature)
-        acc_before_run = _first_accuracy(store, run_id, acc)
+        acc_before_run = _first_accuracy(store, run_id, "eval/accuracy_greedy", acc)
+        sample_before_run = _first_accuracy(store, run_id, "eval/accuracy_sample", acc_sample)
         if not finished and not queries.metric_series(store, run_id):
             # Iteration -1 holds the warm-started policy's figures (the first point of the curve).
             queries.log_metrics(store, run_id, -1, {"eval/accuracy_greedy": acc, "eval/accuracy_sample": acc_sample})
@@ -292,8 +293,9 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
     finally:
         loop.shutdown()
     queries.finish_run(store, run_id, "done")
-    plot = plot_learning_curve(store, run_id, Path(cfg.output_dir) / cfg.name / "learning_curve.png")
-    return RunReport(run_id, cfg.name, acc_before_run, acc, time.perf_counter() - t_start, reports, plot)
+    plot = plot_learning_curve(store, run_id, Path(cfg.output_dir) / cfg.name / "learning_curve.png", cfg.name)
+    return RunReport(run_id, cfg.name, acc_before_run, acc, sample_before_run, acc_sample,
+                     time.perf_counter() - t_start, reports, plot)
 
 
 def _why_not(learn: dict[str, float]) -> str:
@@ -302,12 +304,13 @@ def _why_not(learn: dict[str, float]) -> str:
     return str(learn.get("last_skip_reason") or "update rejected by the learner's guard rails")
 
 
-def _first_accuracy(store: Store, run_id: int, default: float) -> float:
-    series = queries.metric_series(store, run_id).get("eval/accuracy_greedy", [])
+def _first_accuracy(store: Store, run_id: int, key: str, default: float) -> float:
+    """The warm-started policy's figure (iteration -1), also when this process is a resume."""
+    series = queries.metric_series(store, run_id).get(key, [])
     return series[0][1] if series and series[0][0] == -1 else default
 
 
-def plot_learning_curve(store: Store, run_id: int, path: Path) -> str | None:
+def plot_learning_curve(store: Store, run_id: int, path: Path, title: str | None = None) -> str | None:
     """Held-out accuracy (greedy and sampled) per policy version, as a PNG."""
     import matplotlib
 
@@ -328,7 +331,7 @@ def plot_learning_curve(store: Store, run_id: int, path: Path) -> str | None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"run {run_id}: held-out accuracy")
+    ax.set_title(f"{title or f'run {run_id}'}: held-out accuracy")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
