@@ -69,7 +69,9 @@ class PostgresServer:
     def __init__(self) -> None:
         self.bin = find_binaries()
         self.user = _server_user()
-        self.root = Path(tempfile.mkdtemp(prefix="treeplay-pg-"))
+        # As root the server user must reach the folder: /tmp is world-traversable, $TMPDIR may not be.
+        parent = "/tmp" if self.user is not None and os.path.isdir("/tmp") else None
+        self.root = Path(tempfile.mkdtemp(prefix="treeplay-pg-", dir=parent))
         self.data = self.root / "data"
         self.port = 0
         self.url = ""
