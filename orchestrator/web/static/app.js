@@ -46,6 +46,13 @@ function append(el, children) {
   }
 }
 
+// Replace el's content; like h(), strings become text nodes and null/false/arrays are handled.
+function replace(el, ...children) {
+  el.replaceChildren();
+  append(el, children);
+  return el;
+}
+
 function fmt(v, digits = 3) {
   if (v === null || v === undefined) return "–";
   if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(digits);
@@ -68,7 +75,7 @@ async function api(path) {
 
 function setCrumbs(...links) {
   const nav = document.getElementById("crumbs");
-  nav.replaceChildren(...links.map(([text, href]) => (href ? h("a", { href }, text) : h("span", {}, text))));
+  replace(nav, ...links.map(([text, href]) => (href ? h("a", { href }, text) : h("span", {}, text))));
 }
 
 function table(headers, rows, className) {
@@ -84,10 +91,10 @@ async function showRuns() {
   setCrumbs(["runs"]);
   const runs = await api("/api/runs");
   if (!runs.length) {
-    main().replaceChildren(h("p", { className: "muted" }, "No runs in this store yet."));
+    replace(main(), h("p", { className: "muted" }, "No runs in this store yet."));
     return;
   }
-  main().replaceChildren(
+  replace(main(),
     h("h1", {}, "Runs"),
     table(["id", "name", "status", "iterations", "greedy accuracy", "created", "finished"],
       runs.map((r) => [String(r.id), h("a", { href: `#/run/${r.id}` }, r.name), r.status,
@@ -99,7 +106,7 @@ async function showRuns() {
 // A run: learning curves (inline SVG), iterations, trees
 
 const CURVES = [
-  ["accuracy", /accuracy/],
+  ["accuracy", /^eval\/.*accuracy/],
   ["reward", /reward|solved|margin/],
   ["loss", /loss/],
 ];
@@ -124,7 +131,7 @@ function lineChart(title, series) {
   svg.appendChild(s("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }));
   svg.appendChild(s("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" }));
   for (const y of [y0 + pad, (y0 + y1) / 2, y1 - pad]) {
-    svg.appendChild(s("text", { x: L - 4, y: Y(y) + 3, "text-anchor": "end", class: "tick" }, fmt(y, 2)));
+    svg.appendChild(s("text", { x: L - 4, y: Y(y) + 3, "text-anchor": "end", class: "tick" }, String(Number(y.toPrecision(3)))));
     svg.appendChild(s("line", { x1: L, y1: Y(y), x2: W - R, y2: Y(y), class: "grid" }));
   }
   const xs = [...new Set(points.map((p) => p[0]))].sort((a, b) => a - b);
@@ -160,17 +167,21 @@ function chartBox(title, series) {
 
 function curves(metrics) {
   const names = Object.keys(metrics).sort();
-  const boxes = CURVES.map(([title, pattern]) => {
+  const boxes = [];
+  const empty = [];
+  for (const [title, pattern] of CURVES) {
     const picked = {};
     names.filter((n) => pattern.test(n) && !/first_loss/.test(n)).slice(0, 6).forEach((n) => { picked[n] = metrics[n]; });
-    return chartBox(title, picked);
-  });
+    if (Object.keys(picked).length) boxes.push(chartBox(title, picked));
+    else empty.push(title);
+  }
   const select = h("select", { "aria-label": "metric" }, names.map((n) => h("option", { value: n }, n)));
   const custom = h("div", { className: "chart-slot" });
-  const draw = () => custom.replaceChildren(chartBox(select.value, { [select.value]: metrics[select.value] }));
+  const draw = () => replace(custom, chartBox(select.value, { [select.value]: metrics[select.value] }));
   select.addEventListener("change", draw);
   if (names.length) draw();
   return h("section", {}, h("h2", {}, "Learning curves"),
+    empty.length ? h("p", { className: "muted" }, `No ${empty.join(" or ")} metrics were logged for this run.`) : null,
     h("div", { className: "charts" }, boxes, h("div", { className: "chart-any" }, h("label", {}, "any metric ", select), custom)));
 }
 
@@ -197,7 +208,7 @@ async function treesSection(run) {
     const q = new URLSearchParams({ offset: String(offset), limit: "50" });
     if (select.value !== "") q.set("iteration", select.value);
     const page = await api(`/api/runs/${run.id}/trees?${q}`);
-    box.replaceChildren(
+    replace(box,
       table(["tree", "iter", "task", "prompt", "nodes", "depth"], page.items.map((t) => [
         h("a", { href: `#/tree/${t.id}` }, `tree ${t.id}`), String(t.iteration), t.task_id,
         h("code", { className: "clip" }, t.prompt), String(t.n_nodes), String(t.max_depth)]), "trees"),
@@ -220,7 +231,7 @@ async function showRun(id) {
   const run = await api(`/api/runs/${id}`);
   setCrumbs(["runs", "#/"], [`run ${run.name}`]);
   const counts = run.counts || {};
-  main().replaceChildren(
+  replace(main(),
     h("h1", {}, `Run ${run.name} `, h("span", { className: `status ${run.status}` }, run.status)),
     h("p", { className: "muted" }, `id ${run.id} · created ${shortTime(run.created)} · finished ${shortTime(run.finished)} · `,
       `${counts.trees ?? 0} trees, ${counts.tree_nodes ?? 0} nodes, ${counts.preference_pairs ?? 0} pairs, `,
@@ -266,11 +277,11 @@ async function showPairs(id, params) {
     if (source.value) q.set("source", source.value);
     const page = await api(`/api/runs/${run.id}/pairs?${q}`);
     const go = (o) => { offset = o; load(); };
-    list.replaceChildren(pager(page, go),
+    replace(list, pager(page, go),
       page.items.length ? page.items.map(pairCard) : h("p", { className: "muted" }, "No pairs match."), pager(page, go));
   };
   for (const sel of [iteration, source]) sel.addEventListener("change", () => { offset = 0; load(); });
-  main().replaceChildren(h("h1", {}, `Pairs of run ${run.name}`), h("div", { className: "filters" }, iteration, " ", source), list);
+  replace(main(), h("h1", {}, `Pairs of run ${run.name}`), h("div", { className: "filters" }, iteration, " ", source), list);
   await load();
 }
 
@@ -329,7 +340,7 @@ class TreeView {
 
   fill(id, children) {
     const entry = this.items.get(id);
-    entry.childList.replaceChildren(...children.map((c) => this.item(c)));
+    replace(entry.childList, ...children.map((c) => this.item(c)));
     entry.loaded = true;
     this.show(entry, true);
   }
@@ -381,10 +392,10 @@ function pairList(title, pairs) {
 }
 
 async function renderDetail(box, id) {
-  box.replaceChildren(h("p", { className: "muted" }, "loading…"));
+  replace(box, h("p", { className: "muted" }, "loading…"));
   const d = await api(`/api/nodes/${id}/detail`);
   const n = d.node;
-  box.replaceChildren(
+  replace(box,
     h("h2", {}, `Node ${n.id}`, " ", badges(n, n.parent === null)),
     h("p", { className: "muted" }, `tree ${d.tree.id} · task `, h("code", {}, d.tree.task_id), ` · iteration ${d.tree.iteration}`,
       ` · path ${d.path.join(" › ")}`),
@@ -407,9 +418,9 @@ async function showTree(treeId, focusNode) {
   const t = head.tree;
   setCrumbs(["runs", "#/"], [`run ${t.run_id}`, `#/run/${t.run_id}`], [`tree ${t.id}`]);
   const detail = h("aside", { id: "detail", className: "detail" }, h("p", { className: "muted" }, "Click a step to see its details."));
-  const view = new TreeView(head, (id) => renderDetail(detail, id).catch((e) => detail.replaceChildren(errorBox(e))));
+  const view = new TreeView(head, (id) => renderDetail(detail, id).catch((e) => replace(detail, errorBox(e))));
   const expandAll = h("button", { type: "button", onclick: () => expandLevels(view, 2) }, "expand 2 levels");
-  main().replaceChildren(
+  replace(main(),
     h("h1", {}, `Tree ${t.id} `, h("span", { className: "muted small" }, `iteration ${t.iteration} · ${t.n_nodes} nodes · depth ${t.max_depth}`)),
     h("pre", { className: "prompt" }, t.prompt),
     h("p", { className: "legend-line muted" }, "colour = Q (red −1 … green +1) · size = visits N · ● selected path · ",
@@ -460,7 +471,7 @@ async function route() {
     else if (parts[0] === "node") await showNode(parts[1]);
     else await showRuns();
   } catch (e) {
-    main().replaceChildren(errorBox(e));
+    replace(main(), errorBox(e));
   }
   document.body.dataset.ready = "1";
 }
