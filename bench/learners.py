@@ -86,7 +86,9 @@ def trl_trainer(model_dir: Path, pairs: list[PairRecord], args_ns, out_dir: str,
         dataloader_num_workers=0,
         seed=0,
     )
-    data = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    data = Dataset.from_list(
+        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    )
     return DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=data, processing_class=tok)
 
 
@@ -130,7 +132,9 @@ def bench_dpo(model_dir: Path, pairs: list[PairRecord], a, tmp: str) -> dict:
     first = learner.evaluate(few)["pair_loss"]
     learner.train(few)
     after = learner.evaluate(few)["pair_loss"]
-    print(f"  first-step loss: TRL {trl_first:.6f} ours {first:.6f}; after one update: TRL {trl_after:.6f} ours {after:.6f}")
+    print(
+        f"  first-step loss: TRL {trl_first:.6f} ours {first:.6f}; after one update: TRL {trl_after:.6f} ours {after:.6f}"
+    )
     return {
         "pairs_per_s_trl": statistics.median(trl_rates),
         "pairs_per_s_ours": statistics.median(our_rates),
@@ -149,7 +153,9 @@ def bench_tpo(model_dir: Path, a) -> float:
         items = [RankedItem("".join(gold), 100.0)]
         for k in range(4):
             cut = rng.randint(1, 3)
-            items.append(RankedItem("".join(gold[:cut] + [text(rng, 12) + "\n" for _ in range(4 - cut)]), 90 - 20 * k))
+            items.append(
+                RankedItem("".join(gold[:cut] + [text(rng, 12) + "\n" for _ in range(4 - cut)]), 90 - 20 * k)
+            )
         lists.append(RankedListRecord(prompt=prompt, items=items))
     learner = TPOLearner(model_dir, TPOConfig(lr=a.lr, batch_size=4, dtype="float32", verify_at_end=False))
     m = learner.train(PreferenceData(ranked_lists=lists))
@@ -167,10 +173,14 @@ def bench_slhf(model_dir: Path, a) -> float:
         return 0.5 + 0.5 * ((x.count("a") > y.count("a")) - (x.count("a") < y.count("a")))
 
     learner = SLHFLearner(
-        model_dir, oracle, SLHFConfig(lr=a.lr, batch_size=8, max_new_tokens=32, dtype="float32", verify_at_end=False)
+        model_dir,
+        oracle,
+        SLHFConfig(lr=a.lr, batch_size=8, max_new_tokens=32, dtype="float32", verify_at_end=False),
     )
     m = learner.train(prompts, steps=4)
-    print(f"  SLHF: {m['updates']:.0f} steps of 8 prompts (sample leader+follower, 32 tokens, update) in {m['seconds']:.2f}s")
+    print(
+        f"  SLHF: {m['updates']:.0f} steps of 8 prompts (sample leader+follower, 32 tokens, update) in {m['seconds']:.2f}s"
+    )
     return m["updates"] / m["seconds"]
 
 
@@ -190,13 +200,19 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_model(Path(tmp) / "model", hidden_size=256, num_layers=4, num_heads=4, max_positions=512)
+        model_dir = build_tiny_model(
+            Path(tmp) / "model", hidden_size=256, num_layers=4, num_heads=4, max_positions=512
+        )
         pairs = make_pairs(a.pairs)
-        print(f"learners bench: hidden 256, 4 layers, {a.pairs} pairs, batch {a.batch}, {a.threads} thread(s)")
+        print(
+            f"learners bench: hidden 256, 4 layers, {a.pairs} pairs, batch {a.batch}, {a.threads} thread(s)"
+        )
         result = {"bench": "learners"}
         result.update(bench_dpo(model_dir, pairs, a, tmp))
         result["ratio"] = result["pairs_per_s_ours"] / result["pairs_per_s_trl"]
-        print(f"DPO: TRL {result['pairs_per_s_trl']:.1f} pairs/s, ours {result['pairs_per_s_ours']:.1f} pairs/s, ratio {result['ratio']:.2f}")
+        print(
+            f"DPO: TRL {result['pairs_per_s_trl']:.1f} pairs/s, ours {result['pairs_per_s_ours']:.1f} pairs/s, ratio {result['ratio']:.2f}"
+        )
         if not a.only_dpo:
             result["tpo_steps_per_s"] = bench_tpo(model_dir, a)
             result["slhf_steps_per_s"] = bench_slhf(model_dir, a)

@@ -48,13 +48,26 @@ def test_prefix_shared_logprobs_equal_unshared(small_model_dir):
     tok = AutoTokenizer.from_pretrained(small_model_dir)
     groups = [
         # chosen/rejected with a shared step prefix, EOS on one
-        Group(encode_prompt(tok, "Q: 12+5\n"), [encode_response(tok, "Step 1\n17", True), encode_response(tok, "Step 1\n18")]),
+        Group(
+            encode_prompt(tok, "Q: 12+5\n"),
+            [encode_response(tok, "Step 1\n17", True), encode_response(tok, "Step 1\n18")],
+        ),
         # three responses, one repeated, one a prefix of another
-        Group(encode_prompt(tok, "Hi"), [encode_response(tok, "abc"), encode_response(tok, "ab"), encode_response(tok, "abc")]),
+        Group(
+            encode_prompt(tok, "Hi"),
+            [encode_response(tok, "abc"), encode_response(tok, "ab"), encode_response(tok, "abc")],
+        ),
         # no shared response prefix, a longer prompt (so the rows need padding)
-        Group(encode_prompt(tok, "a much longer prompt than the others"), [encode_response(tok, "x"), encode_response(tok, "yz")]),
+        Group(
+            encode_prompt(tok, "a much longer prompt than the others"),
+            [encode_response(tok, "x"), encode_response(tok, "yz")],
+        ),
         # sharing disabled
-        Group(encode_prompt(tok, "P"), [encode_response(tok, "same"), encode_response(tok, "sample")], share_responses=False),
+        Group(
+            encode_prompt(tok, "P"),
+            [encode_response(tok, "same"), encode_response(tok, "sample")],
+            share_responses=False,
+        ),
     ]
     batch = pack(groups, tok.pad_token_id)
     out = packed_logprobs(model, batch)
@@ -111,7 +124,9 @@ def test_dpo_loss_equals_trl_first_step(small_model_dir, tmp_path):
         logging_strategy="no",
         save_strategy="no",
     )
-    data = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    data = Dataset.from_list(
+        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    )
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
     inputs = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
@@ -159,7 +174,9 @@ def test_other_losses_train(small_model_dir, loss_type):
         p.chosen, p.rejected = "Step: " + p.chosen, "Step: " + p.rejected  # a shared step prefix
         p.chosen_visits, p.rejected_visits = 4 + i % 3, 1
     beta = {"ipo": 0.5, "mcts_dpo": 0.1, "simpo": 2.0}[loss_type]
-    learner = DPOLearner(small_model_dir, loss_type=loss_type, beta=beta, lr=3e-3, batch_size=16, epochs=3, nll_weight=0.0)
+    learner = DPOLearner(
+        small_model_dir, loss_type=loss_type, beta=beta, lr=3e-3, batch_size=16, epochs=3, nll_weight=0.0
+    )
     start = learner.evaluate(pairs)
     m = learner.train(pairs)
     end = learner.evaluate(pairs)

@@ -94,7 +94,9 @@ def test_lambda_weights_and_lipo_by_hand():
     assert w[0, 1].item() == pytest.approx(d01, abs=1e-6)
     assert w[0, 2].item() == pytest.approx(d02, abs=1e-6)
     assert w[2, 1].item() == pytest.approx(d21, abs=1e-6)
-    assert w[1, 0].item() == 0 and w[1, 2].item() == 0 and w[2, 0].item() == 0 and w.diagonal().abs().sum() == 0
+    assert (
+        w[1, 0].item() == 0 and w[1, 2].item() == 0 and w[2, 0].item() == 0 and w.diagonal().abs().sum() == 0
+    )
     out = losses.lipo_lambda_loss(scores, labels)
     expected = d01 * softplus(-2.0) + d02 * softplus(-1.0) + d21 * softplus(-1.0)
     assert out.loss.item() == pytest.approx(expected, abs=1e-6)

@@ -44,7 +44,13 @@ from orchestrator.learners.logprobs import (
     packed_logprobs,
     sequence_sums,
 )
-from orchestrator.learners.trainable import LearnerConfig, StatsMeter, TrainablePolicy, run_epochs
+from orchestrator.learners.trainable import (
+    LearnerConfig,
+    StatsMeter,
+    TrainablePolicy,
+    evaluate_batches,
+    run_epochs,
+)
 from store.records import PairRecord, PreferenceData
 
 
@@ -54,7 +60,9 @@ class DPOConfig(LearnerConfig):
     loss_type: Literal["sigmoid", "ipo", "mcts_dpo", "simpo"] = Field(
         "sigmoid", description="sigmoid DPO, IPO (beta is tau), MCTS-DPO (divergence + visit alpha), SimPO."
     )
-    nll_weight: float = Field(1.0, ge=0.0, description="Weight of the chosen-response NLL term (RPO); 0 = plain.")
+    nll_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the chosen-response NLL term (RPO); 0 = plain."
+    )
     label_smoothing: float = Field(
         0.0, ge=0.0, le=0.5, description="Conservative-DPO epsilon for pairs whose record has none."
     )
@@ -111,7 +119,9 @@ class DPOLearner:
             )
             alpha = None
             if p.chosen_visits is not None and p.rejected_visits is not None:
-                alpha = float(losses.visit_alpha(torch.tensor(p.chosen_visits), torch.tensor(p.rejected_visits)))
+                alpha = float(
+                    losses.visit_alpha(torch.tensor(p.chosen_visits), torch.tensor(p.rejected_visits))
+                )
             out.append(
                 PairExample(
                     tuple(prompt),
@@ -142,7 +152,9 @@ class DPOLearner:
         for key, (group, _) in groups.items():
             offsets[key] = n
             n += len(group.responses)
-        packed = pack([g for g, _ in groups.values()], self.policy.tokenizer.pad_token_id).to(self.policy.device)
+        packed = pack([g for g, _ in groups.values()], self.policy.tokenizer.pad_token_id).to(
+            self.policy.device
+        )
         mcts = self.config.loss_type == "mcts_dpo"
         chosen_spans, rejected_spans, full_chosen = [], [], []
         for ex in batch:
@@ -154,7 +166,9 @@ class DPOLearner:
         spans = chosen_spans + rejected_spans
         b = len(batch)
         dev = self.policy.device
-        lengths = torch.tensor([len(packed.seq_tokens[s]) - st for s, st in spans], device=dev, dtype=torch.float32)
+        lengths = torch.tensor(
+            [len(packed.seq_tokens[s]) - st for s, st in spans], device=dev, dtype=torch.float32
+        )
         weights = torch.tensor([ex.weight for ex in batch], device=dev, dtype=torch.float32)
 
         policy_tokens = packed_logprobs(self.policy.model, packed).values
@@ -172,13 +186,17 @@ class DPOLearner:
             eps = torch.tensor([ex.smoothing for ex in batch], device=dev)
             out = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, eps, weights)
         elif cfg.loss_type == "mcts_dpo":
-            eps = torch.tensor([ex.alpha if ex.alpha is not None else ex.smoothing for ex in batch], device=dev)
+            eps = torch.tensor(
+                [ex.alpha if ex.alpha is not None else ex.smoothing for ex in batch], device=dev
+            )
             out = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, eps, weights)
             meter.add("alpha", eps, b)
         elif cfg.loss_type == "ipo":
             out = losses.ipo_loss(pol_c, pol_r, ref_c, ref_r, lengths[:b], lengths[b:], cfg.beta, weights)
         else:
-            out = losses.simpo_loss(pol_c, pol_r, lengths[:b], lengths[b:], cfg.beta, cfg.simpo_gamma, weights)
+            out = losses.simpo_loss(
+                pol_c, pol_r, lengths[:b], lengths[b:], cfg.beta, cfg.simpo_gamma, weights
+            )
         total = out.loss
         meter.add("pair_loss", out.loss.detach(), b)
         if cfg.nll_weight > 0:
@@ -225,12 +243,7 @@ class DPOLearner:
     @torch.no_grad()
     def evaluate(self, data: PreferenceData | list[PairRecord]) -> dict[str, float]:
         """Loss and implicit-reward statistics of the current policy, without updating it."""
-        examples = self._examples(data)
-        meter = StatsMeter()
-        for s in range(0, len(examples), self.config.batch_size):
-            batch = examples[s : s + self.config.batch_size]
-            meter.add("loss", self.micro_loss(batch, meter).loss, len(batch))
-        return meter.means()
+        return evaluate_batches(self._examples(data), self.micro_loss, self.config.batch_size)
 
     @property
     def healthy(self) -> bool:
@@ -244,4 +257,3 @@ class DPOLearner:
     def save(self, path: str | Path) -> Path:
         """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
         return self.policy.save(path)
-

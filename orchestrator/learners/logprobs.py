@@ -40,7 +40,9 @@ def encode_response(tokenizer, text: str, eos: bool = False) -> list[int]:
     return ids
 
 
-def fit_length(prompt: list[int], responses: Sequence[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+def fit_length(
+    prompt: list[int], responses: Sequence[list[int]], max_length: int
+) -> tuple[list[int], list[list[int]]]:
     """Truncate so that prompt + the longest response fits ``max_length`` tokens.
 
     Responses are cut at the right to at most ``max_length - 1`` tokens; then the prompt loses
@@ -178,7 +180,9 @@ def pack(groups: Sequence[Group], pad_id: int) -> PackedBatch:
     targets: list[int] = []
     for r, g in enumerate(groups):
         if not g.prompt:
-            raise ValueError("a prompt must have at least one token (the first response token needs a predictor)")
+            raise ValueError(
+                "a prompt must have at least one token (the first response token needs a predictor)"
+            )
         shared = common_prefix_length(g.responses) if g.share_responses and len(g.responses) > 1 else 0
         trunk = g.prompt + g.responses[0][:shared] if shared else list(g.prompt)
         ids, pos, seg = list(trunk), list(range(len(trunk))), [0] * len(trunk)
@@ -278,7 +282,9 @@ def packed_logprobs(model, batch: PackedBatch, with_hidden: bool = False) -> Tok
     return TokenLogprobs(values, tok_hidden)
 
 
-def sequence_sums(batch: PackedBatch, token_values: Tensor, spans: Sequence[tuple[int, int]] | None = None) -> Tensor:
+def sequence_sums(
+    batch: PackedBatch, token_values: Tensor, spans: Sequence[tuple[int, int]] | None = None
+) -> Tensor:
     """Sum ``token_values`` over each response's tokens (from a start token, per span).
 
     Args:

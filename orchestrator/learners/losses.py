@@ -190,7 +190,9 @@ def simpo_loss(
     return LossOutput(_weighted_mean(per_pair, weights), _pair_stats(chosen, rejected, per_pair))
 
 
-def lambda_weights(scores: Tensor, labels: Tensor, mask: Tensor | None = None, gain_scale: float = 1.0) -> Tensor:
+def lambda_weights(
+    scores: Tensor, labels: Tensor, mask: Tensor | None = None, gain_scale: float = 1.0
+) -> Tensor:
     """LambdaLoss / LiPO-lambda pair weights ``Delta_ij`` (no gradient flows through them).
 
     ``Delta_ij = |G_i - G_j| * |1/D(tau_i) - 1/D(tau_j)|`` for ``psi_i > psi_j`` (0 elsewhere), with

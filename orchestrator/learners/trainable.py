@@ -49,18 +49,30 @@ class LearnerConfig(BaseModel):
     max_length: int = Field(512, ge=2, description="Prompt + response tokens; longer ones are truncated.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up of the learning rate over the first updates.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warm-up of the learning rate over the first updates."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
-    skip_grad_norm: float = Field(1e4, gt=0, description="An update whose raw gradient norm exceeds this is skipped.")
-    rollback: bool = Field(True, description="Keep a copy of the last good weights and roll back on a bad loss.")
+    skip_grad_norm: float = Field(
+        1e4, gt=0, description="An update whose raw gradient norm exceeds this is skipped."
+    )
+    rollback: bool = Field(
+        True, description="Keep a copy of the last good weights and roll back on a bad loss."
+    )
     reference: Literal["fixed", "refresh", "none"] = Field(
         "fixed", description="fixed: the starting weights; refresh: the policy at each train() start."
     )
     seed: int = Field(0, description="Seeds shuffling and sampling.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on a capable GPU, else fp32.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on a capable GPU, else fp32."
+    )
     device: str | None = Field(None, description="torch device; default cuda if available, else cpu.")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (set it: the default can be slow).")
-    verify_at_end: bool = Field(True, description="One no-grad forward after training to check the final weights.")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (set it: the default can be slow)."
+    )
+    verify_at_end: bool = Field(
+        True, description="One no-grad forward after training to check the final weights."
+    )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -194,7 +206,9 @@ class TrainablePolicy:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights for redeploy: CPU tensors under Hugging Face names; never unhealthy weights."""
         if not self.healthy:
-            raise RuntimeError("the policy has no healthy weights to hand out (rollback is off and training broke)")
+            raise RuntimeError(
+                "the policy has no healthy weights to hand out (rollback is off and training broke)"
+            )
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def save(self, path: str | Path) -> Path:
@@ -293,3 +307,15 @@ def run_epochs(
     if policy.skipped_updates > skipped_before and policy.last_skip_reason:
         metrics["last_skip_reason"] = policy.last_skip_reason
     return metrics
+
+
+@torch.no_grad()
+def evaluate_batches(
+    examples: Sequence[T], micro_step: Callable[[list[T], StatsMeter], LossOutput], batch_size: int
+) -> dict[str, float]:
+    """Mean loss and statistics of ``micro_step`` over all examples, without gradients or updates."""
+    meter = StatsMeter()
+    for s in range(0, len(examples), batch_size):
+        batch = list(examples[s : s + batch_size])
+        meter.add("loss", micro_step(batch, meter).loss, len(batch))
+    return meter.means()

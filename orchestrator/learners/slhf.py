@@ -1,0 +1,288 @@
+"""SLHF: Stackelberg Learning from Human Feedback (Pásztor et al.), leader and follower in one model.
+
+    learner = SLHFLearner("runs/tiny-model", preference=oracle, config=SLHFConfig())
+    metrics = learner.train(prompts, steps=100)
+    chains = learner.refine(prompts, n_rounds=2)   # [y0, y1, y2] per prompt
+
+The *leader* answers a prompt x; the *follower* sees x and the leader's realised answer y and
+writes a refinement y'. Both are the same network, told apart by the prompt: the follower's input
+is the template ``prompts/slhf_follower.txt`` filled with x and y ("Improve the previous answer.
+Phrase it as if it was the original response."). A preference oracle ``p(a > b | x)``, a callable
+``(prompt, a, b) -> float`` passed in, compares them.
+
+Each step (StackelbergGDA, REINFORCE, both players every step):
+1. sample ``y ~ pi(.|x)`` and ``y' ~ omega(.|x, y)`` with the model itself (``temperature``, ``top_p``);
+2. ``p = p(y > y' | x)``;
+3. leader loss ``mean_b sum_t [beta k_t - (p - 0.5)] log pi(y_t)``, follower loss
+   ``mean_b sum_t [beta k'_t - ((1 - p) - 0.5)] log omega(y'_t)`` with per-token KL estimates ``k``
+   (k1 or k3, detached) against the reference model on the same input (for the follower, the
+   full follower prompt: the "standard follower KL regularisation");
+4. ``L = L_leader + follower_weight * L_follower``, ``follower_weight > 1`` (two timescales: the
+   follower must adapt faster than the leader for the game to converge); the leader's term can be
+   applied only every ``leader_update_frequency`` steps.
+
+Sampled token ids are used as they came out of the sampler (no re-tokenization), ending with EOS
+when the sampler stopped there. ``refine`` is the inference-time use: a leader sample, then
+``n_rounds`` follower refinements, each seeing only the latest response.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from orchestrator.learners import losses
+from orchestrator.learners.logprobs import Group, encode_prompt, pack, packed_logprobs, padded, per_sequence
+from orchestrator.learners.trainable import LearnerConfig, StatsMeter, TrainablePolicy
+from store.records import PreferenceData
+
+Preference = Callable[[str, str, str], float]
+
+
+def load_follower_template(path: str | Path | None = None) -> str:
+    """The follower prompt template (``{prompt}`` and ``{response}`` placeholders)."""
+    if path is not None:
+        return Path(path).read_text(encoding="utf-8")
+    return (files("orchestrator.learners") / "prompts" / "slhf_follower.txt").read_text(encoding="utf-8")
+
+
+class SLHFConfig(LearnerConfig):
+    """SLHF settings (plus everything in LearnerConfig; ``beta`` is the KL weight)."""
+
+    beta: float = Field(0.001, ge=0.0, description="KL coefficient for both players (tau^L = tau^F).")
+    kl: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
+    follower_weight: float = Field(2.0, gt=1.0, description="w_F in L = L_L + w_F L_F; must exceed 1.")
+    score_baseline: float = Field(0.5, description="Subtracted from the preference reward.")
+    leader_update_frequency: int = Field(
+        1, ge=1, description="Apply the leader's loss every this many steps."
+    )
+    temperature: float = Field(0.9, gt=0.0, description="Sampling temperature for both players.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled response.")
+    batch_size: int = Field(8, ge=1, description="Prompts per step.")
+    follower_prompt: str | None = Field(
+        None, description="Path of a follower template; default the package's."
+    )
+
+
+class SLHFLearner:
+    """Trains leader and follower (one shared model) against a preference oracle.
+
+    Args:
+        model_path: Hugging Face directory of the starting policy (also the reference).
+        preference: ``(prompt, a, b) -> p(a > b | prompt)`` in [0, 1].
+        config: Settings; keyword overrides are applied on top.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        preference: Preference,
+        config: SLHFConfig | None = None,
+        **overrides: Any,
+    ):
+        cfg = (config or SLHFConfig()).model_copy(update=overrides)
+        self.config = SLHFConfig.model_validate(cfg.model_dump())
+        self.preference = preference
+        self.template = load_follower_template(self.config.follower_prompt)
+        self.policy = TrainablePolicy(model_path, self.config)
+        self.steps_done = 0
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    def follower_prompt(self, prompt: str, response: str) -> str:
+        """The follower's input for a prompt and the response it refines."""
+        return self.template.replace("{prompt}", prompt).replace("{response}", response)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], temperature: float | None = None) -> list[list[int]]:
+        """One sampled response (token ids, ending in EOS if the sampler stopped) per prompt."""
+        tok, model, dev = self.policy.tokenizer, self.policy.model, self.policy.device
+        ids = [encode_prompt(tok, p) for p in prompts]
+        width = max(len(i) for i in ids)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=dev)
+        attention = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=dev)
+        temp = self.config.temperature if temperature is None else temperature
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=temp > 0,
+            temperature=temp if temp > 0 else None,
+            top_p=self.config.top_p,
+            top_k=0,
+            max_new_tokens=self.config.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )[:, width:].tolist()
+        responses = []
+        for row in out:
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id) + 1]
+            responses.append(row)
+        return responses
+
+    def _text(self, ids: list[int]) -> str:
+        return self.policy.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def refine(
+        self, prompts: Sequence[str], n_rounds: int = 1, temperature: float | None = None
+    ) -> list[list[str]]:
+        """Inference-time refinement: a leader answer, then ``n_rounds`` follower refinements.
+
+        Only the most recent response is in the follower's context (not the whole chain).
+
+        Returns:
+            Per prompt, ``[y_0, y_1, ..., y_n]`` as text.
+        """
+        chains = [[self._text(r)] for r in self.sample(prompts, temperature)]
+        for _ in range(n_rounds):
+            follower_inputs = [self.follower_prompt(p, c[-1]) for p, c in zip(prompts, chains, strict=True)]
+            for c, r in zip(chains, self.sample(follower_inputs, temperature), strict=True):
+                c.append(self._text(r))
+        return chains
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _losses(self, rollout: dict[str, Any], meter: StatsMeter, train_leader: bool) -> torch.Tensor:
+        cfg, tok = self.config, self.policy.tokenizer
+        b = len(rollout["prompts"])
+        groups = [
+            Group(encode_prompt(tok, p), [y])
+            for p, y in zip(rollout["prompts"], rollout["leader"], strict=True)
+        ]
+        groups += [
+            Group(encode_prompt(tok, fp), [y])
+            for fp, y in zip(rollout["follower_prompts"], rollout["follower"], strict=True)
+        ]
+        packed = pack(groups, tok.pad_token_id).to(self.policy.device)
+        pol = per_sequence(packed, packed_logprobs(self.policy.model, packed).values)
+        with torch.no_grad():
+            ref = per_sequence(packed, packed_logprobs(self.policy.reference, packed).values)
+        kl = [losses.kl_estimate(p.detach(), r, cfg.kl) for p, r in zip(pol, ref, strict=True)]
+        pref = torch.tensor(rollout["preference"], device=self.policy.device, dtype=torch.float32)
+        lead_lp, lead_mask = padded(pol[:b])
+        lead_kl, _ = padded(kl[:b])
+        fol_lp, fol_mask = padded(pol[b:])
+        fol_kl, _ = padded(kl[b:])
+        lead = losses.slhf_leader_loss(lead_lp, lead_kl, lead_mask, pref, cfg.beta, cfg.score_baseline)
+        fol = losses.slhf_follower_loss(fol_lp, fol_kl, fol_mask, pref, cfg.beta, cfg.score_baseline)
+        meter.add("leader_loss", lead.loss.detach(), b)
+        meter.add("follower_loss", fol.loss.detach(), b)
+        meter.add("preference", pref, b)
+        meter.add("follower_win_rate", 1 - pref, b)
+        meter.add("kl_leader", lead.stats["kl"], b)
+        meter.add("kl_follower", fol.stats["kl"], b)
+        meter.add("length_leader", lead.stats["length"], b)
+        meter.add("length_follower", fol.stats["length"], b)
+        total = cfg.follower_weight * fol.loss
+        return total + lead.loss if train_leader else total
+
+    def rollout(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """Sample leader answers and follower refinements, and ask the oracle about each pair."""
+        leader = self.sample(prompts)
+        leader_text = [self._text(y) for y in leader]
+        follower_prompts = [self.follower_prompt(p, y) for p, y in zip(prompts, leader_text, strict=True)]
+        follower = self.sample(follower_prompts)
+        follower_text = [self._text(y) for y in follower]
+        preference = [
+            min(1.0, max(0.0, float(self.preference(p, y, y2))))
+            for p, y, y2 in zip(prompts, leader_text, follower_text, strict=True)
+        ]
+        return {
+            "prompts": list(prompts),
+            "leader": leader,
+            "follower_prompts": follower_prompts,
+            "follower": follower,
+            "preference": preference,
+        }
+
+    def train(self, data: Sequence[str] | PreferenceData, steps: int | None = None) -> dict[str, Any]:
+        """Run StackelbergGDA steps on prompts (one pass over them by default).
+
+        Args:
+            data: Prompts, or PreferenceData whose pairs' and lists' prompts are used.
+            steps: Number of steps of ``batch_size`` prompts (cycling through them); default
+                ``epochs`` passes.
+
+        Returns:
+            Metrics: ``loss``, ``leader_loss``, ``follower_loss``, ``preference`` (mean p(y > y')),
+            ``follower_win_rate``, ``kl_leader``, ``kl_follower``, ``length_leader``,
+            ``length_follower``, ``grad_norm``, ``updates``, ``skipped_updates``,
+            ``last_skip_reason`` (if any), ``steps_per_s``, ``seconds``, ``healthy``.
+
+        Raises:
+            ValueError: No prompts.
+        """
+        if isinstance(data, PreferenceData):
+            prompts = list(
+                dict.fromkeys([p.prompt for p in data.pairs] + [r.prompt for r in data.ranked_lists])
+            )
+        else:
+            prompts = list(data)
+        if not prompts:
+            raise ValueError("SLHFLearner.train needs at least one prompt; the data has none")
+        cfg = self.config
+        bs = cfg.batch_size
+        if steps is None:
+            steps = cfg.epochs * math.ceil(len(prompts) / bs)
+        self.policy.begin_iteration()
+        meter = StatsMeter()
+        skipped_before, updates_before = self.policy.skipped_updates, self.policy.updates
+        t0 = time.perf_counter()
+        rollout = None
+        for _ in range(steps):
+            start = (self.steps_done * bs) % len(prompts)
+            batch = [prompts[(start + i) % len(prompts)] for i in range(min(bs, len(prompts)))]
+            rollout = self.rollout(batch)
+            train_leader = self.steps_done % cfg.leader_update_frequency == 0
+            self.steps_done += 1
+            loss = self._losses(rollout, meter, train_leader)
+            finite = bool(torch.isfinite(loss.detach()))
+            if finite:
+                meter.add("loss", loss.detach(), len(batch))
+                loss.backward()
+            applied, norm = self.policy.update(finite)
+            if applied:
+                meter.add("grad_norm", norm)
+        if cfg.verify_at_end and rollout is not None:
+            self.policy.verify(lambda: self._losses(rollout, StatsMeter(), True))
+        seconds = time.perf_counter() - t0
+        metrics: dict[str, Any] = meter.means()
+        metrics.update(
+            updates=float(self.policy.updates - updates_before),
+            skipped_updates=float(self.policy.skipped_updates - skipped_before),
+            seconds=seconds,
+            steps_per_s=steps / seconds if seconds > 0 else math.nan,
+            healthy=float(self.policy.healthy),
+        )
+        if self.policy.skipped_updates > skipped_before and self.policy.last_skip_reason:
+            metrics["last_skip_reason"] = self.policy.last_skip_reason
+        return metrics
+
+    @torch.no_grad()
+    def win_rate(self, prompts: Sequence[str]) -> float:
+        """Mean ``1 - p(y > y')`` of fresh follower refinements against fresh leader answers."""
+        r = self.rollout(prompts)
+        return 1 - sum(r["preference"]) / len(r["preference"])
+
+    @property
+    def healthy(self) -> bool:
+        """True when the current weights passed the guard rails (safe to redeploy)."""
+        return self.policy.healthy
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights under Hugging Face names, for redeploy."""
+        return self.policy.state_dict()
+
+    def save(self, path: str | Path) -> Path:
+        """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
+        return self.policy.save(path)

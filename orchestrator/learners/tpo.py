@@ -1,0 +1,295 @@
+"""TPO (Tree Preference Optimization, Liao et al., ICLR 2025) on ranked lists from the store.
+
+    learner = TPOLearner("runs/tiny-model", TPOConfig(beta=1.0))
+    metrics = learner.train(PreferenceData(ranked_lists=lists))
+
+A ranked list is K responses to one prompt with scores ``psi`` (judge scores, Q values, ...);
+in a preference tree they branch off each other step by step. Our reading of the paper (see
+docs/learners.md; the released loss code is not followed, it has a sign error and a gather bug):
+
+1. The score of response n is an *adaptive step reward*: split the response into steps (lines),
+   take each step's mean token log-ratio ``log pi - log pi_ref``, and average the steps with
+   weights from the cosine similarity of the step's embedding (mean last-layer hidden state of the
+   policy, no gradient) to the corresponding step of the other responses. Default
+   ``w = 1 - cos``: steps the responses share add almost no margin, the steps where they part
+   ways carry it. ``step_weighting="similar"`` with ``step_anchor="best"`` is the released code's
+   ``w = 1 + cos`` against the gold response (an ablation).
+2. Implicit reward ``s_n = beta * score_n``; the ranking loss is LambdaLoss / LiPO-lambda:
+   ``sum over psi_i > psi_j of Delta_ij * -log sigmoid(s_i - s_j)``, ``Delta`` from the ranks under
+   the current scores (no gradient), labels rescaled per list before ``2^psi``.
+3. Optionally (``nll_weight``, default 1.0 as for DPO) the length-normalised NLL of the best item.
+
+All K responses of a list are packed into one row with the prompt (and their common prefix)
+computed once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from orchestrator.learners import losses
+from orchestrator.learners.logprobs import (
+    Group,
+    encode_prompt,
+    fit_length,
+    pack,
+    packed_logprobs,
+    per_sequence,
+)
+from orchestrator.learners.trainable import (
+    LearnerConfig,
+    StatsMeter,
+    TrainablePolicy,
+    evaluate_batches,
+    run_epochs,
+)
+from store.records import PreferenceData, RankedListRecord
+
+
+class TPOConfig(LearnerConfig):
+    """TPO settings (plus everything in LearnerConfig)."""
+
+    beta: float = Field(
+        1.0, description="Scale of the implicit reward (scores are per-token means, so > DPO's)."
+    )
+    adaptive_steps: bool = Field(
+        True, description="Adaptive step reward; False = plain LiPO-lambda on summed log-ratios."
+    )
+    step_weighting: Literal["dissimilar", "similar"] = Field(
+        "dissimilar", description="w = 1 - cos (paper reading) or 1 + cos (code)."
+    )
+    step_anchor: Literal["others", "best"] = Field(
+        "others", description="Compare a step with all other responses' or the best one's."
+    )
+    step_separator: str = Field("\n", description="Steps are split after this string.")
+    weight_floor: float = Field(1e-2, ge=0.0, description="Added to dissimilar step weights.")
+    gain_scale: float = Field(
+        1.0, gt=0.0, description="Labels are rescaled per list to [0, gain_scale] before 2^psi."
+    )
+    nll_weight: float = Field(1.0, ge=0.0, description="NLL of the best response (RPO-style); 0 = off.")
+    append_eos: Literal["final", "always", "never"] = Field(
+        "final", description="EOS after responses: if the list's info['final'], always, never."
+    )
+    batch_size: int = Field(4, ge=1, description="Lists per micro-batch.")
+
+
+@dataclass
+class ListExample:
+    """A tokenized ranked list: responses (token ids), their labels, and a step index per token."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    labels: list[float]
+    steps: list[list[int]]
+    weight: float = 1.0
+
+
+def token_steps(tokenizer, text: str, separator: str, n_tokens: int) -> list[int]:
+    """Step index of each of the ``n_tokens`` tokens of ``text`` (tokenized alone); extras (EOS) join the last step."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts, pos = [], 0
+    while True:
+        cut = text.find(separator, pos) if separator else -1
+        if cut < 0:
+            break
+        pos = cut + len(separator)
+        starts.append(pos)
+    steps = []
+    for begin, _ in enc["offset_mapping"]:
+        steps.append(sum(1 for s in starts if s <= begin and s < len(text)))
+    last = steps[-1] if steps else 0
+    return (steps + [last] * n_tokens)[:n_tokens]
+
+
+def kendall_tau(scores: list[float], labels: list[float]) -> float:
+    """Kendall's tau over pairs with different labels (1 = same order as the labels; score ties count 0)."""
+    num = den = 0
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            if labels[i] == labels[j]:
+                continue
+            den += 1
+            agree = (scores[i] - scores[j]) * (labels[i] - labels[j])
+            num += (agree > 0) - (agree < 0)
+    return num / den if den else 0.0
+
+
+def ndcg(scores: list[float], labels: list[float]) -> float:
+    """NDCG of the order given by ``scores`` with gains ``2^psi' - 1`` on labels rescaled to [0, 1]."""
+    lo, hi = min(labels), max(labels)
+    if hi == lo:
+        return 1.0
+    gains = [2 ** ((v - lo) / (hi - lo)) - 1 for v in labels]
+
+    def dcg(order: list[int]) -> float:
+        return sum(gains[i] / math.log2(r + 2) for r, i in enumerate(order))
+
+    by_score = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ideal = sorted(range(len(gains)), key=lambda i: -gains[i])
+    return dcg(by_score) / dcg(ideal)
+
+
+class TPOLearner:
+    """Trains a policy on ranked lists with TPO's listwise loss.
+
+    Args:
+        model_path: Hugging Face directory of the starting policy.
+        config: Settings; keyword overrides are applied on top.
+    """
+
+    def __init__(self, model_path: str | Path, config: TPOConfig | None = None, **overrides: Any):
+        cfg = (config or TPOConfig()).model_copy(update=overrides)
+        self.config = TPOConfig.model_validate(cfg.model_dump())
+        self.policy = TrainablePolicy(model_path, self.config)
+
+    def prepare(self, lists: list[RankedListRecord]) -> list[ListExample]:
+        """Tokenize lists; lists with fewer than two items or a single label value are dropped."""
+        tok, cfg = self.policy.tokenizer, self.config
+        out = []
+        for rec in lists:
+            if len(rec.items) < 2 or len({it.score for it in rec.items}) < 2:
+                continue
+            eos = cfg.append_eos == "always" or (
+                cfg.append_eos == "final" and bool((rec.info or {}).get("final"))
+            )
+            responses = []
+            for it in rec.items:
+                ids = list(tok(it.text, add_special_tokens=False)["input_ids"])
+                responses.append(ids + [tok.eos_token_id] if eos and tok.eos_token_id is not None else ids)
+            prompt, responses = fit_length(encode_prompt(tok, rec.prompt), responses, cfg.max_length)
+            steps = [
+                token_steps(tok, it.text, cfg.step_separator, len(r))
+                for it, r in zip(rec.items, responses, strict=True)
+            ]
+            out.append(ListExample(prompt, responses, [it.score for it in rec.items], steps))
+        return out
+
+    def _scores(
+        self, batch: list[ListExample]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Implicit rewards ``(B, K)``, labels, mask, and the best items' NLL ``(B,)``."""
+        cfg, dev = self.config, self.policy.device
+        packed = pack(
+            [Group(ex.prompt, ex.responses) for ex in batch], self.policy.tokenizer.pad_token_id
+        ).to(dev)
+        pol = packed_logprobs(self.policy.model, packed, with_hidden=cfg.adaptive_steps)
+        with torch.no_grad():
+            ref = packed_logprobs(self.policy.reference, packed).values
+        ratios = per_sequence(packed, pol.values - ref)
+        logps = per_sequence(packed, pol.values)
+        hidden = per_sequence(packed, pol.hidden) if pol.hidden is not None else None
+        k_max = max(len(ex.responses) for ex in batch)
+        scores = torch.zeros(len(batch), k_max, device=dev)
+        labels = torch.zeros(len(batch), k_max, device=dev)
+        mask = torch.zeros(len(batch), k_max, dtype=torch.bool, device=dev)
+        nll = []
+        i = 0
+        for b, ex in enumerate(batch):
+            k = len(ex.responses)
+            seq = slice(i, i + k)
+            i += k
+            if cfg.adaptive_steps:
+                s = self._adaptive(ex, ratios[seq], hidden[seq])
+            else:
+                s = torch.stack([r.sum() for r in ratios[seq]])
+            scores[b, :k] = cfg.beta * s
+            labels[b, :k] = torch.tensor(ex.labels, device=dev)
+            mask[b, :k] = True
+            best = max(range(k), key=lambda j: ex.labels[j])
+            nll.append(-logps[seq][best].mean())
+        return scores, labels, mask, torch.stack(nll)
+
+    def _adaptive(
+        self, ex: ListExample, ratios: list[torch.Tensor], hidden: list[torch.Tensor]
+    ) -> torch.Tensor:
+        cfg = self.config
+        dev = ratios[0].device
+        n_steps = max(max(s) for s in ex.steps) + 1
+        k = len(ratios)
+        step_ratio = torch.zeros(k, n_steps, device=dev)
+        emb = torch.zeros(k, n_steps, hidden[0].shape[-1], device=dev)
+        mask = torch.zeros(k, n_steps, dtype=torch.bool, device=dev)
+        for n in range(k):
+            ids = torch.tensor(ex.steps[n], device=dev)
+            count = torch.zeros(n_steps, device=dev).index_add(0, ids, torch.ones(len(ids), device=dev))
+            present = count > 0
+            step_ratio[n] = torch.zeros(n_steps, device=dev).index_add(0, ids, ratios[n]) / count.clamp(min=1)
+            emb[n] = (
+                torch.zeros(n_steps, emb.shape[-1], device=dev).index_add(0, ids, hidden[n].detach().float())
+                / count.clamp(min=1)[:, None]
+            )
+            mask[n] = present
+        anchor = max(range(k), key=lambda j: ex.labels[j]) if cfg.step_anchor == "best" else None
+        w = losses.step_weights(emb, mask, cfg.step_weighting, anchor, cfg.weight_floor)
+        return losses.adaptive_step_scores(step_ratio, w)
+
+    def micro_loss(self, batch: list[ListExample], meter: StatsMeter) -> losses.LossOutput:
+        """Listwise loss of a micro-batch of lists (+ NLL of each list's best item)."""
+        scores, labels, mask, nll = self._scores(batch)
+        weights = torch.tensor([ex.weight for ex in batch], device=scores.device)
+        out = losses.lipo_lambda_loss(scores, labels, mask, self.config.gain_scale, weights)
+        total = out.loss
+        n = len(batch)
+        meter.add("rank_loss", out.loss.detach(), n)
+        meter.add("pair_accuracy", out.stats["pair_accuracy"], n)
+        meter.add("reward_margin", out.stats["margin"], n)
+        if self.config.nll_weight > 0:
+            total = total + self.config.nll_weight * (nll * weights).mean()
+            meter.add("nll_loss", nll.mean().detach(), n)
+        s, lab = scores.detach().cpu(), labels.cpu()
+        for b in range(n):
+            k = int(mask[b].sum())
+            meter.add("kendall_tau", kendall_tau(s[b, :k].tolist(), lab[b, :k].tolist()))
+            meter.add("ndcg", ndcg(s[b, :k].tolist(), lab[b, :k].tolist()))
+        return losses.LossOutput(total, out.stats)
+
+    def _examples(self, data: PreferenceData | list[RankedListRecord]) -> list[ListExample]:
+        lists = data.ranked_lists if isinstance(data, PreferenceData) else list(data)
+        examples = self.prepare(lists)
+        if not examples:
+            raise ValueError(
+                "TPOLearner.train needs at least one ranked list with two or more items of different scores"
+            )
+        return examples
+
+    def train(self, data: PreferenceData | list[RankedListRecord]) -> dict[str, Any]:
+        """One iteration over the ranked lists.
+
+        Returns:
+            Metrics: ``loss``, ``rank_loss``, ``nll_loss``, ``pair_accuracy``, ``reward_margin``,
+            ``kendall_tau``, ``ndcg`` (of the implicit rewards against the labels, during the pass),
+            ``grad_norm``, ``first_loss``, ``updates``, ``skipped_updates``, ``last_skip_reason``
+            (if any), ``lists``, ``lists_per_s``, ``seconds``, ``healthy``.
+
+        Raises:
+            ValueError: No usable list.
+        """
+        examples = self._examples(data)
+        self.policy.begin_iteration()
+        metrics = run_epochs(self.policy, examples, self.micro_loss, unit="lists")
+        metrics["lists"] = float(len(examples))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, data: PreferenceData | list[RankedListRecord]) -> dict[str, float]:
+        """Loss, pair accuracy, Kendall tau and NDCG of the current implicit rewards, no update."""
+        return evaluate_batches(self._examples(data), self.micro_loss, self.config.batch_size)
+
+    @property
+    def healthy(self) -> bool:
+        """True when the current weights passed the guard rails (safe to redeploy)."""
+        return self.policy.healthy
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights under Hugging Face names, for redeploy."""
+        return self.policy.state_dict()
+
+    def save(self, path: str | Path) -> Path:
+        """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
+        return self.policy.save(path)

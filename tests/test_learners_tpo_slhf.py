@@ -1,0 +1,139 @@
+"""TPO orders a list better after training; SLHF's follower learns to beat the leader; both keep guard rails."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from orchestrator.engines.tiny import CHARS
+from orchestrator.learners.slhf import SLHFLearner, load_follower_template
+from orchestrator.learners.tpo import TPOLearner, kendall_tau, ndcg, token_steps
+from store.records import PreferenceData, RankedItem, RankedListRecord
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    from orchestrator.engines.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tpo") / "model", hidden_size=64, num_layers=2, seed=2)
+
+
+def ranked_lists(n: int, seed: int = 0) -> list[RankedListRecord]:
+    rng = random.Random(seed)
+    lists = []
+    for _ in range(n):
+        a, b = rng.randint(10, 49), rng.randint(10, 49)
+        # A tree: every item shares the first step; the answers part ways in the second.
+        items = [RankedItem(f"{a}+{b}\n={a + b}\n", 100.0)]
+        items += [RankedItem(f"{a}+{b}\n={a + b + d}\n", s) for d, s in [(1, 60.0), (5, 30.0), (20, -50.0)]]
+        rng.shuffle(items)
+        lists.append(RankedListRecord(prompt=f"Q {a} {b}:\n", items=items, info={"final": True}))
+    return lists
+
+
+def test_rank_metrics_by_hand():
+    assert kendall_tau([3, 2, 1], [30, 20, 10]) == 1.0
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    assert kendall_tau([0, 0, 0], [30, 20, 10]) == 0.0
+    assert ndcg([3, 2, 1], [1.0, 0.5, 0.0]) == pytest.approx(1.0)
+    gains = [1.0, math.sqrt(2) - 1, 0.0]  # labels rescaled to [1, .5, 0]
+    worst = gains[2] / 1 + gains[1] / math.log2(3) + gains[0] / 2
+    best = gains[0] / 1 + gains[1] / math.log2(3)
+    assert ndcg([1, 2, 3], [1.0, 0.5, 0.0]) == pytest.approx(worst / best)
+
+
+def test_token_steps_follow_lines(small_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_model_dir)
+    # "ab\n" step 0, "cd\n" step 1, "e" step 2; two extra tokens (EOS) join the last step.
+    assert token_steps(tok, "ab\ncd\ne", "\n", 9) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("weighting,anchor", [("dissimilar", "others"), ("similar", "best")])
+def test_tpo_orders_lists_better_after_training(small_model_dir, weighting, anchor):
+    lists = ranked_lists(16)
+    learner = TPOLearner(
+        small_model_dir, lr=3e-3, epochs=3, step_weighting=weighting, step_anchor=anchor, num_threads=1
+    )
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    start = learner.evaluate(lists)
+    m = learner.train(PreferenceData(ranked_lists=lists))
+    end = learner.evaluate(lists)
+    assert start["kendall_tau"] == 0.0  # policy == reference: every implicit reward is 0
+    assert end["kendall_tau"] > 0.3 and end["pair_accuracy"] > 0.6
+    assert end["loss"] < start["loss"]
+    assert m["updates"] == 12 and m["skipped_updates"] == 0 and learner.healthy
+    after = learner.state_dict()
+    assert not [k for k in before if torch.equal(before[k], after[k])]
+
+
+def test_tpo_plain_lipo_and_errors(small_model_dir):
+    learner = TPOLearner(small_model_dir, lr=3e-3, epochs=2, adaptive_steps=False, nll_weight=0.0)
+    start = learner.evaluate(ranked_lists(8))
+    learner.train(ranked_lists(8))
+    assert learner.evaluate(ranked_lists(8))["rank_loss"] < start["rank_loss"]
+    with pytest.raises(ValueError, match="at least one ranked list"):
+        learner.train(PreferenceData())
+    tie = RankedListRecord(prompt="x", items=[RankedItem("a", 1.0), RankedItem("b", 1.0)])
+    with pytest.raises(ValueError):
+        learner.train([tie])
+
+
+def matching_oracle(prompt: str, a: str, b: str) -> float:
+    """Matching pennies on the first character: the follower (b) wins when it matches a's half of the
+    vocabulary. The leader cannot beat a follower that reads its answer; a follower can learn to."""
+    if not a or not b or a[0] not in CHARS or b[0] not in CHARS:
+        return 0.5
+    half = len(CHARS) // 2
+    return 0.0 if (CHARS.index(a[0]) < half) == (CHARS.index(b[0]) < half) else 1.0
+
+
+def test_slhf_follower_raises_its_win_rate(small_model_dir, tmp_path):
+    # A toy follower template that puts the leader's one-character answer right before the
+    # follower's, so a 2-layer model can learn the dependence within seconds.
+    template = tmp_path / "follower.txt"
+    template.write_text("{prompt}>{response}")
+    prompts = [f"Q{i}:" for i in range(32)]
+    learner = SLHFLearner(
+        small_model_dir,
+        matching_oracle,
+        lr=6e-3,
+        batch_size=32,
+        max_new_tokens=1,
+        beta=0.0,
+        temperature=1.0,
+        follower_prompt=str(template),
+        num_threads=1,
+    )
+    before = sum(learner.win_rate(prompts) for _ in range(4)) / 4
+    m = learner.train(prompts, steps=160)
+    after = sum(learner.win_rate(prompts) for _ in range(4)) / 4
+    assert 0.35 < before < 0.65
+    print("win rate", before, after)
+    assert after > 0.7, (before, after)
+    assert m["updates"] == 160 and m["skipped_updates"] == 0 and learner.healthy
+    chains = learner.refine(prompts[:3], n_rounds=2)
+    assert [len(c) for c in chains] == [3, 3, 3]
+
+
+def test_slhf_default_template_kl_and_empty_data(small_model_dir):
+    template = load_follower_template()
+    assert "{prompt}" in template and "{response}" in template and "Improve the previous answer" in template
+    learner = SLHFLearner(
+        small_model_dir,
+        lambda p, a, b: float(len(a) > len(b)),
+        max_new_tokens=6,
+        batch_size=4,
+        kl="k3",
+        beta=0.1,
+    )
+    m = learner.train(["Hi:", "Yo:"], steps=2)
+    assert m["updates"] == 2 and m["kl_leader"] >= 0 and m["length_follower"] > 0
+    with pytest.raises(ValueError, match="at least one prompt"):
+        learner.train([])
+    with pytest.raises(ValueError):
+        SLHFLearner(small_model_dir, matching_oracle, follower_weight=1.0)
