@@ -280,8 +280,9 @@ def pairs(
         nodes = f"{p['chosen_node']}>{p['rejected_node']}" if p["chosen_node"] is not None else ""
         margin = "" if p["margin"] is None else f"{p['margin']:.2f}"
         tail = p["prompt"].rstrip("\n").rsplit("\n", 1)[-1]
-        t.add_row(str(p["id"]), str(p["iteration"]), p["source"], margin, nodes,
-                  Text(tail), Text(p["chosen"].rstrip("\n"), style="green"), Text(p["rejected"].rstrip("\n"), style="red"))
+        safe = inspector.terminal_safe
+        t.add_row(str(p["id"]), str(p["iteration"]), p["source"], margin, nodes, Text(safe(tail)),
+                  Text(safe(p["chosen"].rstrip("\n")), style="green"), Text(safe(p["rejected"].rstrip("\n")), style="red"))
     Console().print(t)
 
 

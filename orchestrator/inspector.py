@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -289,6 +290,16 @@ def tree_nested(store: Store, tree_id: int, depth: int | None = None) -> dict[st
     return {"tree": tree_summary(queries.get_tree(store, tree_id)), "root": nest(kids[None][0])}
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with newlines as ⏎ and other control characters (terminal escape sequences, bells,
+    carriage returns) as visible ``\\xNN``, so model text cannot move the cursor or restyle a terminal.
+    Use with ``rich.text.Text``, which is never parsed as markup."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\n", "⏎").replace("\t", " "))
+
+
 def _node_label(d: dict[str, Any], root: bool) -> Any:
     from rich.text import Text
 
@@ -299,18 +310,18 @@ def _node_label(d: dict[str, Any], root: bool) -> Any:
         label.append("✓chosen ", style="bold green")
     if d["rejected"]:
         label.append("✗rejected ", style="bold red")
-    step = "(prompt)" if root else d["step"]
+    step = "(prompt)" if root else terminal_safe(d["step"]) or "(empty step)"
     style = "bold" if d["selected"] else ""
     if d["error"]:
         style += " orange3"
     elif d["terminal"]:
         style += " green" if d["correct"] else " red"
-    label.append(step.replace("\n", "⏎"), style=style.strip())  # Text: never parsed as markup
+    label.append(step, style=style.strip())  # Text: never parsed as markup
     label.append(f"  N={d['visits']} Q={_num(d['value'])} r={_num(d['reward'])}", style="dim")
     if d["terminal"]:
         label.append(" ✔" if d["correct"] else " ✘", style="green" if d["correct"] else "red")
     if d["error"]:
-        label.append(f" error: {d['error']}", style="orange3")
+        label.append(f" error: {terminal_safe(d['error'])}", style="orange3")
     return label
 
 
@@ -328,9 +339,9 @@ def tree_renderable(nested: dict[str, Any]) -> RichTree:
     head = Text.assemble(
         (f"tree {t['id']}", "bold"),
         f"  run {t['run_id']} iteration {t['iteration']} task ",
-        (t["task_id"], "italic"),
+        (terminal_safe(t["task_id"]), "italic"),
         f"  {t['n_nodes']} nodes, depth {t['max_depth']}\n",
-        (t["prompt"].rstrip("\n"), "bold"),
+        (terminal_safe(t["prompt"].rstrip("\n")), "bold"),
     )
     out = Tree(head)
 

@@ -3,7 +3,7 @@
 The tiny real model (HFEngine) searches a few ArithmeticEnv tasks with batched MCTS in two
 iterations; the trees, their step pairs and ranked lists, and the iteration's measured search
 metrics are written with ``store.queries`` exactly as the loop writes them. One tree also gets
-hostile nodes (an HTML/script payload and rich markup as step text), a node judgment whose
+hostile nodes (an HTML/script payload, rich markup and terminal escapes as step text), a node judgment whose
 rationale is HTML, a rubric in the node's info, and a "panel" pair that rejects the payload node:
 model text is untrusted, and the inspector must show all of it as text.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 XSS_STEP = "<script>window.__xss=1</script><img src=x onerror=window.__xss=2>"
 MARKUP_STEP = "[bold red]not markup[/] [link=file:///etc/passwd]click[/link]"
+ESC_STEP = "\x1b[2J\x1b]0;pwned\x07cleared?"  # terminal escapes: clear screen, set window title
 XSS_RATIONALE = "<b onmouseover=window.__xss=3>bold?</b> the step is <i>wrong</i>"
 
 
@@ -99,7 +100,8 @@ def _add_hostile_nodes(tree, result, judgment_type, pair_type) -> tuple[int, int
     judgment of the payload node, and a panel pair that prefers a real node over it."""
     rubric = {"rubric": "<ul><li>1. answer is a number</li></ul>"}
     xss = tree.add_child(tree.root, XSS_STEP, terminal=True, correct=False, visits=1, value=-1.0, info=rubric)
-    markup = tree.add_child(tree.root, MARKUP_STEP, terminal=True, correct=False, visits=0, value=-0.5)
+    markup = tree.add_child(tree.root, MARKUP_STEP, visits=1, value=-0.5)
+    tree.add_child(markup, ESC_STEP, terminal=True, correct=False)
     result.trees[0] = tree.to_record(environment=result.environment)
     result.judgments.append(
         judgment_type(judge="exact", score=0.0, target_kind="node", target_key=xss, rationale=XSS_RATIONALE)

@@ -1,0 +1,184 @@
+"""``treeplay runs / tree show / pairs / export`` (typer CliRunner) over a store from a real small search."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import networkx as nx
+import pytest
+from inspect_store import ESC_STEP, MARKUP_STEP, XSS_STEP, build_inspect_store
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from search.tree import PreferenceTree
+from store import queries
+from store.database import open_store
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model_dir):
+    return build_inspect_store(tmp_path_factory.mktemp("inspect"), tiny_model_dir)
+
+
+def cli(*args: str, code: int = 0):
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})  # no wrapping mid-step
+    assert result.exit_code == code, (args, result.output, result.stderr)
+    return result
+
+
+def test_runs_json_and_table(data):
+    rows = json.loads(cli("runs", "--db", data.url, "--json").stdout)
+    assert [(r["name"], r["status"], r["iterations"]) for r in rows] == [(data.run_name, "done", 2)]
+    assert data.run_name in cli("runs", "--db", data.url).stdout
+
+
+def test_tree_show_json_matches_the_store_and_depth_cuts(data):
+    nested = json.loads(cli("tree", "show", str(data.xss_tree), "--db", data.url, "--json").stdout)
+    store = open_store(data.url, create=False)
+    try:
+        stored = PreferenceTree.from_record(queries.load_tree(store, data.xss_tree))
+    finally:
+        store.close()
+
+    def flatten(d):
+        yield d
+        for c in d.get("children", []):
+            yield from flatten(c)
+
+    nodes = {d["id"]: d for d in flatten(nested["root"])}
+    assert set(nodes) == set(stored.nodes())
+    assert all(
+        d["step"] == stored[i]["step"] and d["visits"] == stored[i]["visits"] for i, d in nodes.items()
+    )
+    assert {i for i, d in nodes.items() if d["selected"]} == set(stored.selected_path())
+    assert nodes[data.xss_node]["rejected"] == 1 and nodes[data.xss_node]["step"] == XSS_STEP
+
+    cut = json.loads(
+        cli("tree", "show", str(data.xss_tree), "--depth", "1", "--db", data.url, "--json").stdout
+    )
+    assert max(d["depth"] for d in flatten(cut["root"])) == 1
+    assert any("children" not in d and d["n_children"] for d in flatten(cut["root"]))
+
+
+def test_tree_show_draws_model_text_literally(data):
+    out = cli("tree", "show", str(data.xss_tree), "--db", data.url).stdout
+    assert XSS_STEP in out  # not eaten as markup
+    assert MARKUP_STEP in out  # rich markup in a step is printed, not applied
+    assert "\x1b" not in out and "\x07" not in out  # terminal escapes are shown, not sent
+    assert ESC_STEP.replace("\x1b", "\\x1b").replace("\x07", "\\x07") in out
+    assert "✗rejected" in out and "✓chosen" in out and "●" in out
+    assert "more below" in cli("tree", "show", str(data.xss_tree), "--depth", "0", "--db", data.url).stdout
+
+
+def test_pairs_json_filters(data):
+    everything = json.loads(cli("pairs", data.run_name, "--db", data.url, "--json").stdout)
+    assert {p["source"] for p in everything} == {"mcts", "panel"}
+    panel = json.loads(cli("pairs", str(data.run_id), "--source", "panel", "--db", data.url, "--json").stdout)
+    assert [(p["id"], p["rejected_node"]) for p in panel] == [(data.panel_pair, data.xss_node)]
+    it1 = json.loads(cli("pairs", data.run_name, "--iteration", "1", "--db", data.url, "--json").stdout)
+    assert it1 and {p["iteration"] for p in it1} == {1} and len(it1) < len(everything)
+    assert "pairs" in cli("pairs", data.run_name, "--db", data.url).stdout
+
+
+def test_errors_are_one_line_and_exit_2(data, tmp_path):
+    cases = [
+        ("pairs", "no-such-run", "--db", data.url),
+        ("pairs", data.run_name, "--source", "vibes", "--db", data.url),
+        ("tree", "show", "99999", "--db", data.url),
+        ("tree", "show", "abc", "--db", data.url),
+        ("runs", "--db", f"sqlite:///{tmp_path / 'missing.db'}"),
+        ("runs", "--db", "nosuchscheme://x"),
+        ("export", "tree", "1", "--format", "png", "--db", data.url),
+        ("export", "pairs", data.run_name, "--format", "hf-dataset", "--db", data.url),
+    ]
+    for args in cases:
+        result = cli(*args, code=2)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_export_tree_formats_round_trip(data, tmp_path):
+    as_json = cli("export", "tree", str(data.xss_tree), "--format", "json", "--db", data.url).stdout
+    back = PreferenceTree.from_json(as_json)
+    assert back[data.xss_node]["step"] == XSS_STEP and back[data.markup_node]["step"] == MARKUP_STEP
+    out = tmp_path / "t.graphml"
+    cli("export", "tree", str(data.xss_tree), "--format", "graphml", "--out", str(out), "--db", data.url)
+    g = nx.read_graphml(out)
+    assert g.number_of_nodes() == len(back) and g.nodes[str(data.xss_node)]["step"] == XSS_STEP
+    dot = cli("export", "tree", str(data.xss_tree), "--format", "dot", "--db", data.url).stdout
+    assert dot.startswith("digraph preference_tree {") and dot.count("->") == len(back) - 1
+
+
+def test_export_pairs_trl_jsonl_and_hf_dataset(data, tmp_path):
+    from datasets import load_from_disk
+
+    expected = json.loads(cli("pairs", data.run_name, "--db", data.url, "--json").stdout)
+    text = cli("export", "pairs", data.run_name, "--format", "trl-jsonl", "--db", data.url).stdout
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert rows == [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in expected]
+    out = tmp_path / "panel.jsonl"
+    cli(
+        "export",
+        "pairs",
+        data.run_name,
+        "--format",
+        "trl-jsonl",
+        "--source",
+        "panel",
+        "--out",
+        str(out),
+        "--db",
+        data.url,
+    )
+    assert [json.loads(line)["rejected"] for line in out.read_text().splitlines()] == [XSS_STEP + "\n"]
+    folder = tmp_path / "ds"
+    cli(
+        "export",
+        "pairs",
+        data.run_name,
+        "--format",
+        "hf-dataset",
+        "--iteration",
+        "0",
+        "--out",
+        str(folder),
+        "--db",
+        data.url,
+    )
+    ds = load_from_disk(str(folder))
+    assert ds.column_names == ["prompt", "chosen", "rejected"]
+    assert ds.to_list() == [r for r, p in zip(rows, expected, strict=True) if p["iteration"] == 0]
+
+
+def test_serve_binds_localhost_and_warns_for_other_hosts(data, tmp_path):
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--db", data.url, "--port", str(port)]
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                runs = httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "treeplay serve did not come up"
+                time.sleep(0.2)
+        assert [r["name"] for r in runs] == [data.run_name]
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=20)
+    assert f"http://127.0.0.1:{port}/" in err and "warning" not in err
+
+    # another host: a warning first; a bad store then fails with exit 2 before anything is bound
+    result = cli("serve", "--host", "0.0.0.0", "--db", f"sqlite:///{tmp_path / 'none.db'}", code=2)
+    assert result.stderr.startswith("warning: binding 0.0.0.0") and "readable" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no store at")
