@@ -101,6 +101,7 @@ class Loop:
     def __init__(self, cfg: RunConfig, store: Store, run_id: int, model: Path, version: int) -> None:
         import ray
 
+        from orchestrator.placement import place_actors
         from orchestrator.workers import LearnerActor, ModelFiles, RolloutWorker, init_ray
 
         self.cfg, self.store, self.run_id, self.version = cfg, store, run_id, version
@@ -111,14 +112,14 @@ class Loop:
         # Held for the run's lifetime: a restarted worker re-reads its constructor arguments.
         self.model_ref = model_ref = ray.put(ModelFiles.pack(model))
         cfg_dict = cfg.model_dump(mode="json")
+        # On a cluster: learner and rollout workers in their own bundles, spread over nodes
+        # (orchestrator/placement.py); on one machine: plain CPU/GPU requests.
+        self.placement = place_actors(cfg.ray, cfg.rollout.num_workers)
         self.workers = [
-            RolloutWorker.options(num_cpus=cfg.ray.worker_num_cpus, num_gpus=cfg.ray.worker_num_gpus)
-            .remote(cfg_dict, model_ref, i, version)
+            RolloutWorker.options(**self.placement.worker(i)).remote(cfg_dict, model_ref, i, version)
             for i in range(cfg.rollout.num_workers)
         ]
-        self.learner = LearnerActor.options(
-            num_cpus=cfg.ray.learner_num_cpus, num_gpus=cfg.ray.learner_num_gpus
-        ).remote(cfg_dict, model_ref, run_id, version)
+        self.learner = LearnerActor.options(**self.placement.learner).remote(cfg_dict, model_ref, run_id, version)
         self.weights_ref = None  # the payload every worker must serve (None: the initial model)
         infos = ray.get([w.info.remote() for w in self.workers] + [self.learner.ping.remote()])
         self.worker_info = infos[:-1]

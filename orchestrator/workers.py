@@ -75,6 +75,7 @@ class RolloutWorker:
         self.engine.version = version  # the model it was built from (a checkpoint when resuming)
         self.env_factory = environment_factory(self.cfg.env.name, **self.cfg.env.kwargs)
 
+    @ray.method(max_task_retries=-1)  # idempotent: a call to a restarting worker waits for it
     def info(self) -> dict[str, Any]:
         return {
             "index": self.index,
@@ -83,6 +84,7 @@ class RolloutWorker:
             "node": ray.get_runtime_context().get_node_id(),
         }
 
+    @ray.method(max_task_retries=-1)
     def fingerprint(self) -> str | None:
         """A hash of the served weights (engines that expose ``state_dict``), to compare workers."""
         from orchestrator.weights import fingerprint
@@ -90,6 +92,7 @@ class RolloutWorker:
         sd = getattr(self.engine, "state_dict", None)
         return fingerprint(sd()) if callable(sd) else None
 
+    @ray.method(max_task_retries=-1)
     def apply_weights(self, payload: WeightsPayload) -> int:
         """Load a new weights version in place; returns the version now served."""
         self.engine.load_weights(payload.version, from_payload(payload))
