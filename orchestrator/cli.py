@@ -209,7 +209,6 @@ def runs(
 ) -> None:
     """List the runs in the store."""
     from rich.console import Console
-    from rich.table import Table
 
     from orchestrator import inspector
     from store.database import StoreError
@@ -221,11 +220,7 @@ def runs(
     if as_json:
         _print_json(rows)
         return
-    t = Table("id", "name", "status", "iterations", "greedy acc", "created", title=f"runs in {db}")
-    for r in rows:
-        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-        t.add_row(str(r["id"]), r["name"], r["status"], str(r["iterations"]), acc, r["created"][:19])
-    Console().print(t)
+    Console().print(inspector.runs_table(rows, title=f"runs in {db}"))
 
 
 @tree_app.command("show")
@@ -262,8 +257,6 @@ def pairs(
 ) -> None:
     """List a run's preference pairs with the tree nodes they came from."""
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
     from orchestrator import inspector
     from store.database import StoreError
@@ -275,15 +268,7 @@ def pairs(
     if as_json:
         _print_json(rows)
         return
-    t = Table("id", "it", "source", "margin", "nodes", "prompt", "chosen", "rejected", title=f"{len(rows)} pairs")
-    for p in rows:
-        nodes = f"{p['chosen_node']}>{p['rejected_node']}" if p["chosen_node"] is not None else ""
-        margin = "" if p["margin"] is None else f"{p['margin']:.2f}"
-        tail = p["prompt"].rstrip("\n").rsplit("\n", 1)[-1]
-        safe = inspector.terminal_safe
-        t.add_row(str(p["id"]), str(p["iteration"]), p["source"], margin, nodes, Text(safe(tail)),
-                  Text(safe(p["chosen"].rstrip("\n")), style="green"), Text(safe(p["rejected"].rstrip("\n")), style="red"))
-    Console().print(t)
+    Console().print(inspector.pairs_table(rows))
 
 
 @export_app.command("pairs")

@@ -356,6 +356,50 @@ def tree_renderable(nested: dict[str, Any]) -> RichTree:
     return out
 
 
+def runs_table(rows: list[dict[str, Any]], title: str = "runs") -> Any:
+    """A rich Table of ``list_runs``' output."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table("id", "name", "status", "iterations", "greedy acc", "created", title=title)
+    for r in rows:
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        t.add_row(
+            str(r["id"]),
+            Text(terminal_safe(r["name"])),
+            r["status"],
+            str(r["iterations"]),
+            acc,
+            r["created"][:19],
+        )
+    return t
+
+
+def pairs_table(rows: list[dict[str, Any]]) -> Any:
+    """A rich Table of ``list_pairs``' output: the prompt's last line, chosen (green), rejected (red)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(
+        "id", "it", "source", "margin", "nodes", "prompt", "chosen", "rejected", title=f"{len(rows)} pairs"
+    )
+    for p in rows:
+        nodes = f"{p['chosen_node']}>{p['rejected_node']}" if p["chosen_node"] is not None else ""
+        margin = "" if p["margin"] is None else f"{p['margin']:.2f}"
+        tail = p["prompt"].rstrip("\n").rsplit("\n", 1)[-1]
+        t.add_row(
+            str(p["id"]),
+            str(p["iteration"]),
+            p["source"],
+            margin,
+            nodes,
+            Text(terminal_safe(tail)),
+            Text(terminal_safe(p["chosen"].rstrip("\n")), style="green"),
+            Text(terminal_safe(p["rejected"].rstrip("\n")), style="red"),
+        )
+    return t
+
+
 # ----------------------------------------------------------------------------------------------
 # Pairs and exports
 
