@@ -115,7 +115,9 @@ def _add_api(app: FastAPI, store: Store) -> None:
     @app.get("/api/runs/{run}/metrics")
     def metrics(run: str) -> dict[str, Any]:
         """Per metric name, its [iteration, value] points."""
-        return _read(inspector.run_detail, store, run)["metrics"]
+        info = _read(inspector.find_run, store, run)
+        series = _read(queries.metric_series, store, info.id)
+        return {name: [[i, v] for i, v in points] for name, points in inspector.jsonable(series).items()}
 
     @app.get("/api/runs/{run}/trees")
     def trees(
