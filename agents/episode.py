@@ -249,3 +249,26 @@ def task_result(
         pairs=list(pairs),
         judgments=list(judgments),
     )
+
+
+def verify_completion(env: Environment, task: Task, completion: str, success: float = 1.0) -> bool:
+    """Whether ``completion`` (actions, one per line) solves ``task`` in ``env``.
+
+    Uses the environment's own ``verify(task, text)`` when it has one; otherwise replays the lines from
+    ``reset`` and checks that the episode ends with a reward of at least ``success``. Environment
+    errors count as not solved.
+    """
+    own = getattr(env, "verify", None)
+    if callable(own):
+        return bool(own(task, completion))
+    try:
+        env.reset(task)
+        for line in completion.split("\n"):
+            if not line.strip():
+                continue
+            result = env.step(line)
+            if result.done:
+                return result.reward >= success
+    except Exception:  # noqa: BLE001 - a broken environment means "not verified"
+        return False
+    return False

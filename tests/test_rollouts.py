@@ -107,3 +107,38 @@ def test_unknown_mode_is_a_clear_error(engine):
     cfg.rollout.__dict__["mode"] = "dance"  # bypass validation to reach the runtime check
     with pytest.raises(ValueError, match="unknown rollout.mode 'dance'"):
         run_rollouts(cfg, [], engine, lambda: None)
+
+
+def test_verify_completion_uses_verify_or_replays_the_episode():
+    from agents.episode import verify_completion
+    from agents.registry import make_environment
+
+    arith = make_environment("arithmetic", ops=2, digits=1)
+    task = arith.tasks("test", 1, seed=0)[0]
+    assert verify_completion(arith, task, task.reference)
+    assert not verify_completion(arith, task, "1+1=3\n3+1=9")
+
+    class NoVerify:
+        """Arithmetic without its verify method: the replay path must give the same verdicts."""
+
+        name = "plain"
+
+        def __init__(self):
+            self.inner = make_environment("arithmetic", ops=2, digits=1)
+
+        def tasks(self, split, n, seed):
+            return self.inner.tasks(split, n, seed)
+
+        def reset(self, task):
+            return self.inner.reset(task)
+
+        def step(self, action):
+            return self.inner.step(action)
+
+        def score(self, task, trajectory):
+            return self.inner.score(task, trajectory)
+
+    plain = NoVerify()
+    assert verify_completion(plain, task, task.reference)
+    assert not verify_completion(plain, task, "1+1=3\n3+1=9")
+    assert not verify_completion(plain, task, "")
