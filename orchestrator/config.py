@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agents.panel import PanelConfig
 from agents.react import ReActConfig
 from orchestrator.learners.dpo import DPOConfig
+from orchestrator.learners.slhf import SLHFConfig
+from orchestrator.learners.tpo import TPOConfig
 from search.mcts import MCTSConfig
 
 
@@ -97,6 +99,10 @@ class LearnerSection(_Strict):
     algorithm: Literal["dpo", "tpo", "slhf"] = Field("dpo", description="Learner of the run.")
     replay: int = Field(0, ge=0, description="Also train on the data of this many past iterations.")
     dpo: DPOConfig = Field(default_factory=_demo_dpo, description="DPO family (sigmoid, IPO, MCTS-DPO, SimPO).")
+    tpo: TPOConfig = Field(default_factory=lambda: TPOConfig(num_threads=1, reference="refresh"),
+                           description="TPO on ranked lists (docs/learners.md).")
+    slhf: SLHFConfig = Field(default_factory=lambda: SLHFConfig(num_threads=1),
+                             description="Stackelberg leader/follower; the oracle is the env's verifier.")
 
 
 class EvalConfig(_Strict):

@@ -177,10 +177,11 @@ class Loop:
         return out
 
     # -- learning and redeploy ------------------------------------------------------------------
-    def learn(self, index: int) -> tuple[dict[str, float], bool]:
+    def learn(self, index: int, tasks: Sequence[Task] | None = None) -> tuple[dict[str, float], bool]:
         """Train on the store's data; on success the new weights become ``weights_ref``."""
         ckpt_dir = str(self.run_dir / "checkpoints")
-        metrics_ref, weights_ref = self.learner.train.remote(index, ckpt_dir)
+        slhf_tasks = list(tasks) if tasks is not None and self.cfg.learner.algorithm == "slhf" else None
+        metrics_ref, weights_ref = self.learner.train.remote(index, ckpt_dir, slhf_tasks)
         metrics = self.ray.get(metrics_ref)
         if metrics.get("rejected_update", 0.0) or metrics.get("pairs", 0.0) == 0:
             return metrics, False
@@ -268,7 +269,7 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
                     timings["store_s"] = roll.pop("store_s", 0.0)
 
                     t = time.perf_counter()
-                    learn, updated = loop.learn(index)
+                    learn, updated = loop.learn(index, tasks)
                     timings["learn_s"] = time.perf_counter() - t
 
                 timings["redeploy_s"] = loop.redeploy() if updated else 0.0

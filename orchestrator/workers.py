@@ -135,21 +135,40 @@ class LearnerActor:
         from orchestrator.learners import make_learner
         from store.database import open_store
 
+        from agents.registry import make_environment
+
         self.cfg = RunConfig.model_validate(cfg)
         _set_threads(self.cfg.engine.num_threads)
         self.model_dir = _materialise(model, "treeplay-learner-")
-        self.learner = make_learner(self.cfg, self.model_dir)
+        self.env = make_environment(self.cfg.env.name, **self.cfg.env.kwargs)
+        self.tasks_by_prompt: dict[str, Any] = {}
+        self.learner = make_learner(self.cfg, self.model_dir, preference=self.verifier_preference)
         self.store = open_store(self.cfg.store.url)
         self.run_id = run_id
         self.version = version
         self._updates = 0.0
 
+    def verifier_preference(self, prompt: str, a: str, b: str) -> float:
+        """SLHF's oracle p(a > b | prompt) from the environment's exact verifier: 1, 0, or 0.5 on ties
+        (and when the prompt is not one of the iteration's tasks)."""
+        task = self.tasks_by_prompt.get(prompt)
+        if task is None:
+            return 0.5
+        from agents.episode import verify_completion
+
+        va, vb = verify_completion(self.env, task, a), verify_completion(self.env, task, b)
+        return 0.5 if va == vb else float(va)
+
     @ray.method(num_returns=2)
-    def train(self, iteration: int, checkpoint_dir: str | None) -> tuple[dict[str, float], WeightsPayload | None]:
+    def train(self, iteration: int, checkpoint_dir: str | None,
+              tasks: list | None = None) -> tuple[dict[str, float], WeightsPayload | None]:
         """Train on this iteration's data (plus replay); return metrics and the new weights, or None
-        when the update was rejected (NaN/inf or exploding gradients): then the old weights stay."""
+        when the update was rejected (NaN/inf or exploding gradients): then the old weights stay.
+        ``tasks`` (this iteration's) let the SLHF oracle verify answers."""
         from store import queries
 
+        if tasks:
+            self.tasks_by_prompt.update({t.prompt: t for t in tasks})
         t0 = time.perf_counter()
         data = queries.preference_data(self.store, self.run_id, iteration, replay=self.cfg.learner.replay)
         if len(data) == 0:
@@ -157,7 +176,7 @@ class LearnerActor:
         updates_before = self._updates
         metrics = dict(self.learner.train(data))
         metrics["learn_s"] = time.perf_counter() - t0
-        metrics["pairs"] = float(len(data.pairs))
+        metrics["pairs"] = float(len(data.pairs) + len(data.ranked_lists))
         applied = metrics.get("updates", 0.0) - updates_before
         self._updates = metrics.get("updates", self._updates)
         if not update_is_deployable(metrics, applied, getattr(self.learner, "healthy", True)):

@@ -109,7 +109,7 @@ def test_unknown_mode_is_a_clear_error(engine):
         run_rollouts(cfg, [], engine, lambda: None)
 
 
-def test_verify_completion_uses_verify_or_replays_the_episode():
+def test_verify_completion_replays_the_episode_and_ignores_what_follows_its_end():
     from agents.episode import verify_completion
     from agents.registry import make_environment
 
@@ -117,6 +117,7 @@ def test_verify_completion_uses_verify_or_replays_the_episode():
     task = arith.tasks("test", 1, seed=0)[0]
     assert verify_completion(arith, task, task.reference)
     assert not verify_completion(arith, task, "1+1=3\n3+1=9")
+    assert verify_completion(arith, task, task.reference + "7x!q\n99")  # junk after the last step
 
     class NoVerify:
         """Arithmetic without its verify method: the replay path must give the same verdicts."""

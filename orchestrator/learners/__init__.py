@@ -8,11 +8,24 @@ from pathlib import Path
 from typing import Any
 
 
-def make_learner(cfg: Any, model_dir: str | Path) -> Any:
-    """The learner of ``cfg.learner.algorithm``, starting from the model in ``model_dir``."""
+def make_learner(cfg: Any, model_dir: str | Path, preference: Any = None) -> Any:
+    """The learner of ``cfg.learner.algorithm``, starting from the model in ``model_dir``.
+
+    ``preference`` is SLHF's oracle ``(prompt, a, b) -> p(a > b)``; the other learners ignore it.
+    """
     algo = cfg.learner.algorithm
     if algo == "dpo":
         from orchestrator.learners.dpo import DPOLearner
 
         return DPOLearner(model_dir, cfg.learner.dpo)
+    if algo == "tpo":
+        from orchestrator.learners.tpo import TPOLearner
+
+        return TPOLearner(model_dir, cfg.learner.tpo)
+    if algo == "slhf":
+        from orchestrator.learners.slhf import SLHFLearner
+
+        if preference is None:
+            raise ValueError("learner.algorithm 'slhf' needs a preference oracle")
+        return SLHFLearner(model_dir, preference, cfg.learner.slhf)
     raise ValueError(f"learner.algorithm '{algo}' is not available")
