@@ -143,3 +143,13 @@ def test_verify_completion_replays_the_episode_and_ignores_what_follows_its_end(
     assert verify_completion(plain, task, task.reference)
     assert not verify_completion(plain, task, "1+1=3\n3+1=9")
     assert not verify_completion(plain, task, "")
+
+
+def test_generate_with_stops_survives_every_row_ending_in_eos(tiny_model_dir):
+    """Regression: when all rows hit EOS on the same step, the stop-string check had no rows to
+    decode and crashed (batch_decode([]) returns [''])."""
+    eng = make_engine("hf", tiny_model_dir, seed=0, num_threads=1)
+    prompt = "Question: What is the population of Raia divided by its area (integer division)?\n"
+    for seed in range(12):
+        out = eng.generate([prompt], n=1, seed=seed, max_tokens=16, temperature=0.7, stop=["\n"])
+        assert len(out) == 1 and len(out[0]) == 1

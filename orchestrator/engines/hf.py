@@ -346,9 +346,9 @@ class HFEngine:
                     length[live[r]] = t  # EOS is not part of the completion
                     finish[live[r]] = "eos"
                 active &= ~eos
-            if stops:
+            cand = torch.nonzero(active).flatten().tolist() if stops else []
+            if cand:  # batch_decode([]) returns [''], so never call it with no rows
                 lo = max(0, t + 1 - window)
-                cand = torch.nonzero(active).flatten().tolist()
                 tails = self.tokenizer.batch_decode(
                     out_tok[live[cand], lo : t + 1].tolist(),
                     skip_special_tokens=False,
