@@ -26,12 +26,14 @@ Usage:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from agents.base import Completion, Prompt, Scored
@@ -63,8 +65,6 @@ class HFEngine:
         max_batch_size: Most sequences (prompts x n) decoded together; larger requests run in chunks.
         prefix_reuse: Run a prefix shared by several prompts once (see the module docstring).
         min_shared_prefix: Shortest shared prefix, in tokens, worth its own forward.
-        attn_implementation: transformers attention kernel ("sdpa", "eager", ...); None keeps
-            the model's default (sdpa).
     """
 
     def __init__(
@@ -77,7 +77,6 @@ class HFEngine:
         max_batch_size: int = 256,
         prefix_reuse: bool = True,
         min_shared_prefix: int = 16,
-        attn_implementation: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,8 +89,10 @@ class HFEngine:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[dtype], **extra)
+            AttentionInterface.register(_ATTENTION, _shared_prefix_attention)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=_DTYPES[dtype], attn_implementation=_ATTENTION
+            )
         except Exception as e:  # transformers raises many types; one clear line is what callers need
             raise EngineError(f"could not load a model from {str(self.model_path)!r}: {e}") from e
         self.model = model.to(device).eval()
@@ -272,56 +273,67 @@ class HFEngine:
 
     # ---------------------------------------------------------------- the sampling loop
 
-    def _forward(self, input_ids, mask, positions, cache, logits_to_keep: int = 1):
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        ).logits
+    def _forward(self, input_ids, plan: _AttentionPlan, positions, cache, logits_to_keep: int = 1):
+        """One model forward whose attention follows ``plan`` (see ``_shared_prefix_attention``)."""
+        _active.plan = plan
+        try:
+            return self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                logits_to_keep=logits_to_keep,
+            ).logits
+        finally:
+            _active.plan = None
 
     @torch.inference_mode()
     def _generate_chunk(self, ids, chunk, n, max_tokens, temperature, top_p, stops, gen, results) -> None:
         dev = self.device
         members = [i for _, m in chunk for i in m]
         prefix_len = [plen for plen, m in chunk]
-        # Stage 1: each group's shared prefix once, left padded.
+        # Stage 1: each group's shared prefix once, left padded. Its K/V stay one copy per group.
         width = max(prefix_len)
         suffixes = [ids[i][prefix_len[g] :] for g, (_, m) in enumerate(chunk) for i in m]
         swidth = max(len(s) for s in suffixes)
-        cache = _preallocated_cache(self.model.config, width + swidth + max_tokens)
-        mask_a = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask_a = torch.zeros(len(chunk), width, dtype=torch.bool)
         tok_a = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
         for g, (plen, m) in enumerate(chunk):
             if plen:
                 tok_a[g, width - plen :] = torch.tensor(ids[m[0]][:plen])
-                mask_a[g, width - plen :] = 1
-        if width:
-            pos_a = (mask_a.cumsum(-1) - 1).clamp(min=0)
-            self._forward(tok_a.to(dev), mask_a.to(dev), pos_a.to(dev), cache)
-        # Stage 2: expand the prefix cache to every member; members run their own suffixes.
+                mask_a[g, width - plen :] = True
         group_of = torch.tensor([g for g, (_, m) in enumerate(chunk) for _ in m], dtype=torch.long)
+        prefix = None
         if width:
-            cache.batch_select_indices(group_of.to(dev))
-        mask_b = torch.zeros(len(members), swidth, dtype=torch.long)
+            prefix_cache = _preallocated_cache(self.model.config, width)
+            pos_a = (mask_a.long().cumsum(-1) - 1).clamp(min=0)
+            self._forward(tok_a.to(dev), _AttentionPlan(mask_a.to(dev)), pos_a.to(dev), prefix_cache)
+            prefix = (
+                [layer.keys for layer in prefix_cache.layers],
+                [layer.values for layer in prefix_cache.layers],
+                mask_a.to(dev),
+            )
+        # Stage 2: members run their own suffixes, attending to their group's prefix.
+        cache = _preallocated_cache(self.model.config, swidth + max_tokens)
+        mask = torch.zeros(len(members), swidth, dtype=torch.bool)
         tok_b = torch.full((len(members), swidth), self.pad_id, dtype=torch.long)
         for r, s in enumerate(suffixes):
             tok_b[r, swidth - len(s) :] = torch.tensor(s)
-            mask_b[r, swidth - len(s) :] = 1
-        mask = torch.cat([mask_a[group_of], mask_b], dim=1)
+            mask[r, swidth - len(s) :] = True
         start = torch.tensor([prefix_len[g] for g in group_of.tolist()], dtype=torch.long)
-        pos_b = (start[:, None] + mask_b.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(tok_b.to(dev), mask.to(dev), pos_b.to(dev), cache)[:, -1]
-        # Stage 3: the n samples of each prompt share its cache.
+        pos_b = (start[:, None] + mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask, row_group = mask.to(dev), group_of.to(dev)
+        logits = self._forward(tok_b.to(dev), _AttentionPlan(mask, prefix, row_group), pos_b.to(dev), cache)[
+            :, -1
+        ]
+        # Stage 3: the n samples of each prompt share its prompt forward: its own cache is repeated,
+        # the group prefix is not copied at all.
         if n > 1:
             cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
-            start = start.repeat_interleave(n)
+            row_group = row_group.repeat_interleave(n)
             pos_b = pos_b.repeat_interleave(n, dim=0)
-        mask = mask.to(dev)
         next_pos = pos_b[:, -1].to(dev) + 1
         rows = len(members) * n
         out_tok = torch.zeros(rows, max_tokens, dtype=torch.long)
@@ -362,16 +374,23 @@ class HFEngine:
             n_active = int(active.sum())
             if t == max_tokens - 1 or n_active == 0:
                 break
-            if n_active <= 0.75 * len(live):
-                # Drop finished rows once a quarter of the batch is done: each drop copies the cache,
-                # so dropping on every finish costs more than the rows it saves.
+            remaining = max_tokens - 1 - t
+            if n_active <= 0.5 * len(live) or (n_active <= 0.75 * len(live) and remaining >= 16):
+                # Each drop copies the whole cache, so drop finished rows only when enough of the
+                # batch is done and enough steps remain for the smaller batch to pay that back.
                 keep = torch.nonzero(active).flatten()
                 keep_dev = keep.to(dev)
                 cache.batch_select_indices(keep_dev)
                 live, active = live[keep], active[keep]
-                tok, mask, next_pos = tok[keep_dev], mask[keep_dev], next_pos[keep_dev]
-            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=dev)], dim=1)
-            logits = self._forward(tok[:, None], mask, next_pos[:, None], cache)[:, -1]
+                tok, mask, next_pos, row_group = (
+                    tok[keep_dev],
+                    mask[keep_dev],
+                    next_pos[keep_dev],
+                    row_group[keep_dev],
+                )
+            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=torch.bool, device=dev)], dim=1)
+            plan = _AttentionPlan(mask, prefix, row_group)
+            logits = self._forward(tok[:, None], plan, next_pos[:, None], cache)[:, -1]
             next_pos = next_pos + 1
         for r in range(rows):
             toks = out_tok[r, : length[r]].tolist()
@@ -390,18 +409,99 @@ class HFEngine:
         if keep == 0:
             return [[] for _ in seqs]
         tok = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.bool)
         for r, s in enumerate(seqs):
             tok[r, width - len(s) :] = torch.tensor(s)
-            mask[r, width - len(s) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            mask[r, width - len(s) :] = True
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         dev = self.device
         # Left padding puts every continuation at the right end: only those logits are needed.
-        logits = self._forward(tok.to(dev), mask.to(dev), pos.to(dev), None, logits_to_keep=keep + 1)
+        logits = self._forward(
+            tok.to(dev), _AttentionPlan(mask.to(dev)), pos.to(dev), None, logits_to_keep=keep + 1
+        )
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         target = tok[:, width - keep :].to(dev)
         picked = logp.gather(-1, target[..., None]).squeeze(-1).cpu()
         return [picked[r, keep - len(c) :].tolist() for r, c in enumerate(c_ids)]
+
+
+_ATTENTION = "treeplay_shared_prefix"
+
+
+class _AttentionPlan:
+    """What the attention of one forward may see, set by the engine around each forward.
+
+    Keys come in two parts. The row's own keys (the KV cache of this forward: suffix and generated
+    tokens, or everything when there is no shared prefix) are masked by ``own_mask`` [rows, keys]
+    (padding) and causally. Optionally, each row also attends to its group's shared prefix, kept
+    ONCE per group: ``prefix = (keys per layer, values per layer, mask [groups, prefix_len])`` and
+    ``row_group`` [rows] names each row's group. Rows of a group must be contiguous.
+    """
+
+    def __init__(self, own_mask: torch.Tensor, prefix=None, row_group: torch.Tensor | None = None) -> None:
+        self.own_mask = own_mask
+        self.prefix = prefix
+        self.row_group = row_group
+        if prefix is not None:
+            groups = prefix[2].shape[0]
+            counts = torch.bincount(row_group, minlength=groups)
+            starts = counts.cumsum(0) - counts
+            self.row_slot = torch.arange(len(row_group), device=row_group.device) - starts[row_group]
+            self.slots = int(counts.max())
+
+
+_active = threading.local()
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over [group prefix | own keys] without copying the prefix to every row.
+
+    Registered with transformers as the model's attention function. The prefix part is one batched
+    matmul per group (rows of a group padded to the same count), so a prefix shared by many rows is
+    read once, not once per row; the two parts share one softmax.
+    """
+    plan: _AttentionPlan | None = getattr(_active, "plan", None)
+    if plan is None:  # the model called outside the engine: plain causal attention
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=query.shape[2] > 1
+        )
+    rows, heads, q_len, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    x = heads // kv_heads * q_len  # the query heads sharing a KV head fold into the query axis
+    qf = query.reshape(rows, kv_heads, x, dim)
+    scale = scaling if scaling is not None else dim**-0.5
+    low = torch.finfo(torch.float32).min  # finite: a fully masked (padding) query gives no NaN
+    own_mask = plan.own_mask[:, None, None, -n_keys:]
+    if q_len > 1:
+        q_pos = torch.arange(n_keys - q_len, n_keys, device=query.device)
+        causal = torch.arange(n_keys, device=query.device)[None, :] <= q_pos[:, None]
+        own_mask = own_mask & causal.repeat(heads // kv_heads, 1)
+    scores = (qf @ key.transpose(-1, -2)).float() * scale
+    if plan.prefix is None:
+        probs = scores.masked_fill(~own_mask, low).softmax(-1).to(value.dtype)
+        out = probs @ value
+    else:
+        pk, pv, pmask = plan.prefix[0][module.layer_idx], plan.prefix[1][module.layer_idx], plan.prefix[2]
+        groups, n_prefix = pk.shape[0], pk.shape[2]
+        g, slot, m = plan.row_group, plan.row_slot, plan.slots
+
+        def to_groups(t: torch.Tensor) -> torch.Tensor:  # [rows, kvh, x, c] -> [groups, kvh, m*x, c]
+            padded = t.new_zeros(groups, m, *t.shape[1:])
+            padded[g, slot] = t
+            return padded.transpose(1, 2).reshape(groups, kv_heads, m * x, t.shape[-1])
+
+        def to_rows(t: torch.Tensor) -> torch.Tensor:  # [groups, kvh, m*x, c] -> [rows, kvh, x, c]
+            return t.view(groups, kv_heads, m, x, t.shape[-1]).transpose(1, 2)[g, slot]
+
+        prefix_scores = to_rows(to_groups(qf) @ pk.transpose(-1, -2)).float() * scale
+        mask = torch.cat(
+            [pmask[g][:, None, None, :].expand(rows, 1, x, n_prefix), own_mask.expand(rows, 1, x, n_keys)], -1
+        )
+        probs = torch.cat([prefix_scores, scores], -1).masked_fill(~mask, low).softmax(-1).to(value.dtype)
+        out = to_rows(to_groups(probs[..., :n_prefix].contiguous()) @ pv) + probs[..., n_prefix:] @ value
+    return out.reshape(rows, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 class _PreallocatedLayer(DynamicLayer):
