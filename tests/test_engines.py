@@ -16,13 +16,8 @@ import pytest
 from agents.base import Completion, Policy
 from orchestrator.engines import EngineError, make_engine
 
-for _key, _value in {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-    "VLLM_CACHE_ROOT": os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"),
-}.items():
-    os.environ.setdefault(_key, _value)
+# VLLMEngine sets the vllm-cpu defaults it needs; keep vLLM's compile cache out of $HOME.
+os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"))
 
 PROMPTS = ["12+30=", "The tree has", "x"]
 _engines: dict[str, object] = {}
