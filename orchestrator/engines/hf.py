@@ -3,13 +3,14 @@
 Why not ``model.generate``: we need control over three things it does not give together.
 
 1. The n samples of a prompt share ONE prompt forward: the prompt's KV cache is computed once and
-   expanded n times (``DynamicCache.batch_select_indices``), never recomputed.
+   repeated n times, never recomputed.
 2. Prompts that share a long token prefix (tree search: one task prompt, many partial paths) run the
-   shared prefix once per group and expand its cache to the members, which then only run their own
-   suffixes. Rows are left padded and the suffix stage pads in the middle; an explicit 2-D attention
-   mask and explicit position ids keep every row's positions exact.
-3. Per-token log-probs, stop strings and early exit: finished rows are dropped from the batch as
-   they finish, and the loop ends when all rows are done.
+   shared prefix once per group; its K/V stay one copy per group, and a custom attention function
+   (``_shared_prefix_attention``) lets every member row attend to it with one batched matmul per
+   group, so members only run, store and re-read their own suffixes. Explicit position ids and
+   per-row masks keep every row's positions exact despite padding.
+3. Per-token log-probs, stop strings and early exit: finished rows are dropped from the batch when
+   that pays back its cache copy, and the loop ends when all rows are done.
 
 Log-prob definition (shared with ``VLLMEngine``): each generated token's log-probability under the
 model's raw next-token distribution, ``log_softmax(logits)`` at temperature 1, before temperature or
