@@ -70,7 +70,7 @@ class WarmStartConfig(_Strict):
 
 class RolloutConfig(_Strict):
     mode: Literal["mcts", "sample", "react", "panel", "multi_agent"] = "mcts"
-    tasks_per_iteration: int = Field(512, ge=1)
+    tasks_per_iteration: int = Field(1024, ge=1)
     chunk_size: int = Field(128, ge=1, description="Tasks sent to a worker at a time (streamed back).")
     num_workers: int = Field(1, ge=1, description="Rollout worker actors.")
     samples_per_task: int = Field(8, ge=1, description="'sample' mode: completions per task.")
@@ -89,8 +89,10 @@ class RolloutConfig(_Strict):
 def _demo_dpo() -> DPOConfig:
     # FIELD-NOTES: on tiny models plain DPO on self-generated pairs stalls; DPO + NLL on the chosen
     # response (iterative RPO) learns. lr 1e-4, beta 0.1, batch 16, reference = policy at round start.
+    # A short learning-rate warm-up: without it the first iteration's updates (fresh Adam moments)
+    # often cost several points of accuracy before later iterations recover (docs/demo.md).
     return DPOConfig(loss_type="mcts_dpo", nll_weight=1.0, lr=1e-4, beta=0.1, batch_size=16,
-                     reference="refresh", num_threads=1)
+                     reference="refresh", num_threads=1, warmup_steps=20)
 
 
 class LearnerSection(_Strict):
@@ -98,6 +100,9 @@ class LearnerSection(_Strict):
 
     algorithm: Literal["dpo", "tpo", "slhf"] = Field("dpo", description="Learner of the run.")
     replay: int = Field(0, ge=0, description="Also train on the data of this many past iterations.")
+    control: Literal["none", "shuffle"] = Field(
+        "none", description="'shuffle': swap chosen/rejected of each pair by a coin flip before training, "
+        "a control run without verifier signal (FIELD-NOTES: such a run must gain far less).")
     dpo: DPOConfig = Field(default_factory=_demo_dpo, description="DPO family (sigmoid, IPO, MCTS-DPO, SimPO).")
     tpo: TPOConfig = Field(default_factory=lambda: TPOConfig(num_threads=1, reference="refresh"),
                            description="TPO on ranked lists (docs/learners.md).")
@@ -106,7 +111,7 @@ class LearnerSection(_Strict):
 
 
 class EvalConfig(_Strict):
-    tasks: int = Field(300, ge=0, description="Held-out tasks evaluated each iteration.")
+    tasks: int = Field(500, ge=0, description="Held-out tasks evaluated each iteration.")
     sample_temperature: float = Field(1.0, ge=0, description="Also report accuracy of samples at this T.")
 
 
@@ -121,6 +126,7 @@ class RayConfig(_Strict):
     worker_num_gpus: float = Field(0.0, ge=0)
     learner_num_cpus: float = Field(1.0, ge=0)
     learner_num_gpus: float = Field(0.0, ge=0)
+    startup_timeout_s: float = Field(600.0, gt=0, description="Actors must be up within this (model load included).")
 
 
 def _demo_search() -> MCTSConfig:
@@ -135,7 +141,7 @@ class RunConfig(_Strict):
 
     name: str = Field("demo", description="Run name; a taken name gets a numeric suffix.")
     seed: int = 0
-    iterations: int = Field(8, ge=0)
+    iterations: int = Field(20, ge=0)
     output_dir: str = Field("runs", description="Where models, checkpoints and plots go.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)

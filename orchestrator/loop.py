@@ -14,6 +14,8 @@ store refuses to write a task twice, so nothing is lost or duplicated.
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -106,7 +108,11 @@ class Loop:
 
         self.cfg, self.store, self.run_id, self.version = cfg, store, run_id, version
         self.run_dir = Path(cfg.output_dir) / cfg.name
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        # A local cluster gets at least the CPUs its actors ask for (Ray's CPUs are logical: the OS
+        # shares the cores); otherwise the learner would wait forever for a free CPU.
+        wanted = cfg.rollout.num_workers * cfg.ray.worker_num_cpus + cfg.ray.learner_num_cpus
+        local_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
+        init_ray(cfg.ray.address, local_cpus)
         self.ray = ray
         # The model travels through the object store once (no shared paths between nodes).
         # Held for the run's lifetime: a restarted worker re-reads its constructor arguments.
@@ -121,8 +127,15 @@ class Loop:
         ]
         self.learner = LearnerActor.options(**self.placement.learner).remote(cfg_dict, model_ref, run_id, version)
         self.weights_ref = None  # the payload every worker must serve (None: the initial model)
-        infos = ray.get([w.info.remote() for w in self.workers] + [self.learner.ping.remote()])
-        self.worker_info = infos[:-1]
+        refs = [w.info.remote() for w in self.workers] + [self.learner.ping.remote()]
+        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=cfg.ray.startup_timeout_s)
+        if waiting:
+            raise RuntimeError(
+                f"{len(waiting)} of {len(refs)} actors did not start within {cfg.ray.startup_timeout_s:.0f}s; the "
+                f"cluster has {ray.available_resources()} free and the run asks for {cfg.rollout.num_workers} "
+                f"workers x {{CPU: {cfg.ray.worker_num_cpus}, GPU: {cfg.ray.worker_num_gpus}}} + a learner "
+                f"{{CPU: {cfg.ray.learner_num_cpus}, GPU: {cfg.ray.learner_num_gpus}}}")
+        self.worker_info = ray.get(refs)[:-1]
 
     # -- rollouts ---------------------------------------------------------------------------------
     def _ensure_version(self, worker) -> None:
@@ -318,6 +331,7 @@ def plot_learning_curve(store: Store, run_id: int, path: Path, title: str | None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     series = queries.metric_series(store, run_id)
     greedy, sample = series.get("eval/accuracy_greedy", []), series.get("eval/accuracy_sample", [])
@@ -329,6 +343,7 @@ def plot_learning_curve(store: Store, run_id: int, path: Path, title: str | None
     if sample:
         ax.plot([i + 1 for i, _ in sample], [v for _, v in sample], marker="s", label="sampled (T=1)")
     ax.set_xlabel("iterations completed (0 = warm start)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

@@ -115,6 +115,25 @@ class RolloutWorker:
         return evaluate(self.cfg, tasks, self.engine, self.env_factory, temperature=temperature)
 
 
+def shuffled_control(data: Any, seed: int) -> Any:
+    """The same pairs with chosen and rejected swapped by a seeded coin flip each: the data's shape,
+    lengths and NLL targets' distribution stay, the verifier's signal goes."""
+    import dataclasses
+    import random
+
+    from store.records import PreferenceData
+
+    rng = random.Random(seed)
+    pairs = [
+        dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, chosen_node=p.rejected_node,
+                            rejected_node=p.chosen_node, chosen_visits=p.rejected_visits,
+                            rejected_visits=p.chosen_visits)
+        if rng.random() < 0.5 else p
+        for p in data.pairs
+    ]
+    return PreferenceData(pairs=pairs, ranked_lists=data.ranked_lists)
+
+
 def update_is_deployable(metrics: dict[str, Any], applied: float, healthy: bool) -> bool:
     """Whether an iteration's training may be redeployed.
 
@@ -124,6 +143,29 @@ def update_is_deployable(metrics: dict[str, Any], applied: float, healthy: bool)
     """
     skipped = float(metrics.get("skipped_updates", 0.0))
     return healthy and applied > 0 and skipped < applied
+
+
+def train_guarded(learner: Any, data: Any) -> tuple[dict[str, Any], bool]:
+    """One ``learner.train(data)``; if the iteration may not be deployed, its weights are put back.
+
+    The learner rolls single bad updates back itself, but weights blown up to huge *finite* values
+    can still give finite losses and pass its checks; the loop then refuses to deploy them
+    (``update_is_deployable``) and the next iteration must not start from them either.
+
+    Returns:
+        The learner's metrics (plus ``restored`` = 1 when the weights were put back) and whether the
+        new weights may be deployed.
+    """
+    before = learner.state_dict()  # CPU copies
+    updates_before = float(learner.policy.updates)
+    metrics = dict(learner.train(data))
+    applied = float(learner.policy.updates) - updates_before
+    deployable = update_is_deployable(metrics, applied, learner.healthy)
+    if not deployable:
+        learner.policy.model.load_state_dict(before)
+        learner.policy.healthy = True
+        metrics["restored"] = 1.0
+    return metrics, deployable
 
 
 @ray.remote(max_restarts=0)
@@ -146,7 +188,6 @@ class LearnerActor:
         self.store = open_store(self.cfg.store.url)
         self.run_id = run_id
         self.version = version
-        self._updates = 0.0
 
     def verifier_preference(self, prompt: str, a: str, b: str) -> float:
         """SLHF's oracle p(a > b | prompt) from the environment's exact verifier: 1, 0, or 0.5 on ties
@@ -171,15 +212,14 @@ class LearnerActor:
             self.tasks_by_prompt.update({t.prompt: t for t in tasks})
         t0 = time.perf_counter()
         data = queries.preference_data(self.store, self.run_id, iteration, replay=self.cfg.learner.replay)
+        if self.cfg.learner.control == "shuffle":
+            data = shuffled_control(data, seed=self.cfg.seed * 7919 + iteration)
         if len(data) == 0:
             return {"learn_s": time.perf_counter() - t0, "pairs": 0.0, "rejected_update": 0.0}, None
-        updates_before = self._updates
-        metrics = dict(self.learner.train(data))
+        metrics, deployable = train_guarded(self.learner, data)
         metrics["learn_s"] = time.perf_counter() - t0
         metrics["pairs"] = float(len(data.pairs) + len(data.ranked_lists))
-        applied = metrics.get("updates", 0.0) - updates_before
-        self._updates = metrics.get("updates", self._updates)
-        if not update_is_deployable(metrics, applied, getattr(self.learner, "healthy", True)):
+        if not deployable:
             metrics["rejected_update"] = 1.0
             return metrics, None
         metrics["rejected_update"] = 0.0

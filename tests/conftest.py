@@ -56,15 +56,10 @@ def store_url(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory):
-    """The tiny Llama after a short supervised warm start on 2-digit arithmetic (a few % accurate,
-    enough to produce both right and wrong answers, hence preference pairs)."""
-    from agents.registry import make_environment
-    from orchestrator.engines.tiny import build_tiny_model
-    from orchestrator.warmstart import supervised_warm_start
+    """The demo's starting policy: the tiny Llama after the demo's own supervised warm start
+    (RunConfig defaults: 500 steps on 2-digit arithmetic; ~50% greedy held-out accuracy)."""
+    from orchestrator.config import RunConfig
+    from orchestrator.loop import prepare_model
 
-    path = build_tiny_model(tmp_path_factory.mktemp("warm") / "model", hidden_size=128, num_layers=4,
-                            max_positions=128)
-    env = make_environment("arithmetic", ops=1, digits=2)
-    supervised_warm_start(path, env.demonstrations(env.tasks("train", 8000, seed=5)), steps=300,
-                          batch_size=64, lr=2e-3, seed=0, num_threads=1)
+    path, _ = prepare_model(RunConfig(engine={"num_threads": 1}), tmp_path_factory.mktemp("warm"))
     return path

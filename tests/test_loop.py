@@ -56,21 +56,26 @@ def test_killed_worker_is_restarted_and_nothing_is_lost_or_duplicated(tmp_path, 
         loop.redeploy()
         queries.finish_iteration(store, run_id, 0)
 
-        tasks = env.tasks("train", 48, seed=2)
+        # 32 chunks: enough that the kill lands while the victim is busy with one.
+        tasks = env.tasks("train", 256, seed=2)
         queries.start_iteration(store, run_id, 1, loop.version)
         victim = ray.get(loop.workers[0].info.remote())["pid"]
+        killed_at: list[float] = []
 
         def kill_after_first_write() -> None:
             deadline = time.monotonic() + 120
             while not queries.completed_task_ids(store, run_id, 1) and time.monotonic() < deadline:
-                time.sleep(0.02)
+                time.sleep(0.01)
             os.kill(victim, signal.SIGKILL)
+            killed_at.append(time.monotonic())
 
         killer = threading.Thread(target=kill_after_first_write)
         killer.start()
         stats = loop.rollout(1, tasks)
+        finished_at = time.monotonic()
         killer.join()
 
+        assert killed_at and killed_at[0] < finished_at, "the worker must die mid-rollout"
         assert stats["worker_restarts"] >= 1
         assert queries.completed_task_ids(store, run_id, 1) == {t.id for t in tasks}
         trees = queries.list_trees(store, run_id, 1)

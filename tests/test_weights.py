@@ -31,3 +31,4 @@ def test_fingerprint_changes_with_any_weight():
     f0 = fingerprint(sd)
     sd["w"][1] = 1e-6
     assert fingerprint(sd) != f0
+
