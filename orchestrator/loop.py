@@ -107,7 +107,8 @@ class Loop:
         from orchestrator.workers import LearnerActor, ModelFiles, RolloutWorker, init_ray
 
         self.cfg, self.store, self.run_id, self.version = cfg, store, run_id, version
-        self.run_dir = Path(cfg.output_dir) / cfg.name
+        # Absolute on the driver: the learner resolves paths on its own node and working directory.
+        self.run_dir = (Path(cfg.output_dir) / cfg.name).resolve()
         # A local cluster gets at least the CPUs its actors ask for (Ray's CPUs are logical: the OS
         # shares the cores); otherwise the learner would wait forever for a free CPU.
         wanted = cfg.rollout.num_workers * cfg.ray.worker_num_cpus + cfg.ray.learner_num_cpus
@@ -138,9 +139,13 @@ class Loop:
         self.worker_info = ray.get(refs)[:-1]
 
     # -- rollouts ---------------------------------------------------------------------------------
-    def _ensure_version(self, worker) -> None:
+    def _ensure_version(self, worker) -> bool:
+        """Bring a worker to the served version; True if it had to (after a deploy, only a worker
+        that Ray restarted from the initial model is behind)."""
         if self.weights_ref is not None and self.ray.get(worker.info.remote())["version"] != self.version:
             self.ray.get(worker.apply_weights.remote(self.weights_ref))
+            return True
+        return False
 
     def rollout(self, index: int, tasks: Sequence[Task], progress: Progress | None = None) -> dict[str, float]:
         """Run ``tasks`` over the workers, writing each chunk's results as it finishes."""
@@ -156,12 +161,12 @@ class Loop:
         bar = progress.add_task(f"iter {index} rollouts", total=len(tasks), completed=len(tasks) - sum(len(t) for _, t in pending)) if progress else None
         in_flight: dict[Any, tuple[int, list[Task], int]] = {}
         idle = list(range(len(self.workers)))
-        stats, restarts, write_s = [], 0, 0.0
+        stats, reruns, reapplied, write_s = [], 0, 0, 0.0
         while pending or in_flight:
             while pending and idle:
                 w = idle.pop(0)
                 c, ts = pending.pop(0)
-                self._ensure_version(self.workers[w])
+                reapplied += self._ensure_version(self.workers[w])
                 seed = self.cfg.seed * 1_000_003 + index * 7919 + c
                 in_flight[self.workers[w].rollout.remote(ts, index, self.version, seed)] = (c, ts, w)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -171,7 +176,7 @@ class Loop:
                 results, st = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 # The worker died (Ray restarts it): re-run its chunk; nothing of it was written.
-                restarts += 1
+                reruns += 1
                 console.print(f"[yellow]worker {w} died ({type(e).__name__}); re-running chunk {c}[/]")
                 pending.insert(0, (c, ts))
                 idle.append(w)
@@ -185,7 +190,8 @@ class Loop:
             if progress is not None:
                 progress.update(bar, advance=len(ts))
         out = rollout_summary(stats)
-        out["worker_restarts"] = float(restarts)
+        out["chunk_reruns"] = float(reruns)  # chunks whose worker died under them, run again
+        out["weights_reapplied"] = float(reapplied)  # restarted workers brought back to the served version
         out["store_s"] = write_s
         return out
 
@@ -230,6 +236,7 @@ class Loop:
                 self.ray.kill(a)
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
+        self.placement.release()  # else a later Loop in this driver cannot place its actors
 
 
 def _print_iteration(rep: IterationReport) -> None:
