@@ -160,7 +160,13 @@ def status(
         return
     t = Table("iter", "status", "version", "greedy acc", "T=1 acc", "pairs", "loss",
               title=f"run {info.name} ({info.status})")
-    fmt = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    def fmt(v: object) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.3f}"
+        return str(v)
+
     for r in rows:
         t.add_row(*(fmt(r[k]) for k in ("iteration", "status", "policy_version", "accuracy", "sample_accuracy", "pairs", "loss")))
     Console().print(t)

@@ -162,6 +162,7 @@ class Loop:
         in_flight: dict[Any, tuple[int, list[Task], int]] = {}
         idle = list(range(len(self.workers)))
         stats, reruns, reapplied, write_s = [], 0, 0, 0.0
+        t_roll = time.perf_counter()
         while pending or in_flight:
             while pending and idle:
                 w = idle.pop(0)
@@ -188,7 +189,7 @@ class Loop:
             write_s += time.perf_counter() - t0
             stats.append(st)
             if progress is not None:
-                progress.update(bar, advance=len(ts))
+                progress.update(bar, advance=len(ts), description=_live_line(index, stats, time.perf_counter() - t_roll))
         out = rollout_summary(stats)
         out["chunk_reruns"] = float(reruns)  # chunks whose worker died under them, run again
         out["weights_reapplied"] = float(reapplied)  # restarted workers brought back to the served version
@@ -237,6 +238,23 @@ class Loop:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         self.placement.release()  # else a later Loop in this driver cannot place its actors
+
+
+def _live_line(index: int, stats: list[dict[str, float]], seconds: float) -> str:
+    """The progress bar's text while chunks stream in: what the rollouts have found so far."""
+    from orchestrator.rollouts import rollout_summary
+
+    s = rollout_summary(stats)
+    parts = [f"iter {index} rollouts"]
+    if "solved" in s:
+        parts.append(f"solved {s['solved']:.0%}")
+    if "reward" in s:
+        parts.append(f"reward {s['reward']:.2f}")
+    parts.append(f"{int(s.get('pairs', 0))} pairs")
+    if s.get("nodes"):
+        parts.append(f"{s['nodes'] / max(seconds, 1e-9):.0f} nodes/s")
+    parts.append(f"{s.get('tasks', 0) / max(seconds, 1e-9):.0f} tasks/s")
+    return " | ".join(parts)
 
 
 def _print_iteration(rep: IterationReport) -> None:
