@@ -134,6 +134,11 @@ def test_run_survives_losing_a_rollout_node(cluster, tmp_path, warm_model_dir, p
                 cluster.remove_node(node)
                 lost["remove_s"] = time.monotonic() - t0
                 lost["written_before"] = len(queries.completed_task_ids(store, runs[0].id, 1))
+                # Look at the placement while the run is alive (it is released when the run ends):
+                # once iteration 2 writes, the lost worker has been restarted somewhere.
+                while time.monotonic() < deadline and not queries.completed_task_ids(store, runs[0].id, 2):
+                    time.sleep(0.05)
+                lost["bundles_after"] = _bundle_nodes()
                 return
             time.sleep(0.05)
 
@@ -164,7 +169,7 @@ def test_run_survives_losing_a_rollout_node(cluster, tmp_path, warm_model_dir, p
     # The lost node's rollout bundle was re-placed on a node still alive; its worker came back there
     # (every later evaluation uses every worker).
     alive = {cluster.head_node.node_id} | {n.node_id for n in cluster.worker_nodes}
-    after = _bundle_nodes()
+    after = lost["bundles_after"]
     assert lost["node"] not in after.values() and set(after.values()) <= alive and len(after) == 3
     print(f"cluster run with a node lost: {seconds:.1f}s, {restarts:.0f} chunk(s) re-run, lost {lost}, iterations {[r.timings for r in report.iterations]}")
 

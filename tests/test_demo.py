@@ -1,10 +1,11 @@
 """A CI-sized demo: the real loop (Ray, store, MCTS, learner, redeploy) must raise held-out accuracy.
 
-The full demo (`make demo`) runs 20 iterations of 1024 tasks; this runs 6 of 512 from the same
-warm-started model (the `warm_model_dir` fixture is the demo's own warm start). Greedy accuracy on
-500 held-out tasks moves in steps of a few points from one iteration to the next, so the assertion
-is on the mean of the last three iterations, and on the accuracy of T=1 samples, which FIELD-NOTES
-found to be the measure that mere "sharpening" of the policy does not raise.
+The full demo (`make demo`) runs 20 iterations of 1024 tasks; this runs the first 10 from the same
+warm-started model (the `warm_model_dir` fixture is the demo's own warm start), about two minutes.
+Accuracy on 500 held-out tasks moves by a few points from one iteration to the next, so the
+assertions are on the mean of the last three iterations, for greedy decoding and for T=1 samples
+(FIELD-NOTES: the measure that mere "sharpening" of the policy does not raise). The run is seeded;
+on this machine the last three gave greedy .594/.592/.598 and T=1 .496/.504/.496 (from .542/.450).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def test_small_demo_learns_from_its_own_trees(tmp_path, warm_model_dir):
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [
         f"model.path={warm_model_dir}", f"output_dir={tmp_path}", f"store.url=sqlite:///{tmp_path}/demo.db",
-        "iterations=6", "rollout.tasks_per_iteration=512", "eval.tasks=500",
+        "iterations=10",
     ])
     try:
         report = start_run(cfg)
@@ -37,9 +38,9 @@ def test_small_demo_learns_from_its_own_trees(tmp_path, warm_model_dir):
     greedy = [v for _, v in series["eval/accuracy_greedy"]]
     sampled = [v for _, v in series["eval/accuracy_sample"]]
     print(json.dumps({"greedy": greedy, "sampled": sampled}))
-    assert len(greedy) == len(sampled) == 7  # the warm start, then six iterations
+    assert len(greedy) == len(sampled) == 11  # the warm start, then ten iterations
     pairs = [v for _, v in series["rollout/pairs"]]
     assert min(pairs) > 100, "every iteration should find hundreds of step pairs"
-    assert sum(sampled[-3:]) / 3 >= sampled[0] + 0.02, f"T=1 accuracy did not rise: {sampled}"
-    assert sum(greedy[-3:]) / 3 >= greedy[0] - 0.01, f"greedy accuracy fell: {greedy}"
+    assert sum(sampled[-3:]) / 3 >= sampled[0] + 0.03, f"T=1 accuracy did not rise: {sampled}"
+    assert sum(greedy[-3:]) / 3 >= greedy[0] + 0.03, f"greedy accuracy did not rise: {greedy}"
     assert report.plot and Path(report.plot).is_file()
