@@ -1,6 +1,6 @@
 """One iteration of the demo config with 1 and with 2 rollout workers: where the time goes.
 
-    .venv/bin/python bench/loop.py [--tasks 512] [--warm-steps 300]
+    .venv/bin/python bench/loop.py [--tasks N] [--warm-steps 300]
 
 Builds the demo's tiny model, warm-starts it briefly (accuracy does not matter for speed, only that
 some answers are right so there are pairs), then runs one full iteration (rollout -> store -> learn ->
@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, default=512)
+    ap.add_argument("--tasks", type=int, default=None, help="tasks per iteration (default: the demo's)")
     ap.add_argument("--warm-steps", type=int, default=300)
     ap.add_argument("--eval-tasks", type=int, default=300)
     args = ap.parse_args()
@@ -46,6 +46,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="treeplay-bench-loop-"))
     base = load_config(None)
+    args.tasks = args.tasks or base.rollout.tasks_per_iteration
     model = build_tiny_model(tmp / "model", base.model.tiny.hidden_size, base.model.tiny.num_layers,
                              base.model.tiny.num_heads, max_positions=base.model.tiny.max_positions)
     env = make_environment(base.env.name, **base.env.kwargs)

@@ -209,15 +209,13 @@ class Loop:
         self.version += 1
         return metrics, True
 
-    def _deploy(self) -> float:
+    def redeploy(self) -> float:
+        """Every worker loads ``weights_ref`` in place; refuses to go on with mixed versions."""
         t0 = time.perf_counter()
         versions = self.ray.get([w.apply_weights.remote(self.weights_ref) for w in self.workers])
         if len(set(versions)) != 1 or versions[0] != self.version:
             raise RuntimeError(f"workers report mixed weight versions {versions}, expected {self.version}")
         return time.perf_counter() - t0
-
-    def redeploy(self) -> float:
-        return self._deploy()
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, tasks: Sequence[Task], temperature: float) -> float:

@@ -173,11 +173,10 @@ class LearnerActor:
     """Holds the learner: reads preference data from the store, trains, checkpoints, returns weights."""
 
     def __init__(self, cfg: dict[str, Any], model: str | ModelFiles, run_id: int, version: int) -> None:
+        from agents.registry import make_environment
         from orchestrator.config import RunConfig
         from orchestrator.learners import make_learner
         from store.database import open_store
-
-        from agents.registry import make_environment
 
         self.cfg = RunConfig.model_validate(cfg)
         _set_threads(self.cfg.engine.num_threads)
