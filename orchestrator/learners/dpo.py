@@ -46,6 +46,7 @@ from orchestrator.learners.logprobs import (
 )
 from orchestrator.learners.trainable import (
     LearnerConfig,
+    LearnerOutput,
     StatsMeter,
     TrainablePolicy,
     evaluate_batches,
@@ -85,7 +86,7 @@ class PairExample:
     alpha: float | None
 
 
-class DPOLearner:
+class DPOLearner(LearnerOutput):
     """Trains a policy on preference pairs; keeps optimizer state across ``train()`` calls.
 
     Args:
@@ -244,16 +245,3 @@ class DPOLearner:
     def evaluate(self, data: PreferenceData | list[PairRecord]) -> dict[str, float]:
         """Loss and implicit-reward statistics of the current policy, without updating it."""
         return evaluate_batches(self._examples(data), self.micro_loss, self.config.batch_size)
-
-    @property
-    def healthy(self) -> bool:
-        """True when the current weights passed the guard rails (safe to redeploy)."""
-        return self.policy.healthy
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the weights under Hugging Face names, for redeploy."""
-        return self.policy.state_dict()
-
-    def save(self, path: str | Path) -> Path:
-        """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
-        return self.policy.save(path)

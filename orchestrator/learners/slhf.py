@@ -40,7 +40,7 @@ from pydantic import Field
 
 from orchestrator.learners import losses
 from orchestrator.learners.logprobs import Group, encode_prompt, pack, packed_logprobs, padded, per_sequence
-from orchestrator.learners.trainable import LearnerConfig, StatsMeter, TrainablePolicy
+from orchestrator.learners.trainable import LearnerConfig, LearnerOutput, StatsMeter, TrainablePolicy
 from store.records import PreferenceData
 
 Preference = Callable[[str, str, str], float]
@@ -72,7 +72,7 @@ class SLHFConfig(LearnerConfig):
     )
 
 
-class SLHFLearner:
+class SLHFLearner(LearnerOutput):
     """Trains leader and follower (one shared model) against a preference oracle.
 
     Args:
@@ -273,16 +273,3 @@ class SLHFLearner:
         """Mean ``1 - p(y > y')`` of fresh follower refinements against fresh leader answers."""
         r = self.rollout(prompts)
         return 1 - sum(r["preference"]) / len(r["preference"])
-
-    @property
-    def healthy(self) -> bool:
-        """True when the current weights passed the guard rails (safe to redeploy)."""
-        return self.policy.healthy
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the weights under Hugging Face names, for redeploy."""
-        return self.policy.state_dict()
-
-    def save(self, path: str | Path) -> Path:
-        """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
-        return self.policy.save(path)

@@ -44,6 +44,7 @@ from orchestrator.learners.logprobs import (
 )
 from orchestrator.learners.trainable import (
     LearnerConfig,
+    LearnerOutput,
     StatsMeter,
     TrainablePolicy,
     evaluate_batches,
@@ -135,7 +136,7 @@ def ndcg(scores: list[float], labels: list[float]) -> float:
     return dcg(by_score) / dcg(ideal)
 
 
-class TPOLearner:
+class TPOLearner(LearnerOutput):
     """Trains a policy on ranked lists with TPO's listwise loss.
 
     Args:
@@ -280,16 +281,3 @@ class TPOLearner:
     def evaluate(self, data: PreferenceData | list[RankedListRecord]) -> dict[str, float]:
         """Loss, pair accuracy, Kendall tau and NDCG of the current implicit rewards, no update."""
         return evaluate_batches(self._examples(data), self.micro_loss, self.config.batch_size)
-
-    @property
-    def healthy(self) -> bool:
-        """True when the current weights passed the guard rails (safe to redeploy)."""
-        return self.policy.healthy
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the weights under Hugging Face names, for redeploy."""
-        return self.policy.state_dict()
-
-    def save(self, path: str | Path) -> Path:
-        """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
-        return self.policy.save(path)

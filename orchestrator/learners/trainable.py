@@ -319,3 +319,25 @@ def evaluate_batches(
         batch = list(examples[s : s + batch_size])
         meter.add("loss", micro_step(batch, meter).loss, len(batch))
     return meter.means()
+
+
+class LearnerOutput:
+    """What every learner hands the loop: its policy's health, weights and checkpoint.
+
+    Learners subclass it and set ``self.policy`` (a ``TrainablePolicy``).
+    """
+
+    policy: TrainablePolicy
+
+    @property
+    def healthy(self) -> bool:
+        """True when the current weights passed the guard rails (safe to redeploy)."""
+        return self.policy.healthy
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights under Hugging Face names, for redeploy."""
+        return self.policy.state_dict()
+
+    def save(self, path: str | Path) -> Path:
+        """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
+        return self.policy.save(path)
