@@ -184,8 +184,11 @@ class Loop:
                 continue
             idle.append(w)
             t0 = time.perf_counter()
-            already = queries.completed_task_ids(self.store, self.run_id, index)
-            queries.write_task_results(self.store, self.run_id, index, [r for r in results if r.task_id not in already])
+            # Chunks are disjoint and a failed chunk wrote nothing, so `done` (read once, for resume)
+            # plus what this loop wrote is the whole truth; the store rejects a double write anyway.
+            fresh = [r for r in results if r.task_id not in done]
+            queries.write_task_results(self.store, self.run_id, index, fresh)
+            done.update(r.task_id for r in fresh)
             write_s += time.perf_counter() - t0
             stats.append(st)
             if progress is not None:
