@@ -1,4 +1,4 @@
-"""Credit re-assignment for multi-agent episodes (CollabUIAgents, ALGORITHMS.md section 6).
+"""Credit re-assignment for multi-agent episodes (CollabUIAgents, docs/algorithms.md section 7).
 
     trajs = run_multi_agent_episodes(env_factory, agents, tasks)
     pairs = assign_credit(trajs, PolicyCritic(critic_policy), agents=agents)   # clumsy negatives on

@@ -1,4 +1,4 @@
-"""Panel of peers (ALGORITHMS.md section 5): every peer writes candidates, every peer scores them.
+"""Panel of peers (docs/algorithms.md, section 6): every peer writes candidates, every peer scores them.
 
     peers = [Peer("m0", policy0), Peer("m1", policy1), Peer("m2", policy2)]
     results = run_panel(peers, tasks, PanelConfig(n_candidates=4))

@@ -1,4 +1,4 @@
-"""ReAct with rubrics (Co-ReAct, ALGORITHMS.md section 4) as a LangGraph ``StateGraph``.
+"""ReAct with rubrics (Co-ReAct, docs/algorithms.md section 5) as a LangGraph ``StateGraph``.
 
 One step of the loop::
 

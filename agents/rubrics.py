@@ -1,5 +1,5 @@
 """Co-ReAct rubrics: parsing, phase hints, injection and verification text, and the reward that
-scores a rubric generator's output (ALGORITHMS.md section 4).
+scores a rubric generator's output (docs/algorithms.md, section 5).
 
 A rubric is 3-5 lines ``k. [w_k] condition`` about ONE next action. Parsing is defensive: a line
 counts only if it matches ``\\d+\\.\\s*\\[[-\\d.]+\\]`` followed by text; non-positive or unreadable

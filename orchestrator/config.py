@@ -87,8 +87,8 @@ class RolloutConfig(_Strict):
 
 
 def _demo_dpo() -> DPOConfig:
-    # FIELD-NOTES: on tiny models plain DPO on self-generated pairs stalls; DPO + NLL on the chosen
-    # response (iterative RPO) learns. lr 1e-4, beta 0.1, batch 16, reference = policy at round start.
+    # docs/tiny-models.md: on tiny models plain DPO on self-generated pairs stalls; DPO + NLL on the
+    # chosen response (iterative RPO) learns. lr 1e-4, beta 0.1, batch 16, reference = policy at round start.
     # A short learning-rate warm-up: without it the first iteration's updates (fresh Adam moments)
     # often cost several points of accuracy before later iterations recover (docs/demo.md).
     return DPOConfig(loss_type="mcts_dpo", nll_weight=1.0, lr=1e-4, beta=0.1, batch_size=16,
@@ -102,7 +102,7 @@ class LearnerSection(_Strict):
     replay: int = Field(0, ge=0, description="Also train on the data of this many past iterations.")
     control: Literal["none", "shuffle"] = Field(
         "none", description="'shuffle': swap chosen/rejected of each pair by a coin flip before training, "
-        "a control run without verifier signal (FIELD-NOTES: such a run must gain far less).")
+        "a control run without verifier signal (docs/tiny-models.md: such a run must gain far less).")
     dpo: DPOConfig = Field(default_factory=_demo_dpo, description="DPO family (sigmoid, IPO, MCTS-DPO, SimPO).")
     tpo: TPOConfig = Field(default_factory=lambda: TPOConfig(num_threads=1, reference="refresh"),
                            description="TPO on ranked lists (docs/learners.md).")

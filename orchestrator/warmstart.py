@@ -1,7 +1,7 @@
 """Supervised warm start: teach a fresh model the task format on demonstrations before self-play.
 
 Self-improvement needs a policy that already solves some tasks (the demo aims for a warm start at
-20–50% held-out accuracy, see FIELD-NOTES). This is plain next-token cross-entropy on the completion
+20–55% held-out accuracy, see docs/tiny-models.md). This is plain next-token cross-entropy on the completion
 tokens of (prompt, completion) pairs, prompt tokens masked, with the same tokenization the engines
 use (prompt and completion tokenized separately, then concatenated).
 

@@ -1,7 +1,7 @@
 """MCTS over reasoning steps (MCTS-DPO), batched across many trees at once.
 
 One tree per task; a node is a partial solution, an edge one step (an environment action, one line).
-Per tree the search follows MCTS-DPO (Xie et al. 2024; spec: ALGORITHMS.md §1):
+Per tree the search follows MCTS-DPO (Xie et al. 2024; our account: docs/algorithms.md §2):
 
 1. **Select** from the current search root by PUCT,
    ``Q(s,a) + c_puct · p(a|s) · sqrt(N(s)) / (1 + N(s,a))``, with the length-normalised prior

@@ -4,7 +4,7 @@ The full demo (`make demo`) runs 20 iterations of 1024 tasks; this runs the firs
 warm-started model (the `warm_model_dir` fixture is the demo's own warm start), about two minutes.
 Accuracy on 500 held-out tasks moves by a few points from one iteration to the next, so the
 assertions are on the mean of the last three iterations, for greedy decoding and for T=1 samples
-(FIELD-NOTES: the measure that mere "sharpening" of the policy does not raise). The run is seeded;
+(docs/tiny-models.md: the measure that mere "sharpening" of the policy does not raise). The run is seeded;
 on this machine the last three gave greedy .594/.592/.598 and T=1 .496/.504/.496 (from .542/.450).
 """
 

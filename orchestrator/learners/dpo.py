@@ -9,7 +9,7 @@ Each micro-batch groups its pairs by prompt and runs one packed row per prompt (
 responses' common prefix computed once; see logprobs.py), for the policy and for the reference.
 The loss is the chosen pairwise loss plus ``nll_weight`` times the length-normalised NLL of the
 chosen response (iterative RPO; 1.0 by default because plain DPO on a tiny model's own samples
-stalls, see ../../shared/FIELD-NOTES.md).
+stalls, see docs/tiny-models.md).
 
 Tokenization and EOS: prompt and responses are tokenized separately and concatenated (as the
 engines' ``score()`` does). With ``append_eos="final"`` (default) an EOS is appended to both

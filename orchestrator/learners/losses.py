@@ -168,7 +168,7 @@ def nll_loss(chosen_logps: Tensor, chosen_lengths: Tensor, weights: Tensor | Non
     """The NLL term of iterative RPO (Pang et al. 2024): length-normalised NLL of the chosen response.
 
     ``l = -logp_w / |y_w|``. Add it to a pairwise loss with weight ``nll_weight`` (1.0 is what made
-    a tiny model learn from its own pairs in ../../shared/FIELD-NOTES.md).
+    a tiny model learn from its own pairs, docs/tiny-models.md).
     """
     per = -chosen_logps / chosen_lengths.clamp(min=1).to(chosen_logps)
     return LossOutput(_weighted_mean(per, weights), {"per_example": per.detach()})

@@ -67,3 +67,7 @@ class CountdownEnv:
 
     def score(self, task: Task, trajectory: Trajectory) -> float:
         return 1.0 if trajectory.actions == (task.reference or "").splitlines() else 0.0
+
+    def demonstrations(self, tasks: list[Task]) -> list[tuple[str, str]]:
+        # Optional: (prompt, completion) pairs for the supervised warm start of a fresh tiny model.
+        return [(t.prompt, t.reference or "") for t in tasks]
