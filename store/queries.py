@@ -2,7 +2,8 @@
 
 Writes:
 
-- ``start_run`` / ``finish_run``, ``start_iteration`` / ``finish_iteration``;
+- ``start_run`` (the config is stored without credentials: ``store.redact``) / ``finish_run``,
+  ``start_iteration`` / ``finish_iteration``;
 - ``write_task_result``: everything one task produced in an iteration (trees with their nodes,
   trajectories with their steps, pairs, ranked lists, judgments) in ONE transaction, with bulk
   inserts (one ``executemany`` per table). Records refer to each other by local keys; the store
@@ -38,6 +39,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from store import schema as db
 from store.database import Store, StoreError, first_line
+from store.redact import redact
 from store.records import (
     PAIR_SOURCES,
     JudgmentRecord,
@@ -366,7 +368,9 @@ def start_run(store: Store, name: str, config: dict[str, Any]) -> int:
     Args:
         store: The open store.
         name: A name no other run in this store has.
-        config: The resolved run config (JSON-serialisable).
+        config: The resolved run config (JSON-serialisable). It is stored without credentials
+            (``store.redact``: URL passwords and the values of keys such as ``api_key`` or
+            ``token``), so whoever can read the store cannot read them.
 
     Raises:
         StoreError: The name is taken, or the config is not JSON.
@@ -376,7 +380,7 @@ def start_run(store: Store, name: str, config: dict[str, Any]) -> int:
         raise StoreError("run name must not be empty")
     if not isinstance(config, Mapping):
         raise StoreError(f"run config must be a dict, got {type(config).__name__}")
-    config = _json(dict(config), "run config")
+    config = _json(redact(dict(config)), "run config")
     with _db_errors(f"cannot start run {name!r}"), store.write() as conn:
         taken = conn.execute(select(db.Run.id).where(db.Run.name == name)).scalar()
         if taken is not None:
