@@ -10,7 +10,9 @@
 2. **Critic**: every proposal at every state gets a credit in [0, 1].
    ``PolicyCritic`` asks a policy (``credit_critic.txt``) with proposals labelled ``agent_1..k`` and
    reads ``agent_i: s`` pairs after ``Score:`` (clipped to [0, 1]; a missing or garbled score leaves
-   the credit None); ``StepCheckCritic`` replays the state in a fresh environment and credits 1.0 if
+   the credit None; a prompt whose instructions, question and proposals do not fit
+   ``max_prompt_chars`` -- only the middle of the earlier steps is ever cut -- is not sent, and its
+   proposals keep credit None with the reason in ``info["credit_error"]``); ``StepCheckCritic`` replays the state in a fresh environment and credits 1.0 if
    the environment reports the step correct (``info["step_ok"]``, e.g. arithmetic) -- meaningful
    even with a tiny model. An executed Step's credit is the mean credit of the proposals equal to it.
 3. **Pairs** (``credit_pairs``), per (state, agent), same prompt (the state's transcript): if the
@@ -30,7 +32,7 @@ from typing import Protocol
 from agents.base import Environment, Policy, Step, Trajectory, transcript
 from agents.episode import apply_action, generate_guarded, start_episode
 from agents.multi import Agent, normalise_action, propose
-from agents.prompt_files import fill, load_prompt
+from agents.prompt_files import Cut, PromptTooLong, fill_fit, load_prompt
 from store.records import PairRecord
 
 CLUMSY_SUFFIX = ":clumsy"
@@ -80,7 +82,8 @@ class PolicyCritic:
     Args:
         policy: The critic model.
         max_tokens: Budget of its answer.
-        max_prompt_chars: Keep only the last this many characters of prompts (small models).
+        max_prompt_chars: Longest prompt (small models): the middle of the earlier steps may be cut,
+            the instructions, question and proposals never (``agents.prompt_files.fit``).
     """
 
     def __init__(self, policy: Policy, max_tokens: int = 128, max_prompt_chars: int | None = None) -> None:
@@ -89,25 +92,44 @@ class PolicyCritic:
         self.max_prompt_chars = max_prompt_chars
 
     def prompt(self, state: CreditState) -> str:
+        """The critic's prompt for ``state``; ``PromptTooLong`` if its fixed parts do not fit."""
         labels = [f"agent_{i + 1}" for i in range(len(state.proposals))]
-        text = fill(
+        question = state.traj.task.prompt
+        steps = transcript("", state.traj.steps[: state.index]).rstrip()
+        return fill_fit(
             load_prompt("credit_critic.txt"),
-            state=state.prompt.strip(),
+            self.max_prompt_chars,
+            "credit critic prompt",
+            state=[question.lstrip(), Cut(steps)] if steps else question.strip(),
             proposals="\n".join(f"{lab}: {p.action}" for lab, p in zip(labels, state.proposals, strict=True)),
             score_template="{" + ", ".join(f"{lab}: <0-1>" for lab in labels) + "}",
         )
-        n = self.max_prompt_chars
-        return text[-n:] if n and len(text) > n else text
 
     def score_states(self, states: Sequence[CreditState]) -> list[list[float | None]]:
-        if not states:
-            return []
-        outs, _ = generate_guarded(
-            self.policy, [self.prompt(s) for s in states], 1, max_tokens=self.max_tokens, temperature=0.0
+        out: list[list[float | None]] = [[None] * len(s.proposals) for s in states]
+        prompts: dict[int, str] = {}
+        for k, s in enumerate(states):
+            try:
+                prompts[k] = self.prompt(s)
+            except PromptTooLong as e:
+                _no_credit(s, str(e))
+        if not prompts:
+            return out
+        outs, err = generate_guarded(
+            self.policy, list(prompts.values()), 1, max_tokens=self.max_tokens, temperature=0.0
         )
-        if outs is None:
-            return [[None] * len(s.proposals) for s in states]
-        return [parse_critic_scores(o[0].text, len(s.proposals)) for o, s in zip(outs, states, strict=True)]
+        for n, k in enumerate(prompts):
+            if outs is None:
+                _no_credit(states[k], str(err))
+            else:
+                out[k] = parse_critic_scores(outs[n][0].text, len(states[k].proposals))
+        return out
+
+
+def _no_credit(state: CreditState, reason: str) -> None:
+    """Record on every proposal of ``state`` why the critic gave it no credit."""
+    for p in state.proposals:
+        p.info["credit_error"] = reason
 
 
 class StepCheckCritic:

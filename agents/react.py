@@ -22,6 +22,9 @@ One step of the loop::
   stored on the Step and dropped from the context: it serves this one step.
 
 ``ReActConfig(rubrics=False)`` is plain ReAct on the same tasks (rubric, verify and retry skipped).
+Under ``max_prompt_chars`` every prompt keeps its instructions, question, rubric and action whole;
+only the middle of the earlier steps' transcript is cut, with a marker (``agents.prompt_files.fit``).
+A prompt whose fixed parts do not fit is never sent: the episode fails with that reason.
 Generator, verifier and rubric generator are ``Policy`` objects, possibly the same one.
 """
 
@@ -36,7 +39,7 @@ from langgraph.graph import END, START, StateGraph
 
 from agents.base import Environment, Policy, Step, Task, Trajectory, transcript
 from agents.episode import Episode, apply_action, finish_episode, first_line, generate_guarded, start_episode
-from agents.prompt_files import fill, load_prompt
+from agents.prompt_files import Cut, Part, PromptTooLong, fill_fit, fit, load_prompt
 from agents.rubrics import (
     VERIFY_THRESHOLD,
     Rubric,
@@ -68,7 +71,9 @@ class ReActConfig:
         action_pattern: Regex an action must fully match (None: only empty actions are invalid).
         instructions: Text put before the context in generator prompts.
         tools_text: Tool descriptions shown to the rubric generator.
-        max_prompt_chars: Keep only the last this many characters of any prompt (small models).
+        max_prompt_chars: Longest prompt sent to a policy (small models). Only the middle of the
+            transcript of earlier steps is ever cut (``agents.prompt_files.fit``); a prompt whose
+            instructions, question, rubric and action do not fit fails the episode with that reason.
         step_timeout: Seconds an environment call may take.
         seed: Base seed of generate calls (None: the policies' own).
     """
@@ -128,16 +133,22 @@ class ReActAgent:
 
     # -- plumbing ----------------------------------------------------------------------------------
 
-    def _prompt(self, text: str) -> str:
-        n = self.config.max_prompt_chars
-        return text[-n:] if n and len(text) > n else text
+    @staticmethod
+    def _fitted(ep: Episode, build: Callable[[], str]) -> str | None:
+        """``build()`` (a prompt within ``max_prompt_chars``), or None after failing the episode with
+        the reason when its fixed parts do not fit: a small model is never run on a mangled prompt."""
+        try:
+            return build()
+        except PromptTooLong as e:
+            ep.fail(str(e))
+            return None
 
     def _generate(self, policy: Policy, ep: Episode, prompt: str, k: int, **kw: Any) -> str | None:
         """One completion's text, or None after failing the episode."""
         seed = self.config.seed
         outs, err = generate_guarded(
             policy,
-            [self._prompt(prompt)],
+            [prompt],
             1,
             seed=None if seed is None else seed + 7 * len(ep.traj.steps) + k,
             **kw,
@@ -164,13 +175,20 @@ class ReActAgent:
         if not self.config.rubrics or not ep.traj.steps:
             return fresh
         n_calls = sum(1 for s in ep.traj.steps if not s.info.get("invalid"))
-        prompt = fill(
-            load_prompt("rubric_generator.txt"),
-            tools=self.config.tools_text,
-            question=ep.traj.task.prompt.strip(),
-            trajectory=transcript("", ep.traj.steps).strip() or "(none)",
-            phase_hint=phase_hint(n_calls, self.config.max_steps),
+        prompt = self._fitted(
+            ep,
+            lambda: fill_fit(
+                load_prompt("rubric_generator.txt"),
+                self.config.max_prompt_chars,
+                "rubric generator prompt",
+                tools=self.config.tools_text,
+                question=ep.traj.task.prompt.strip(),
+                trajectory=Cut(transcript("", ep.traj.steps).strip() or "(none)"),
+                phase_hint=phase_hint(n_calls, self.config.max_steps),
+            ),
         )
+        if prompt is None:
+            return fresh
         kw = {"max_tokens": self.config.rubric_max_tokens, "temperature": self.config.rubric_temperature}
         text = self._generate(self.rubric_generator, ep, prompt, 1, **kw)
         if text is not None and not has_rubric_lines(text):
@@ -188,11 +206,22 @@ class ReActAgent:
     def _act(self, state: ReActState) -> dict[str, Any]:
         ep = state["episode"]
         rubric = state.get("rubric")
-        prompt = self._context(ep)
+        # Only the earlier steps may lose their middle; the question, a retry's feedback and the
+        # rubric are what the next action must answer to.
+        parts: list[Part] = [
+            self.config.instructions,
+            ep.traj.task.prompt,
+            Cut(transcript("", ep.traj.steps)),
+        ]
         if state.get("retried"):
-            prompt += (state.get("failed_action") or "") + "\n" + feedback_suffix(state["verdict"].feedback)
+            parts.append(
+                (state.get("failed_action") or "") + "\n" + feedback_suffix(state["verdict"].feedback)
+            )
         if rubric:
-            prompt += injection(rubric)
+            parts.append(injection(rubric))
+        prompt = self._fitted(ep, lambda: fit(parts, self.config.max_prompt_chars, "act prompt"))
+        if prompt is None:
+            return {"action": "", "logprob": None}
         text = self._generate(
             self.generator,
             ep,
@@ -209,13 +238,22 @@ class ReActAgent:
         rubric = state.get("rubric")
         if not rubric or state.get("retried") or ep.done:
             return {}
-        prompt = fill(
-            load_prompt("rubric_verifier.txt"),
-            rubric=rubric.render(),
-            context=self._context(ep).strip(),
-            action=state.get("action", ""),
-            threshold=f"{self.config.verify_threshold:g}",
+        steps = transcript("", ep.traj.steps).rstrip()
+        head = self.config.instructions + ep.traj.task.prompt
+        prompt = self._fitted(
+            ep,
+            lambda: fill_fit(
+                load_prompt("rubric_verifier.txt"),
+                self.config.max_prompt_chars,
+                "rubric verifier prompt",
+                rubric=rubric.render(),
+                context=[head.lstrip(), Cut(steps)] if steps else head.strip(),
+                action=state.get("action", ""),
+                threshold=f"{self.config.verify_threshold:g}",
+            ),
         )
+        if prompt is None:
+            return {}
         text = self._generate(
             self.verifier, ep, prompt, 5, max_tokens=self.config.verify_max_tokens, temperature=0.0
         )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from agents.base import Task
-from agents.credit import PolicyCritic, StepCheckCritic, assign_credit, parse_critic_scores
+from agents.credit import PolicyCritic, StepCheckCritic, assign_credit, credit_states, parse_critic_scores
 from agents.envs.arithmetic import ArithmeticEnv
 from agents.multi import Agent, run_multi_agent_episodes
 from agents.panel import ExactAnswerJudge, PanelConfig, Peer, parse_likert, run_panel
+from agents.prompt_files import fill, load_prompt
 from agents.scripted import ScriptedPolicy
 
 QUALITY = {"great answer": 5, "fine answer": 3, "poor answer": 1}
@@ -180,3 +183,159 @@ def test_parse_critic_scores():
     ) == [0.9, 1.0, None]
     assert parse_critic_scores("agent 1 = 0.25; agent-9: 1", 2) == [0.25, None]
     assert parse_critic_scores("", 2) == [None, None]
+
+
+# -- panel: distinct votes, the verifier's classes, prompts that fit -----------------------------------
+
+
+def judged_response(prompt: str) -> str:
+    return prompt.split("Response:\n", 1)[1].split("\n\nReply with", 1)[0]
+
+
+def test_regression_panel_verifier_outranks_self_judgment():
+    # One policy backs all three peers and, as a judge, likes the wrong answer best. The exact-answer
+    # verifier must still decide: no pair may have a chosen side it rejects.
+    tasks = ArithmeticEnv(ops=1).tasks("train", 3, seed=0)
+    answers = {t.prompt: int(t.answer) for t in tasks}
+    written: dict[str, int] = {}
+
+    def respond(prompt: str, rng) -> str:
+        if prompt.startswith("Score one response"):
+            response = judged_response(prompt)
+            return likert(5 if response.startswith("clearly") else 3 if response.startswith("so it is") else 1)
+        k = written[prompt] = written.get(prompt, -1) + 1
+        a = answers[prompt]
+        return [f"so it is {a}", f"{a}", f"clearly {a + 1}"][k % 3]
+
+    policy = ScriptedPolicy(respond)
+    peers = [Peer(f"peer-{i}", policy) for i in range(3)]
+    exact = ExactAnswerJudge()
+    results = run_panel(peers, tasks, PanelConfig(n_candidates=3, min_chosen=0.5, min_gap=0.2), judges=[exact])
+    pairs = [p for r in results for p in r.pairs]
+    assert pairs, "a verified-correct candidate over the wrong one is a pair here"
+    by_prompt = {t.prompt: t for t in tasks}
+    for p in pairs:
+        assert exact.score(by_prompt[p.prompt], [p.chosen])[0].score == 1.0
+        assert p.chosen.startswith("so it is") and p.rejected.startswith("clearly")
+        assert p.info["chosen_verified"] is True and p.info["rejected_verified"] is False
+    for r in results:
+        ranked = [i.text for i in r.ranked_list().items]
+        assert all(not t.startswith("clearly") for t in ranked[:-3])  # wrong answers rank last
+        wrong = [c for c in r.candidates if c.text.startswith("clearly")]
+        right = [c for c in r.candidates if not c.text.startswith("clearly")]
+        assert max(c.aggregate for c in wrong) <= 0.5 <= min(c.aggregate for c in right)
+
+
+def test_verifier_never_lets_a_rejected_answer_be_chosen_even_when_it_alone_is_left():
+    task = Task(id="t", prompt="2+2\n", answer="4")
+    wrong_only = ScriptedPolicy(lambda p, r: likert(5) if p.startswith("Score") else "5, surely")
+    loud = ScriptedPolicy(lambda p, r: likert(5) if p.startswith("Score") else "it is 7")
+    cfg = PanelConfig(n_candidates=1, min_chosen=0.0, min_gap=0.0)
+    [r] = run_panel([Peer("a", wrong_only), Peer("b", loud)], [task], cfg, judges=[ExactAnswerJudge()])
+    assert r.pairs == [] and {c.verified for c in r.candidates} == {False}
+
+
+def test_identical_judgments_are_counted_once():
+    # Three peers on one policy judging greedily give the same judgment three times: it is ONE vote.
+    shared = ScriptedPolicy(lambda p, r: likert(5) if p.startswith("Score") else "shared answer")
+    other = ScriptedPolicy(lambda p, r: likert(1) if p.startswith("Score") else "other answer")
+    peers = [Peer("a1", shared), Peer("a2", shared), Peer("a3", shared), Peer("b", other)]
+    tasks = [Task(id="t", prompt="Q?\n")]
+    [r] = run_panel(peers, tasks, PanelConfig(n_candidates=1, judge_temperature=0.0))
+    assert all(c.aggregate == pytest.approx(0.5) for c in r.candidates)  # (1.0 + 0.0) / 2, not 0.75
+    judging = [c for c in shared.calls if c.prompts[0].startswith("Score")]
+    assert len(judging) == 1 and len(judging[0].prompts) == 4  # asked once for the 4 candidates
+    votes = [j for j in r.judgments if j.target_kind == "candidate" and j.judge != "panel"]
+    assert {j.judge for j in votes} == {"a1", "b"} and len(votes) == 2 * 4
+    assert all(j.info["peers"] == ["a1", "a2", "a3"] for j in votes if j.judge == "a1")
+    assert {j.info["judges"] for j in r.judgments if j.judge == "panel"} == {2}
+
+
+def test_sampled_judges_on_one_policy_are_distinct_votes():
+    seen_seeds = []
+
+    def respond(prompt: str, rng) -> str:
+        if prompt.startswith("Score"):
+            return likert(rng.randint(1, 5))
+        return f"answer {rng.random()}"
+
+    policy = ScriptedPolicy(respond)
+    original = policy.generate
+
+    def generate(prompts, n=1, **kw):
+        seen_seeds.append((prompts[0][:5], kw.get("temperature"), kw.get("seed")))
+        return original(prompts, n=n, **kw)
+
+    policy.generate = generate
+    peers = [Peer(f"p{i}", policy) for i in range(3)]
+    [r] = run_panel(peers, [Task(id="t", prompt="Q?\n")], PanelConfig(n_candidates=1, seed=7))
+    judge_calls = [s for s in seen_seeds if s[0] == "Score"]
+    assert len(judge_calls) == 3 and len({s[2] for s in judge_calls}) == 3
+    assert {s[1] for s in judge_calls} == {PanelConfig().judge_temperature} and PanelConfig().judge_temperature > 0
+    cand = r.candidates[0]
+    votes = [j.score for j in r.judgments if j.target_text == cand.text and j.judge in {"p0", "p1", "p2"}]
+    assert len(votes) == 3 and cand.aggregate == pytest.approx(sum(votes) / 3)
+
+
+def test_regression_truncation_keeps_panel_judge():
+    # A judge prompt is never cut: it fits whole (instructions, question, candidate) or is not sent.
+    template = load_prompt("panel_judge.txt")
+    short = Task(id="s", prompt="Question 1?\n")
+    long = Task(id="l", prompt="Question 2? " + "Some context. " * 30 + "\n")
+    limit = len(fill(template, prompt=short.prompt.strip(), response="great answer")) + 20
+    peers = [peer("p-great", "great answer"), peer("p-poor", "poor answer")]
+    results = run_panel(peers, [short, long], PanelConfig(n_candidates=1, max_prompt_chars=limit))
+    for p in peers:
+        judge_prompts = [q for c in p.policy.calls for q in c.prompts if "Response:" in q]
+        assert len(judge_prompts) == 2  # the short task's two candidates only
+        for q in judge_prompts:
+            assert len(q) <= limit and q.startswith(template.split("{", 1)[0])
+            assert "Question 1?" in q and judged_response(q) in {"great answer", "poor answer"}
+            assert q.rstrip().endswith("rationale: <one sentence>")
+    s, lg = results
+    assert {c.text: c.aggregate for c in s.candidates} == {"great answer": 1.0, "poor answer": 0.0}
+    failed = [j for j in lg.judgments if j.info and j.info.get("error")]
+    assert len(failed) == 2 * 2 and all("panel judge prompt does not fit" in j.info["error"] for j in failed)
+    assert all(c.aggregate is None for c in lg.candidates) and lg.pairs == []
+
+
+def test_regression_truncation_keeps_credit_critic():
+    tasks, agents, trajs = multi_agent_run()
+    traj = trajs[0]
+    for s in traj.steps:  # long observations, so the transcript outgrows the limit
+        s.observation = "observed " + "x" * 400
+    state = credit_states([traj])[1]
+    critic = PolicyCritic(ScriptedPolicy(lambda p, r: "Score: {agent_1: 1}"), max_prompt_chars=600)
+    prompt = critic.prompt(state)
+    assert len(prompt) <= 600
+    assert prompt.startswith(load_prompt("credit_critic.txt").split("{", 1)[0])
+    assert traj.task.prompt.strip() in prompt and re.search(r"\[\.\.\. \d+ characters cut \.\.\.\]", prompt)
+    for k, p in enumerate(state.proposals, 1):
+        assert f"agent_{k}: {p.action}" in prompt
+    assert prompt.rstrip().endswith("}") and "Score: {agent_1: <0-1>" in prompt
+    tiny = PolicyCritic(ScriptedPolicy(lambda p, r: "Score: {agent_1: 1}"), max_prompt_chars=100)
+    assert tiny.score_states([state]) == [[None] * len(state.proposals)] and tiny.policy.calls == []
+    assert all("credit critic prompt does not fit" in p.info["credit_error"] for p in state.proposals)
+
+
+def test_shipped_panel_config_records_judgments_the_tiny_model_cannot_take():
+    # configs/panel.yaml says: a judge prompt does not fit its max_prompt_chars, so every peer
+    # judgment is recorded failed with the reason and the verifier alone decides the pairs.
+    from pathlib import Path
+
+    from orchestrator.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "panel.yaml")
+    env = ArithmeticEnv(**cfg.env.kwargs)
+    tasks = env.tasks("train", 4, seed=0)
+    answers = {t.prompt: t.answer for t in tasks}
+    policy = ScriptedPolicy(lambda p, r: f"{answers[p]}" if r.random() < 0.5 else "1")
+    peers = [Peer(f"peer-{i}", policy) for i in range(cfg.rollout.num_agents)]
+    results = run_panel(peers, tasks, cfg.rollout.panel, judges=[ExactAnswerJudge()])
+    assert len(policy.calls) == len(peers)  # candidates only: no judge prompt was sent
+    for r in results:
+        peer_judgments = [j for j in r.judgments if j.judge.startswith("peer-")]
+        assert peer_judgments and all("panel judge prompt does not fit" in j.info["error"] for j in peer_judgments)
+        for p in r.pairs:
+            assert p.chosen == r.task.answer and p.rejected != r.task.answer
+    assert any(r.pairs for r in results)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
+from agents.base import StepResult, Task
 from agents.envs.toolqa import ToolQAEnv
-from agents.react import ReActAgent, ReActConfig, rubric_pairs
+from agents.prompt_files import Cut, PromptTooLong, fill_fit, fit, load_prompt
+from agents.react import DEFAULT_TOOLS, ReActAgent, ReActConfig, rubric_pairs
 from agents.rubrics import (
     format_score,
     injection,
@@ -218,3 +221,140 @@ def test_rubric_reward_by_hand():
     loop = "a b c d " * 4
     assert repetition_rate(loop) == pytest.approx(1 - 4 / 13)
     assert rubric_reward(good + "\n" + loop * 2, [1, 2, 3, 4], [1, 2, 3, 4], 3) == 0.0  # 25/42 > 0.40
+
+
+# -- prompts under max_prompt_chars: only the transcript's middle is cut -----------------------------
+
+CUT = re.compile(r"\n\[\.\.\. \d+ characters cut \.\.\.\]\n")
+QUESTION = "Which tool finds the population of Maror? Answer with a number.\n"
+INSTRUCTIONS = "You solve questions with tools, one action per line.\n"
+
+
+class LongObservationEnv:
+    """Every action is answered with a long observation, so transcripts outgrow a small limit."""
+
+    name = "long-observations"
+
+    def tasks(self, split, n, seed):
+        return [Task(id=f"q{i}", prompt=QUESTION, answer="1") for i in range(n)]
+
+    def reset(self, task):
+        self.t = 0
+        return task.prompt
+
+    def step(self, action):
+        self.t += 1
+        return StepResult(f"page {self.t}: " + "lorem ipsum " * 25 + f"end of page {self.t}")
+
+    def score(self, task, trajectory):
+        return 0.0
+
+
+def long_episode(limit: int | None):
+    """A 5-step episode with rubrics, verify and one retry; the prompts each policy was given."""
+    env = LongObservationEnv()
+    task = env.tasks("train", 1, 0)[0]
+    gen = ScriptedPolicy(lambda p, r: "search[Maror]\n")
+
+    def respond(prompt: str, rng) -> str:
+        # Told apart by their ends, so a prompt that lost its head would still be answered (and seen).
+        if "Proposed action:\n" in prompt:
+            return json.dumps({"pass": False, "weighted_score": 0.3, "feedback": "search the other place"})
+        return "1. [0.7] use the tool for the fact asked\n2. [0.3] keep the argument short"
+
+    judge = ScriptedPolicy(respond)
+    config = ReActConfig(max_steps=5, max_prompt_chars=limit, instructions=INSTRUCTIONS)
+    traj = ReActAgent(gen, rubric_generator=judge, config=config).run(env, task)
+    judged = [c.prompts[0] for c in judge.calls]
+    rubric_prompts = [p for p in judged if "Proposed action:\n" not in p]
+    verify_prompts = [p for p in judged if "Proposed action:\n" in p]
+    return traj, rubric_prompts, verify_prompts, act_prompts(gen)
+
+
+def test_regression_truncation_keeps_rubric_generator():
+    limit = 1500
+    traj, rubric_prompts, _, _ = long_episode(limit)
+    assert traj.status == "ok", traj.error
+    assert len(rubric_prompts) == 4  # steps 2-5
+    for p in rubric_prompts:
+        assert len(p) <= limit
+        assert p.startswith(load_prompt("rubric_generator.txt").split("{", 1)[0])  # instructions + examples
+        assert "Examples (one per tool):" in p and QUESTION.strip() in p and DEFAULT_TOOLS in p
+        assert "Phase: " in p and p.endswith("Rubric for the next action:\n")
+    assert CUT.search(rubric_prompts[-1]) and "end of page 4" in rubric_prompts[-1]  # newest step kept
+
+
+def test_regression_truncation_keeps_rubric_verifier():
+    limit = 1500
+    traj, _, verify_prompts, _ = long_episode(limit)
+    assert traj.status == "ok" and verify_prompts, traj.error
+    rubric = traj.steps[-1].rubric
+    for p in verify_prompts:
+        assert len(p) <= limit
+        assert p.startswith(load_prompt("rubric_verifier.txt").split("{", 1)[0])
+        assert INSTRUCTIONS.strip() in p and QUESTION.strip() in p
+        assert "Proposed action:\nsearch[Maror]\n" in p and p.rstrip().endswith('"feedback": "what to change"}')
+    assert f"Rubric:\n{rubric}\n" in verify_prompts[-1] and CUT.search(verify_prompts[-1])
+
+
+def test_regression_truncation_keeps_act_prompt():
+    limit = 1500
+    traj, _, _, prompts = long_episode(limit)
+    assert traj.status == "ok", traj.error
+    assert traj.info["retries"] >= 1  # a retry prompt carries the failed action and the feedback
+    retry = [p for p in prompts if "[Rubric Feedback:" in p]
+    assert retry and "search[Maror]\n[Rubric Feedback: search the other place." in retry[-1]
+    for p in prompts:
+        assert len(p) <= limit and p.startswith(INSTRUCTIONS + QUESTION)
+    last = prompts[-1]
+    assert CUT.search(last) and "end of page 4" in last  # the newest observation survives
+    assert last.rstrip().endswith("[End Rubric — follow these criteria for your next action]")
+    assert traj.steps[-1].rubric in last
+
+
+def test_prompt_whose_fixed_parts_do_not_fit_fails_the_episode_with_the_reason():
+    # react.yaml used to say 300: a rubric generator prompt cannot fit that, so the episode fails at
+    # the first rubric instead of running the rubric generator on the prompt's last 300 characters.
+    traj, rubric_prompts, verify_prompts, prompts = long_episode(300)
+    assert traj.status == "failed" and len(traj.steps) == 1 and len(prompts) == 1
+    assert rubric_prompts == [] and verify_prompts == []
+    assert traj.error.startswith("rubric generator prompt does not fit") and "max_prompt_chars=300" in traj.error
+
+
+def test_untouched_prompts_under_no_limit():
+    traj, rubric_prompts, _, prompts = long_episode(None)
+    assert traj.status == "ok" and not any(CUT.search(p) for p in rubric_prompts + prompts)
+    assert "page 1: lorem" in prompts[-1]
+
+
+def test_fit_cuts_only_the_middle_of_the_transcript_and_says_how_much():
+    steps = "".join(f"step {i}\n" for i in range(100))
+    text = fit(["INSTRUCTIONS\n", Cut(steps), "CANDIDATE"], 200)
+    assert len(text) <= 200 and text.startswith("INSTRUCTIONS\nstep 0\n") and text.endswith("step 99\nCANDIDATE")
+    kept = CUT.split(text)
+    n = int(re.search(r"(\d+) characters cut", text).group(1))
+    assert len(kept[0]) + len(kept[1]) - len("INSTRUCTIONS\n") - len("CANDIDATE") + n == len(steps)
+    assert fit(["a", Cut("b")], 2) == "ab" and fit(["a", Cut("b")], None) == "ab"
+    with pytest.raises(PromptTooLong, match="judge prompt does not fit: .* take 9 characters"):
+        fit(["INSTRUCTIONS"[:9], Cut(steps)], 8, "judge prompt")
+    assert fill_fit("{a}|{b}", 100, a="{b}", b="x") == "{b}|x"  # values are not filled again
+
+
+def test_shipped_react_config_fits_its_prompts_into_the_tiny_model():
+    from pathlib import Path
+
+    from orchestrator.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "react.yaml")
+    react = cfg.rollout.react
+    longest_answer = max(react.max_tokens, react.rubric_max_tokens, react.verify_max_tokens)
+    assert cfg.model.path is None and react.max_prompt_chars + longest_answer <= cfg.model.tiny.max_positions
+    env = ToolQAEnv(**cfg.env.kwargs)
+    tasks = env.tasks("train", 6, seed=0)
+    gen = ScriptedPolicy(lambda p, r: "search[Nowhere]\n")
+    judge = judge_policy(rubric_texts=["1. [0.6] search a place named\n2. [0.4] short argument"])
+    trajs = ReActAgent(gen, rubric_generator=judge, config=react).run_many(lambda: ToolQAEnv(**cfg.env.kwargs), tasks)
+    assert all(t.status == "ok" for t in trajs), [t.error for t in trajs]
+    assert all(len(t.steps) == react.max_steps for t in trajs)
+    prompts = [p for pol in (gen, judge) for c in pol.calls for p in c.prompts]
+    assert max(len(p) for p in prompts) <= react.max_prompt_chars

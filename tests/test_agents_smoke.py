@@ -29,6 +29,19 @@ def engine(tiny_model_dir):
     eng.close()
 
 
+@pytest.fixture(scope="module")
+def long_engine(tmp_path_factory):
+    """The tiny model with a 2048-character context: a rubric generator prompt alone is ~1.5k
+    characters, and prompts are never cut into their instructions (agents/prompt_files.py)."""
+    from orchestrator.engines.hf import HFEngine
+    from orchestrator.engines.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny-long") / "model", max_positions=2048)
+    eng = HFEngine(path, seed=0, num_threads=1)
+    yield eng
+    eng.close()
+
+
 @pytest.fixture
 def store(tmp_path):
     from store import queries
@@ -61,7 +74,7 @@ def reference_policy(tasks) -> ScriptedPolicy:
     return ScriptedPolicy(respond)
 
 
-def test_react_with_rubrics_smoke(engine, store):
+def test_react_with_rubrics_smoke(long_engine, store):
     from store import queries
 
     env = ToolQAEnv(n_entities=8, kinds=("ratio",), show_tools=False)
@@ -73,11 +86,11 @@ def test_react_with_rubrics_smoke(engine, store):
         max_tokens=16,
         rubric_max_tokens=40,
         verify_max_tokens=40,
-        max_prompt_chars=400,
+        max_prompt_chars=1900,
         action_pattern=r"\w+\[.*\]",
         seed=5,
     )
-    trajs = ReActAgent(engine, config=config).run_many(
+    trajs = ReActAgent(long_engine, config=config).run_many(
         lambda: ToolQAEnv(n_entities=8, show_tools=False), tasks
     )
     for t in trajs:
@@ -88,17 +101,22 @@ def test_react_with_rubrics_smoke(engine, store):
     assert len(back) == 2 and sum(len(r.steps) for r in back) == sum(len(t.steps) for t in trajs)
 
 
-def test_panel_smoke(engine, store):
+def test_panel_smoke(long_engine, store):
     from store import queries
 
     env = ArithmeticEnv(ops=1)
     tasks = env.tasks("train", 2, seed=0)
-    peers = [Peer("tiny", engine), Peer("reference", reference_policy(tasks))]
+    peers = [Peer("tiny", long_engine), Peer("reference", reference_policy(tasks))]
     config = PanelConfig(
-        n_candidates=2, max_tokens=12, stop=("\n\n",), judge_max_tokens=24, max_prompt_chars=400, seed=0
+        n_candidates=2, max_tokens=12, stop=("\n\n",), judge_max_tokens=24, max_prompt_chars=1000, seed=0
     )
     results = run_panel(peers, tasks, config, judges=[ExactAnswerJudge(env.verify)])
     assert all(len(r.candidates) == 4 for r in results)
+    # Every judge prompt fit: the tiny model was asked (its answers may be unreadable, never cut).
+    assert not any("does not fit" in str((j.info or {}).get("error")) for r in results for j in r.judgments)
+    for r in results:
+        for p in r.pairs:
+            assert env.verify(r.task, p.chosen)  # the verifier's class comes first
     write(store, [r.task_result() for r in results])
     s, run_id = store
     pairs = queries.list_pairs(s, run_id, 0, source="panel")
