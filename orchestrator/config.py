@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agents.panel import PanelConfig
 from agents.react import ReActConfig
@@ -68,6 +68,16 @@ class WarmStartConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
 
 
+class PanelPeerConfig(_Strict):
+    """A panel member (panel mode): a name and, if it is a different model, its own checkpoint."""
+
+    name: str = Field(..., min_length=1, description="Recorded as the author and judge name.")
+    model_path: str | None = Field(
+        None, description="Local Hugging Face directory of this peer's model, read on each rollout worker's "
+        "machine (unlike model.path); the peer gets its own engine, built like the worker's, and its weights "
+        "are never updated. None: the policy being trained.")
+
+
 class RolloutConfig(_Strict):
     mode: Literal["mcts", "sample", "react", "panel", "multi_agent"] = "mcts"
     tasks_per_iteration: int = Field(1024, ge=1)
@@ -82,8 +92,22 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, ge=0)
     react: ReActConfig = Field(default_factory=ReActConfig, description="react mode (agents/react.py).")
     panel: PanelConfig = Field(default_factory=PanelConfig, description="panel mode (agents/panel.py).")
+    panel_peers: list[PanelPeerConfig] = Field(
+        default_factory=list, description="panel mode: the peers, e.g. [{name: self}, {name: qwen, model_path: "
+        "/models/qwen}]; empty: num_agents peers on the policy being trained.")
     pair_filter_incorrect: bool = Field(True, description="MCTS-DPO --filter: drop trees whose answer is wrong.")
     max_pairs_per_tree: int = Field(8, ge=1)
+
+    @field_validator("panel_peers")
+    @classmethod
+    def _distinct_peer_names(cls, peers: list[PanelPeerConfig]) -> list[PanelPeerConfig]:
+        names = [p.name for p in peers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"panel peer names must be distinct, got {names}")
+        taken = {"exact", "panel"} & set(names)  # the exact-answer judge's and the aggregate's names
+        if taken:
+            raise ValueError(f"panel peer name {sorted(taken)[0]!r} is reserved")
+        return peers
 
 
 def _demo_dpo() -> DPOConfig:

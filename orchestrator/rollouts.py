@@ -145,16 +145,41 @@ def _react(cfg, tasks, policy, env_factory, seed):
     return results, _agent_stats(tasks, trajs, results)
 
 
+# Engines of panel peers that have their own checkpoint, built once per process (a rollout worker
+# keeps them across chunks): (engine kind, model path, engine kwargs) -> engine.
+_PEER_ENGINES: dict[tuple[str, str, str], Policy] = {}
+
+
+def _peer_engine(cfg: RunConfig, name: str, path: str) -> Policy:
+    """The engine of a panel peer with its own model, built like the worker's (same kind and kwargs)."""
+    from pathlib import Path
+
+    from orchestrator.engines import make_engine
+
+    key = (cfg.engine.kind, path, repr(sorted(cfg.engine.kwargs.items())))
+    if key not in _PEER_ENGINES:
+        if not Path(path).is_dir():
+            raise ValueError(f"rollout.panel_peers: peer '{name}' has model_path '{path}', not a directory here")
+        _PEER_ENGINES[key] = make_engine(cfg.engine.kind, path, seed=cfg.seed, **cfg.engine.kwargs)
+    return _PEER_ENGINES[key]
+
+
 def _panel(cfg, tasks, policy, env_factory, seed):
     """A panel of peers (Panel-of-Peers): every peer samples candidates and scores everyone's.
 
-    On one worker the peers share its engine and differ by their sampling streams; an exact-answer
-    judge joins them when the tasks have answers, so a small model's unreadable Likert scores do not
-    leave the panel without signal.
+    The peers are ``rollout.panel_peers``, or ``num_agents`` peers on the worker's engine. A peer
+    with a ``model_path`` writes and judges with its own engine (``_peer_engine``; its weights stay
+    as loaded); peers on the same engine differ by their sampling seeds, and judge by sampling
+    (``panel.judge_temperature``) -- greedy judges on one engine would count as one vote. An
+    exact-answer judge joins when the tasks have answers; it is a verifier: no peer vote can make a
+    verified-wrong candidate the chosen side of a pair (agents/panel.py).
     """
     from agents.panel import ExactAnswerJudge, Peer, run_panel
 
-    peers = [Peer(f"peer-{i}", policy) for i in range(cfg.rollout.num_agents)]
+    specs = [(p.name, p.model_path) for p in cfg.rollout.panel_peers] or [
+        (f"peer-{i}", None) for i in range(cfg.rollout.num_agents)
+    ]
+    peers = [Peer(name, policy if path is None else _peer_engine(cfg, name, path)) for name, path in specs]
     judges = [ExactAnswerJudge()] if all(t.answer is not None for t in tasks) else []
     panel = run_panel(peers, tasks, dataclasses.replace(cfg.rollout.panel, seed=seed), judges=judges)
     results = [r.task_result() for r in panel]

@@ -51,6 +51,9 @@ def test_overrides_set_nested_keys_with_yaml_values():
         (["noequals"], "override 'noequals' is not key=value"),
         (["iterations.x=1"], "config key 'iterations'"),
         (["iterations=3", "iterations.x=1"], "'iterations' is not a section"),
+        (["rollout.panel_peers=[{name: a}, {name: a}]"], "panel peer names must be distinct"),
+        (["rollout.panel_peers=[{name: exact}]"], "panel peer name 'exact' is reserved"),
+        (["rollout.panel_peers=[{model_path: /m}]"], "config key 'rollout.panel_peers.0.name'"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, needle):

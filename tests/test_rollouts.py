@@ -79,6 +79,35 @@ def test_panel_mode_stores_every_judgment(engine, tmp_path):
     assert stats["judgments"] == counts["judgments"]
 
 
+def test_panel_mode_peers_with_their_own_models(engine, tiny_model_dir, tmp_path):
+    from orchestrator import rollouts
+
+    peers = f"rollout.panel_peers=[{{name: self}}, {{name: other, model_path: '{tiny_model_dir}'}}]"
+    overrides = (peers, "rollout.panel.n_candidates=2", "rollout.panel.max_tokens=12",
+                 "rollout.panel.judge_max_tokens=16")
+    cfg, factory, tasks, results, stats, counts = _run("panel", engine, tmp_path, *overrides, n=4)
+    key = next(k for k in rollouts._PEER_ENGINES if k[1] == str(tiny_model_dir))
+    other = rollouts._PEER_ENGINES[key]
+    try:
+        assert other is not engine and other.version == 0
+        aggregates = [j for r in results for j in r.judgments if j.judge == "panel"]
+        assert {j.info["author"] for r in results for j in r.judgments if j.judge == "exact"} == {"self", "other"}
+        env = factory()
+        by_id = {t.id: t for t in tasks}
+        for r in results:
+            for p in r.pairs:  # the exact verifier's class decides what may be chosen
+                assert env.verify(by_id[p.task_id], p.chosen)
+        assert all(j.info["verified"] is not None for j in aggregates)
+        # A second chunk reuses the peer's engine instead of loading the model again.
+        _run("panel", engine, tmp_path / "again", *overrides, n=2)
+        assert rollouts._PEER_ENGINES[key] is other
+        bad = f"rollout.panel_peers=[{{name: gone, model_path: '{tmp_path}/missing'}}]"
+        with pytest.raises(ValueError, match="peer 'gone' has model_path .*missing', not a directory"):
+            _run("panel", engine, tmp_path / "bad", bad, n=1)
+    finally:
+        rollouts._PEER_ENGINES.pop(key).close()
+
+
 def test_react_mode_records_failures_instead_of_crashing(engine, tmp_path):
     # The tiny model's 128-character context cannot hold a rubric prompt: every episode must come
     # back as a failed trajectory with the engine's error, and the chunk must still be written.
