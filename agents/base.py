@@ -141,10 +141,18 @@ class Completion:
 
 @dataclass
 class Scored:
-    """Log-probability of a given continuation after a prompt."""
+    """Log-probability of a given continuation after a prompt.
+
+    Attributes:
+        total: Sum of the log-probs of the tokens the policy wrote (all tokens unless action spans
+            were given to ``score``).
+        token_logprobs: Log-prob of every continuation token, context tokens included.
+        action_mask: Per token, whether the policy wrote it; None when no action spans were given.
+    """
 
     total: float
     token_logprobs: list[float]
+    action_mask: list[bool] | None = None
 
 
 @runtime_checkable
@@ -166,8 +174,17 @@ class Policy(Protocol):
         """Return ``n`` completions for each prompt, in prompt order."""
         ...
 
-    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[Scored]:
-        """Log-probability of ``continuations[i]`` after ``prompts[i]`` (teacher forcing)."""
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        continuations: Sequence[str],
+        action_spans: Sequence[Sequence[tuple[int, int]] | None] | None = None,
+    ) -> list[Scored]:
+        """Log-probability of ``continuations[i]`` after ``prompts[i]`` (teacher forcing).
+
+        ``action_spans[i]``, if given, are the character spans of ``continuations[i]`` the policy
+        wrote; ``total`` then sums only their tokens (observations in between are context).
+        """
         ...
 
     def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> None:
@@ -196,11 +213,57 @@ class Judge(Protocol):
     def score(self, task: Task, candidates: Sequence[str]) -> list[Judgment]: ...
 
 
+Segment = tuple[str, bool]
+"""A piece of rendered text and whether the policy wrote it (True) or it is context (False)."""
+
+
+def step_segments(steps: Sequence[tuple[str, str]] | Sequence[Step]) -> list[Segment]:
+    """The text ``steps`` add after a prompt, as segments marked by who wrote them.
+
+    This is the one rendering of a trajectory: ``transcript`` joins it after the prompt to prompt
+    the policy, and pair builders keep the marks so learners train only on what the policy wrote.
+    An action is written by the policy together with the newline that ended it (the stop the policy
+    sampled); an observation comes from the environment and is context only.
+
+    Args:
+        steps: ``Step`` objects or ``(action, observation)`` tuples, in order.
+
+    Returns:
+        ``(text, written_by_policy)`` segments, in order; empty observations leave no segment.
+    """
+    out: list[Segment] = []
+    for s in steps:
+        action, obs = (s.action, s.observation) if isinstance(s, Step) else s
+        out.append((action + "\n", True))
+        if obs:
+            out.append((obs if obs.endswith("\n") else obs + "\n", False))
+    return out
+
+
+def action_spans(segments: Sequence[Segment]) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the policy-written segments in their joined text.
+
+    Adjacent policy segments merge into one span; empty segments leave none.
+    """
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for text, mine in segments:
+        end = pos + len(text)
+        if mine and end > pos:
+            if spans and spans[-1][1] == pos:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((pos, end))
+        pos = end
+    return spans
+
+
 def transcript(prompt: str, steps: Sequence[tuple[str, str]] | Sequence[Step]) -> str:
     """Render a prompt and the steps so far into the text a policy continues.
 
     Every action is one line; a non-empty observation follows its action on its own line(s). Search,
-    agents and warm starts all use this so that what the model is trained on is what it is asked.
+    agents and warm starts all use this so that what the model is trained on is what it is asked
+    (``step_segments`` is the same text with the policy's own parts marked).
 
     Args:
         prompt: The task prompt (conventionally ending in a newline).
@@ -209,10 +272,4 @@ def transcript(prompt: str, steps: Sequence[tuple[str, str]] | Sequence[Step]) -
     Returns:
         ``prompt`` followed by ``action + "\\n"`` (and ``observation + "\\n"`` where non-empty) per step.
     """
-    parts = [prompt]
-    for s in steps:
-        action, obs = (s.action, s.observation) if isinstance(s, Step) else s
-        parts.append(action + "\n")
-        if obs:
-            parts.append(obs if obs.endswith("\n") else obs + "\n")
-    return "".join(parts)
+    return prompt + "".join(text for text, _ in step_segments(steps))

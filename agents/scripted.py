@@ -105,7 +105,13 @@ class ScriptedPolicy:
             out.append([self._completion(self.respond(t, rng)[:max_tokens], stop) for _ in range(n)])
         return out
 
-    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[Scored]:
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        continuations: Sequence[str],
+        action_spans: Sequence[Sequence[tuple[int, int]] | None] | None = None,
+    ) -> list[Scored]:
+        """One log-prob per character; with action spans, ``total`` counts only the spans' characters."""
         if len(prompts) != len(continuations):
             raise ValueError(f"score() got {len(prompts)} prompts but {len(continuations)} continuations")
         texts = [_as_text(p) for p in prompts]
@@ -119,6 +125,12 @@ class ScriptedPolicy:
                 per = [self.char_logprob] * len(c)
                 total = float(sum(per))
             out.append(Scored(total=total, token_logprobs=per))
+        if action_spans is not None:
+            for i, spans in enumerate(action_spans):
+                if spans is not None:
+                    mask = [any(a <= k < b for a, b in spans) for k in range(len(continuations[i]))]
+                    per = out[i].token_logprobs
+                    out[i] = Scored(sum(x for x, m in zip(per, mask, strict=True) if m), per, mask)
         return out
 
     def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> None:

@@ -19,10 +19,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agents.base import Environment, Policy, Task, Trajectory
+from agents.base import Environment, Policy, Task, Trajectory, action_spans, step_segments
 from agents.episode import run_episodes, task_result
 from orchestrator.config import RunConfig
-from store.records import PairRecord, TaskResult
+from store.records import ACTION_SPANS, PairRecord, TaskResult
 
 EnvFactory = Callable[[], Environment]
 
@@ -81,18 +81,25 @@ def _mcts(cfg, tasks, policy, env_factory, seed):
 
 
 def _correct_vs_wrong(task: Task, trajs: Sequence[Trajectory], max_pairs: int) -> list[PairRecord]:
-    """Pairs (correct sample, wrong sample) for one task, round-robin so each sample is used evenly."""
-    def text(t: Trajectory) -> str:
-        return "".join(s.action + "\n" for s in t.steps)
+    """Pairs (correct sample, wrong sample) for one task, round-robin so each sample is used evenly.
+
+    A response is the episode as the policy saw it (actions and the observations between them,
+    ``agents.base.step_segments``); the pair's action spans say which characters the policy wrote.
+    """
+    def render(t: Trajectory) -> tuple[str, list[list[int]]]:
+        segments = step_segments(t.steps)
+        return "".join(x for x, _ in segments), [list(span) for span in action_spans(segments)]
 
     good = [t for t in trajs if (t.outcome or 0.0) > 0.5 and t.status == "ok"]
     bad = [t for t in trajs if (t.outcome or 0.0) <= 0.5]
     pairs = []
     for i in range(min(max_pairs, len(good) * len(bad))):
         g, b = good[i % len(good)], bad[(i // len(good) + i) % len(bad)]
+        (chosen, chosen_spans), (rejected, rejected_spans) = render(g), render(b)
         pairs.append(PairRecord(
-            prompt=task.prompt, chosen=text(g), rejected=text(b), source="sample",
+            prompt=task.prompt, chosen=chosen, rejected=rejected, source="sample",
             margin=(g.outcome or 0.0) - (b.outcome or 0.0), task_id=task.id,
+            info={ACTION_SPANS: {"chosen": chosen_spans, "rejected": rejected_spans}},
         ))
     return pairs
 

@@ -3,7 +3,10 @@
 - ``step_pairs``: MCTS-DPO's pairs. Walk the selected path; at each level the children of the path
   node are the alternatives for the next step. Chosen = the highest-Q child, rejected = the lowest
   (or the second best with ``choose_worst=False``). Each candidate is its step plus any forced
-  single-child continuation below it; the prompt is the transcript up to the branching point. The
+  single-child continuation below it; the prompt is the transcript up to the branching point. A
+  candidate's text includes the environment's observations between its steps (the context the policy
+  saw), and ``info["action_spans"]`` marks the characters the policy wrote: learners train on those
+  only (the action mask; see ``store.records.ACTION_SPANS``). The
   pair carries MCTS-DPO's visit-count label smoothing ``α = 1 / (N_w/N_l + 1)`` (clipped to ≤ 0.5),
   the length of the shared text prefix (so a learner can start the loss at the divergence), the Q
   gap as margin, and its provenance (tree index, node keys, task id).
@@ -20,9 +23,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from agents.base import Task
+from agents.base import Task, action_spans
 from search.tree import PreferenceTree
-from store.records import PairRecord, RankedItem, RankedListRecord, TaskResult
+from store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
 
 
 def forced_end(tree: PreferenceTree, node: int) -> int:
@@ -49,6 +52,13 @@ def _alternatives(tree: PreferenceTree, parent: int, include_errors: bool) -> li
 def _order_key(tree: PreferenceTree, n: int) -> tuple[float, float, float, float, int]:
     d = tree[n]
     return (d["value"], d["prior"], d["reward"], d["estimate"], d["visits"])
+
+
+def _response(tree: PreferenceTree, end: int, parent: int) -> tuple[str, list[list[int]]]:
+    """The text from ``parent`` down to ``end`` (observations included, as the policy saw them) and
+    the character spans of it the policy wrote (its actions)."""
+    segments = tree.continuation_segments(end, parent)
+    return "".join(t for t, _ in segments), [list(span) for span in action_spans(segments)]
 
 
 def step_pairs(
@@ -90,8 +100,8 @@ def step_pairs(
         margin = float(tree[chosen]["value"] - tree[rejected]["value"])
         if margin <= min_margin:
             continue
-        chosen_text = tree.continuation(forced_end(tree, chosen), parent)
-        rejected_text = tree.continuation(forced_end(tree, rejected), parent)
+        chosen_text, chosen_spans = _response(tree, forced_end(tree, chosen), parent)
+        rejected_text, rejected_spans = _response(tree, forced_end(tree, rejected), parent)
         n_w, n_l = int(tree[chosen]["visits"]), int(tree[rejected]["visits"])
         pairs.append(
             PairRecord(
@@ -117,6 +127,7 @@ def step_pairs(
                     "rejected_end": forced_end(tree, rejected),
                     "chosen_correct": tree[forced_end(tree, chosen)]["correct"],
                     "rejected_correct": tree[forced_end(tree, rejected)]["correct"],
+                    ACTION_SPANS: {"chosen": chosen_spans, "rejected": rejected_spans},
                 },
             )
         )
@@ -163,12 +174,14 @@ def ranked_lists(
         alts = _alternatives(tree, parent, include_errors)
         if len(alts) < min_items:
             continue
-        items = []
+        items, spans = [], []
         for child in sorted(alts, key=lambda n: _order_key(tree, n), reverse=True):
             branch = best_branch(tree, child)
+            text, item_spans = _response(tree, branch[-1], parent)
+            spans.append(item_spans)
             items.append(
                 RankedItem(
-                    text=tree.continuation(branch[-1], parent),
+                    text=text,
                     score=float(tree[child]["value"]),
                     step_rewards=[float(tree[n]["reward"]) for n in branch],
                     node=child,
@@ -188,6 +201,7 @@ def ranked_lists(
                     "correct": [
                         tree[best_branch(tree, it.node)[-1]]["correct"] for it in items if it.node is not None
                     ],
+                    ACTION_SPANS: spans,
                 },
             )
         )

@@ -48,7 +48,7 @@ from typing import Any
 
 import networkx as nx
 
-from agents.base import transcript
+from agents.base import Segment, step_segments, transcript
 from store.records import NodeRecord, TreeRecord
 
 # Attributes that NodeRecord has as columns; everything else of ours travels in NodeRecord.info.
@@ -214,7 +214,19 @@ class PreferenceTree:
 
     def continuation(self, key: int, start: int) -> str:
         """Text the steps from just below ``start`` down to ``key`` add to ``text(start)``."""
-        return self.text(key)[len(self.text(start)) :]
+        return "".join(text for text, _ in self.continuation_segments(key, start))
+
+    def continuation_segments(self, key: int, start: int) -> list[Segment]:
+        """``continuation(key, start)`` as segments marked policy-written (actions) or not (observations).
+
+        Raises:
+            ValueError: If ``start`` is not on the path from the root to ``key``.
+        """
+        path = self.path(key)
+        if start not in path:
+            raise ValueError(f"node {start} is not an ancestor of node {key}")
+        below = path[path.index(start) + 1 :]
+        return step_segments([(self[n]["step"], self[n]["observation"]) for n in below])
 
     def selected_path(self) -> list[int]:
         """The committed path: the root and then, at each level, the child marked ``selected``."""

@@ -41,6 +41,7 @@ from store import schema as db
 from store.database import Store, StoreError, first_line
 from store.redact import redact
 from store.records import (
+    ACTION_SPANS,
     PAIR_SOURCES,
     JudgmentRecord,
     NodeRecord,
@@ -52,6 +53,7 @@ from store.records import (
     TaskResult,
     TrajectoryRecord,
     TreeRecord,
+    check_action_spans,
 )
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -66,7 +68,8 @@ RUNNING = "running"
 
 @dataclass
 class RunInfo:
-    """A run as stored: its id, unique name, resolved config, status and times (naive UTC)."""
+    """A run as stored: its id, unique name, resolved config, status, times (naive UTC), and the
+    one-line reason it stopped early (None unless it "failed" or was "interrupted")."""
 
     id: int
     name: str
@@ -74,6 +77,7 @@ class RunInfo:
     status: str
     created: datetime
     finished: datetime | None
+    reason: str | None = None
 
 
 @dataclass
@@ -355,7 +359,7 @@ def _run_row(conn: Connection, run_id: int) -> Any:
 
 
 def _run_info(row: Any) -> RunInfo:
-    return RunInfo(row.id, row.name, row.config, row.status, row.created, row.finished)
+    return RunInfo(row.id, row.name, row.config, row.status, row.created, row.finished, row.reason)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,13 +400,34 @@ def start_run(store: Store, name: str, config: dict[str, Any]) -> int:
             raise StoreError(f"a run named {name!r} already exists; pick another name or resume it") from None
 
 
-def finish_run(store: Store, run_id: int, status: str = DONE) -> None:
-    """Mark a run finished (``status`` "done", "failed", ...) and stamp its finish time."""
+def finish_run(store: Store, run_id: int, status: str = DONE, reason: str | None = None) -> None:
+    """Mark a run finished (``status`` "done", "failed", "interrupted", ...) and stamp its finish time.
+
+    Args:
+        reason: Why it stopped early, kept as one line (the first line of what is given); None for a
+            run that finished normally.
+    """
     _str(status, "run status")
+    if reason is not None:
+        lines = [s.strip() for s in _str(reason, "run reason").splitlines() if s.strip()]
+        reason = lines[0] if lines else "(no message)"
     with _db_errors(f"cannot finish run {run_id}"), store.write() as conn:
         _run_row(conn, run_id)
         conn.execute(
-            update(db.Run.__table__).where(db.Run.id == run_id).values(status=status, finished=db.utcnow())
+            update(db.Run.__table__)
+            .where(db.Run.id == run_id)
+            .values(status=status, finished=db.utcnow(), reason=reason)
+        )
+
+
+def reopen_run(store: Store, run_id: int) -> None:
+    """A run that is being resumed is running again: no finish time, no reason."""
+    with _db_errors(f"cannot reopen run {run_id}"), store.write() as conn:
+        _run_row(conn, run_id)
+        conn.execute(
+            update(db.Run.__table__)
+            .where(db.Run.id == run_id)
+            .values(status=RUNNING, finished=None, reason=None)
         )
 
 
@@ -762,6 +787,15 @@ class _Rows:
         shared = _int(pair.shared_prefix_chars, f"{w}.shared_prefix_chars")
         if shared < 0:
             raise StoreError(f"{w}.shared_prefix_chars must be >= 0, got {shared}")
+        spans = (pair.info or {}).get(ACTION_SPANS) if isinstance(pair.info, dict) else None
+        if spans is not None:
+            if not isinstance(spans, dict) or set(spans) != {"chosen", "rejected"}:
+                raise StoreError(f"{w}.info[{ACTION_SPANS!r}] must map 'chosen' and 'rejected' to spans")
+            for side in ("chosen", "rejected"):
+                try:
+                    check_action_spans(spans[side], len(getattr(pair, side)), f"{w}.info.{ACTION_SPANS}.{side}")
+                except ValueError as e:
+                    raise StoreError(str(e)) from None
         return {
             "prompt": _str(pair.prompt, f"{w}.prompt"),
             "chosen": _str(pair.chosen, f"{w}.chosen"),
@@ -791,6 +825,15 @@ class _Rows:
             )
         if not isinstance(rl.items, list):
             raise StoreError(f"{w}.items must be a list")
+        spans = (rl.info or {}).get(ACTION_SPANS) if isinstance(rl.info, dict) else None
+        if spans is not None:
+            if not isinstance(spans, list) or len(spans) != len(rl.items):
+                raise StoreError(f"{w}.info[{ACTION_SPANS!r}] must hold one spans list per item")
+            for i, (item_spans, item) in enumerate(zip(spans, rl.items, strict=True)):
+                try:
+                    check_action_spans(item_spans, len(getattr(item, "text", "")), f"{w}.info.{ACTION_SPANS}[{i}]")
+                except ValueError as e:
+                    raise StoreError(str(e)) from None
         items = []
         for i, item in enumerate(rl.items):
             wi = f"{w}.items[{i}]"

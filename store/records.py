@@ -16,6 +16,42 @@ from typing import Any
 
 PAIR_SOURCES = ("mcts", "panel", "credit", "rubric", "slhf", "sample")
 
+# Key in a pair's (or ranked list's) ``info`` under which the producer records which characters of
+# each response the policy wrote. A pair: ``{"chosen": spans, "rejected": spans}``; a ranked list:
+# one spans list per item. Spans are ``[start, end)`` character offsets into the response text;
+# everything outside them (environment observations, tool output) is context the learner must not
+# train on. No entry means the policy wrote the whole response.
+ACTION_SPANS = "action_spans"
+
+Spans = list[tuple[int, int]]
+
+
+def check_action_spans(spans: Any, length: int, where: str) -> Spans:
+    """Validate action spans of a text of ``length`` characters: sorted, disjoint, inside the text.
+
+    Raises:
+        ValueError: One line naming ``where`` and what is wrong.
+    """
+    if not isinstance(spans, (list, tuple)):
+        raise ValueError(f"{where} must be a list of [start, end] pairs")
+    out: Spans = []
+    last = 0
+    for k, span in enumerate(spans):
+        if (
+            not isinstance(span, (list, tuple))
+            or len(span) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+        ):
+            raise ValueError(f"{where}[{k}] must be a [start, end] pair of integers")
+        start, end = span
+        if not last <= start < end <= length:
+            raise ValueError(
+                f"{where}[{k}] = [{start}, {end}] is not a non-empty span after {last} inside a text of {length} characters"
+            )
+        out.append((start, end))
+        last = end
+    return out
+
 
 @dataclass
 class NodeRecord:
@@ -77,6 +113,13 @@ class PairRecord:
     db_id: int | None = None
     iteration: int | None = None
 
+    def action_spans(self, side: str) -> Spans | None:
+        """Character spans of ``chosen`` or ``rejected`` (``side``) the policy wrote; None = all of it."""
+        spans = (self.info or {}).get(ACTION_SPANS)
+        if spans is None:
+            return None
+        return [tuple(x) for x in spans[side]]  # type: ignore[misc]
+
 
 @dataclass
 class RankedItem:
@@ -101,6 +144,13 @@ class RankedListRecord:
     iteration: int | None = None
     # Which of the TaskResult's trees the items' ``node`` keys refer to (on write).
     tree_index: int = 0
+
+    def action_spans(self, item: int) -> Spans | None:
+        """Character spans of item ``item``'s text the policy wrote; None = all of it."""
+        spans = (self.info or {}).get(ACTION_SPANS)
+        if spans is None:
+            return None
+        return [tuple(x) for x in spans[item]]  # type: ignore[misc]
 
 
 @dataclass

@@ -6,7 +6,9 @@ either engine, and ``score`` sees exactly the ids ``generate`` saw:
 - raw text: ``tokenizer(text)`` with the tokenizer's special tokens (a BOS where it adds one);
 - chat messages: the chat template rendered with ``add_generation_prompt=True``, then tokenized
   without adding special tokens again (templates write their own BOS);
-- a continuation: tokenized on its own without special tokens and appended to the prompt ids.
+- a continuation: tokenized on its own without special tokens and appended to the prompt ids;
+  ``action_token_mask`` marks which of its tokens the policy wrote when the continuation also holds
+  environment text (the learners use the same function, so engines and learners agree on the mask).
 
 Decoding keeps special tokens (``skip_special_tokens=False``) so that ``score(prompt, text)`` re-reads
 exactly the tokens that were sampled; EOS is never part of a completion's ids or text.
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agents.base import Scored
 from orchestrator.engines import EngineError
 
 
@@ -61,6 +64,35 @@ def prompt_token_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list
 def continuation_token_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a continuation, tokenized on its own (no special tokens added)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def action_token_mask(
+    tokenizer: Any, text: str, spans: Sequence[tuple[int, int]] | None
+) -> tuple[list[int], list[bool]]:
+    """A continuation's token ids (as ``continuation_token_ids``) and which of them the policy wrote.
+
+    A token counts as the policy's when its characters lie inside one of ``spans`` (character
+    ``[start, end)`` offsets into ``text``: the actions); every other token (an observation, tool
+    output, or a merged token that straddles an action and an observation) is context only. With
+    ``spans=None`` every token is the policy's.
+
+    Raises:
+        ValueError: Spans given for a tokenizer that cannot report character offsets (a slow one).
+    """
+    if spans is None:
+        ids = continuation_token_ids(tokenizer, text)
+        return ids, [True] * len(ids)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"action spans need a fast tokenizer that reports character offsets; {type(tokenizer).__name__} does not"
+        )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = []
+    for begin, end in enc["offset_mapping"]:
+        # A zero-width token (rare: added markers) belongs where it sits.
+        mask.append(any(s <= begin and (end <= e if end > begin else begin < e) for s, e in spans))
+    return ids, mask
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -153,3 +185,11 @@ def cut_at_stop(
         else:
             hi = mid - 1
     return text, ids[:lo], logprobs[:lo], True
+
+
+def scored(token_logprobs: list[float], mask: list[bool] | None) -> Scored:
+    """A ``Scored`` whose total sums the policy's tokens (all of them when ``mask`` is None)."""
+    if mask is None:
+        return Scored(total=float(sum(token_logprobs)), token_logprobs=token_logprobs)
+    total = float(sum(lp for lp, mine in zip(token_logprobs, mask, strict=True) if mine))
+    return Scored(total=total, token_logprobs=token_logprobs, action_mask=list(mask))

@@ -40,14 +40,17 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from agents.base import Completion, Prompt, Scored
 from orchestrator.engines import EngineError
 from orchestrator.engines.contract import (
+    action_token_mask,
     check_context,
     check_model_dir,
     check_request,
-    continuation_token_ids,
     cut_at_stop,
     decode,
     eos_token_ids,
     prompt_token_ids,
+)
+from orchestrator.engines.contract import (
+    scored as _scored,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,7 +156,12 @@ class HFEngine:
             self._generate_chunk(ids, chunk, n, max_tokens, temperature, top_p, stops, gen, results)
         return results
 
-    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[Scored]:
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        continuations: Sequence[str],
+        action_spans: Sequence[Sequence[tuple[int, int]] | None] | None = None,
+    ) -> list[Scored]:
         """Log-probability of each continuation after its prompt, by teacher forcing.
 
         Prompt and continuation are tokenized separately and their ids concatenated, as ``generate``
@@ -168,7 +176,14 @@ class HFEngine:
         if not prompts:
             return []
         p_ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
-        c_ids = [continuation_token_ids(self.tokenizer, c) for c in continuations]
+        if action_spans is not None and len(action_spans) != len(continuations):
+            raise ValueError(f"score() got {len(action_spans)} action spans for {len(continuations)} continuations")
+        encoded = [
+            action_token_mask(self.tokenizer, c, None if action_spans is None else action_spans[i])
+            for i, c in enumerate(continuations)
+        ]
+        c_ids = [ids for ids, _ in encoded]
+        masks = [mask if action_spans is not None else None for _, mask in encoded]
         check_context(p_ids, [len(c) for c in c_ids], self.max_len, "continuation")
         out: list[Scored | None] = [None] * len(prompts)
         # Similar lengths together, so padding stays small.
@@ -178,7 +193,7 @@ class HFEngine:
             for i, lps in zip(
                 batch, self._score_batch([p_ids[i] for i in batch], [c_ids[i] for i in batch]), strict=True
             ):
-                out[i] = Scored(total=float(sum(lps)), token_logprobs=lps)
+                out[i] = _scored(lps, masks[i])
         return out  # type: ignore[return-value]
 
     def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> None:

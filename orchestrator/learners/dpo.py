@@ -17,9 +17,13 @@ responses only when the pair's ``info["final"]`` is true: a step-level pair's re
 intermediate steps, after which the model must keep going, so teaching it to stop there would be
 wrong. Whole-answer pairs from a producer that knows they end the episode set ``final``.
 
-MCTS-DPO (``loss_type="mcts_dpo"``): log-probs are summed from the first token where chosen and
-rejected differ, and the conservative-DPO smoothing is the visit-count alpha when both visit
-counts are on the record (else the record's ``label_smoothing``). For the other losses the
+Action mask: a pair's responses may hold environment text (observations between an agent's
+actions); only the tokens inside the pair's action spans are scored, in every sum, length and NLL
+term (see logprobs.py).
+
+MCTS-DPO (``loss_type="mcts_dpo"``, ``losses.mcts_dpo_loss``): log-probs are summed from the first
+token where chosen and rejected differ, and the conservative-DPO smoothing is the visit-count alpha
+when both visit counts are on the record (else the record's ``label_smoothing``). For the other losses the
 shared prefix still lives in the packed trunk, but its tokens count in both sums (they cancel in
 DPO's margin; they matter for IPO's lengths and the NLL term).
 """
@@ -37,8 +41,8 @@ from orchestrator.learners import losses
 from orchestrator.learners.logprobs import (
     Group,
     common_prefix_length,
+    encode_masked_response,
     encode_prompt,
-    encode_response,
     fit_length,
     pack,
     packed_logprobs,
@@ -75,15 +79,31 @@ class DPOConfig(LearnerConfig):
 
 @dataclass
 class PairExample:
-    """A tokenized pair (prompt already truncated to fit)."""
+    """A tokenized pair (prompt already truncated to fit).
+
+    ``chosen_mask``/``rejected_mask`` flag the tokens the policy wrote (the rest is environment
+    text, context only); ``shared`` counts the scored tokens the two responses share before they
+    part (where MCTS-DPO starts its sums).
+    """
 
     prompt: tuple[int, ...]
     chosen: tuple[int, ...]
     rejected: tuple[int, ...]
+    chosen_mask: tuple[bool, ...]
+    rejected_mask: tuple[bool, ...]
     shared: int
     weight: float
     smoothing: float
-    alpha: float | None
+    chosen_visits: int
+    rejected_visits: int
+
+    @property
+    def chosen_key(self) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        return self.chosen, self.chosen_mask
+
+    @property
+    def rejected_key(self) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        return self.rejected, self.rejected_mask
 
 
 class DPOLearner(LearnerOutput):
@@ -108,30 +128,36 @@ class DPOLearner(LearnerOutput):
         return mode == "always" or (mode == "final" and bool((pair.info or {}).get("final")))
 
     def prepare(self, pairs: list[PairRecord]) -> list[PairExample]:
-        """Tokenize pairs (prompt and responses separately) and truncate them to ``max_length``."""
+        """Tokenize pairs (prompt and responses separately), mask what the policy did not write,
+        and truncate to ``max_length``. A pair with no policy-written token left on a side is dropped."""
         tok = self.policy.tokenizer
         out = []
         for p in pairs:
             eos = self._eos(p)
-            prompt, (chosen, rejected) = fit_length(
-                encode_prompt(tok, p.prompt),
-                [encode_response(tok, p.chosen, eos), encode_response(tok, p.rejected, eos)],
-                self.config.max_length,
+            (chosen, c_mask), (rejected, r_mask) = (
+                encode_masked_response(tok, p.chosen, p.action_spans("chosen"), eos),
+                encode_masked_response(tok, p.rejected, p.action_spans("rejected"), eos),
             )
-            alpha = None
-            if p.chosen_visits is not None and p.rejected_visits is not None:
-                alpha = float(
-                    losses.visit_alpha(torch.tensor(p.chosen_visits), torch.tensor(p.rejected_visits))
-                )
+            prompt, (chosen, rejected) = fit_length(encode_prompt(tok, p.prompt), [chosen, rejected], self.config.max_length)
+            c_mask, r_mask = c_mask[: len(chosen)], r_mask[: len(rejected)]
+            if not any(c_mask) or not any(r_mask):
+                continue
+            shared = common_prefix_length(
+                [list(zip(chosen, c_mask, strict=True)), list(zip(rejected, r_mask, strict=True))]
+            )
             out.append(
                 PairExample(
                     tuple(prompt),
                     tuple(chosen),
                     tuple(rejected),
-                    common_prefix_length([chosen, rejected]),
+                    tuple(c_mask),
+                    tuple(r_mask),
+                    sum(c_mask[:shared]),
                     p.weight,
                     p.label_smoothing or self.config.label_smoothing,
-                    alpha,
+                    # -1: unknown (a pair not from a search tree); the loss then uses ``smoothing``.
+                    p.chosen_visits if p.chosen_visits is not None and p.rejected_visits is not None else -1,
+                    p.rejected_visits if p.chosen_visits is not None and p.rejected_visits is not None else -1,
                 )
             )
         return out
@@ -140,15 +166,16 @@ class DPOLearner(LearnerOutput):
 
     def micro_loss(self, batch: list[PairExample], meter: StatsMeter) -> losses.LossOutput:
         """Loss of one micro-batch (mean over its pairs) with stats recorded in ``meter``."""
-        groups: dict[tuple[int, ...], tuple[Group, dict[tuple[int, ...], int]]] = {}
+        groups: dict[tuple[int, ...], tuple[Group, dict[Any, int]]] = {}
         for ex in batch:
             if ex.prompt not in groups:
-                groups[ex.prompt] = (Group(list(ex.prompt), []), {})
+                groups[ex.prompt] = (Group(list(ex.prompt), [], masks=[]), {})
             group, seen = groups[ex.prompt]
-            for resp in (ex.chosen, ex.rejected):
-                if resp not in seen:
-                    seen[resp] = len(group.responses)
-                    group.responses.append(list(resp))
+            for key in (ex.chosen_key, ex.rejected_key):
+                if key not in seen:
+                    seen[key] = len(group.responses)
+                    group.responses.append(list(key[0]))
+                    group.masks.append(list(key[1]))  # type: ignore[union-attr]
         offsets, n = {}, 0
         for key, (group, _) in groups.items():
             offsets[key] = n
@@ -161,9 +188,9 @@ class DPOLearner(LearnerOutput):
         for ex in batch:
             base, seen = offsets[ex.prompt], groups[ex.prompt][1]
             start = ex.shared if mcts else 0
-            chosen_spans.append((base + seen[ex.chosen], start))
-            rejected_spans.append((base + seen[ex.rejected], start))
-            full_chosen.append((base + seen[ex.chosen], 0))
+            chosen_spans.append((base + seen[ex.chosen_key], start))
+            rejected_spans.append((base + seen[ex.rejected_key], start))
+            full_chosen.append((base + seen[ex.chosen_key], 0))
         spans = chosen_spans + rejected_spans
         b = len(batch)
         dev = self.policy.device
@@ -187,11 +214,18 @@ class DPOLearner(LearnerOutput):
             eps = torch.tensor([ex.smoothing for ex in batch], device=dev)
             out = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, eps, weights)
         elif cfg.loss_type == "mcts_dpo":
-            eps = torch.tensor(
-                [ex.alpha if ex.alpha is not None else ex.smoothing for ex in batch], device=dev
+            out = losses.mcts_dpo_loss(
+                pol_c,
+                pol_r,
+                ref_c,
+                ref_r,
+                torch.tensor([ex.chosen_visits for ex in batch], device=dev),
+                torch.tensor([ex.rejected_visits for ex in batch], device=dev),
+                cfg.beta,
+                weights,
+                fallback_smoothing=torch.tensor([ex.smoothing for ex in batch], device=dev),
             )
-            out = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, eps, weights)
-            meter.add("alpha", eps, b)
+            meter.add("alpha", out.stats["alpha"], b)
         elif cfg.loss_type == "ipo":
             out = losses.ipo_loss(pol_c, pol_r, ref_c, ref_r, lengths[:b], lengths[b:], cfg.beta, weights)
         else:
@@ -201,7 +235,7 @@ class DPOLearner(LearnerOutput):
         total = out.loss
         meter.add("pair_loss", out.loss.detach(), b)
         if cfg.nll_weight > 0:
-            chosen_len = torch.tensor([len(ex.chosen) for ex in batch], device=dev, dtype=torch.float32)
+            chosen_len = torch.tensor([sum(ex.chosen_mask) for ex in batch], device=dev, dtype=torch.float32)
             nll = losses.nll_loss(pol_full, chosen_len, weights)
             total = total + cfg.nll_weight * nll.loss
             meter.add("nll_loss", nll.loss.detach(), b)
@@ -221,7 +255,12 @@ class DPOLearner(LearnerOutput):
         pairs = data.pairs if isinstance(data, PreferenceData) else list(data)
         if not pairs:
             raise ValueError("DPOLearner.train needs at least one preference pair; the data has none")
-        return self.prepare(pairs)
+        examples = self.prepare(pairs)
+        if not examples:
+            raise ValueError(
+                f"DPOLearner.train: none of the {len(pairs)} pairs has a policy-written token on both sides"
+            )
+        return examples
 
     def train(self, data: PreferenceData | list[PairRecord]) -> dict[str, Any]:
         """One iteration: ``epochs`` passes over the pairs.

@@ -16,6 +16,12 @@ the micro-batch. The language-model head runs only on the positions that predict
 Tokenization matches the engines' ``score()``: the prompt and each response are tokenized
 separately (the prompt with the tokenizer's special tokens, the response without) and
 concatenated; an EOS is appended to a response only when the caller says it is final.
+
+The action mask: a response may hold text the policy did not write (an agent's tool output or an
+environment's observation between its actions). A group then carries a per-token mask; unmasked
+tokens stay in the row as context (later tokens attend to them) but are never scored, so no
+log-prob, sum, length or gradient target includes them. The mask comes from the response's action
+spans through ``engines.contract.action_token_mask``, the function the engines' ``score`` uses.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from orchestrator.engines.contract import action_token_mask
+
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt (with the tokenizer's own special tokens, e.g. BOS)."""
@@ -34,10 +42,21 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 def encode_response(tokenizer, text: str, eos: bool = False) -> list[int]:
     """Token ids of a response, tokenized on its own; ``eos`` appends the EOS id."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_masked_response(tokenizer, text, None, eos)[0]
+
+
+def encode_masked_response(
+    tokenizer, text: str, spans: Sequence[tuple[int, int]] | None, eos: bool = False
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a response and which of them the policy wrote (its ``spans``; None = all).
+
+    ``eos`` appends the EOS id, marked as the policy's (stopping is its decision).
+    """
+    ids, mask = action_token_mask(tokenizer, text, spans)
     if eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    return ids
+        mask.append(True)
+    return ids, mask
 
 
 def fit_length(
@@ -75,11 +94,14 @@ class Group:
         prompt: Prompt token ids (at least one token: the first response token needs a predictor).
         responses: Response token ids, one list per response (may repeat; each gets its own entry).
         share_responses: Also move the responses' common prefix into the trunk.
+        masks: Per response, per token: scored (the policy wrote it) or context only. None = all
+            scored.
     """
 
     prompt: list[int]
     responses: list[list[int]]
     share_responses: bool = True
+    masks: list[list[bool]] | None = None
 
 
 @dataclass
@@ -95,7 +117,7 @@ class PackedBatch:
         token_index: ``(U,)`` flat index of the scored token itself (for step embeddings).
         target_ids: ``(U,)`` the scored tokens.
         seq_tokens: For every response (groups in order, responses in order), the indices into
-            the ``U`` unique tokens of its tokens, in order.
+            the ``U`` unique tokens of its scored tokens (the policy's), in order.
     """
 
     input_ids: Tensor
@@ -183,11 +205,20 @@ def pack(groups: Sequence[Group], pad_id: int) -> PackedBatch:
             raise ValueError(
                 "a prompt must have at least one token (the first response token needs a predictor)"
             )
-        shared = common_prefix_length(g.responses) if g.share_responses and len(g.responses) > 1 else 0
+        masks = g.masks if g.masks is not None else [[True] * len(resp) for resp in g.responses]
+        if len(masks) != len(g.responses) or any(
+            len(m) != len(resp) for m, resp in zip(masks, g.responses, strict=True)
+        ):
+            raise ValueError("a group's masks must give one flag per response token")
+        # The trunk holds the tokens the responses share, scored or not alike.
+        keyed = [list(zip(resp, m, strict=True)) for resp, m in zip(g.responses, masks, strict=True)]
+        shared = common_prefix_length(keyed) if g.share_responses and len(g.responses) > 1 else 0
         trunk = g.prompt + g.responses[0][:shared] if shared else list(g.prompt)
         ids, pos, seg = list(trunk), list(range(len(trunk))), [0] * len(trunk)
         trunk_scored = []
         for p in range(len(g.prompt), len(trunk)):
+            if not masks[0][p - len(g.prompt)]:
+                continue
             trunk_scored.append(len(targets))
             unique_pred.append((r, p - 1))
             unique_tok.append((r, p))
@@ -197,6 +228,8 @@ def pack(groups: Sequence[Group], pad_id: int) -> PackedBatch:
             start = len(ids)
             mine = list(trunk_scored)
             for j, t in enumerate(branch):
+                if not masks[b][shared + j]:
+                    continue
                 mine.append(len(targets))
                 unique_pred.append((r, start + j - 1 if j else len(trunk) - 1))
                 unique_tok.append((r, start + j))

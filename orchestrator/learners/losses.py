@@ -143,14 +143,24 @@ def mcts_dpo_loss(
     rejected_visits: Tensor,
     beta: float = 0.1,
     weights: Tensor | None = None,
+    fallback_smoothing: Tensor | None = None,
 ) -> LossOutput:
     """MCTS-DPO: conservative DPO whose smoothing is the visit-count alpha of the two siblings.
 
     The caller must sum log-probs only from the first token where chosen and rejected differ (the
-    shared step prefix is excluded); ``DPOLearner`` does that by moving the shared tokens into the
-    prompt. Stats add ``alpha``.
+    shared step prefix is excluded); ``DPOLearner`` does that by starting its sums at the first
+    token the two responses do not share. Stats add ``alpha``.
+
+    Args:
+        fallback_smoothing: ``(B,)`` smoothing for pairs whose visit counts are unknown, marked by a
+            negative count (pairs that did not come from a search tree); required if any is.
     """
     alpha = visit_alpha(chosen_visits, rejected_visits).to(policy_chosen_logps)
+    unknown = (chosen_visits < 0) | (rejected_visits < 0)
+    if bool(unknown.any()):
+        if fallback_smoothing is None:
+            raise ValueError("mcts_dpo_loss: some visit counts are unknown (< 0) and no fallback_smoothing was given")
+        alpha = torch.where(unknown.to(alpha.device), fallback_smoothing.to(alpha), alpha)
     out = dpo_loss(
         policy_chosen_logps,
         policy_rejected_logps,

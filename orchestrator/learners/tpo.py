@@ -17,7 +17,12 @@ docs/learners.md; the released loss code is not followed, it has a sign error an
 2. Implicit reward ``s_n = beta * score_n``; the ranking loss is LambdaLoss / LiPO-lambda:
    ``sum over psi_i > psi_j of Delta_ij * -log sigmoid(s_i - s_j)``, ``Delta`` from the ranks under
    the current scores (no gradient), labels rescaled per list before ``2^psi``.
-3. Optionally (``nll_weight``, default 1.0 as for DPO) the length-normalised NLL of the best item.
+3. Optionally (``nll_weight``, default 1.0 as for DPO) the length-normalised NLL of the best item
+   among those verified correct (the list's ``info["correct"]``); a list with no verified-correct
+   item adds no NLL (the top-scored item may be an unexplored sibling or a wrong branch).
+
+Items may hold environment text between the policy's steps; only the tokens in the list's action
+spans are scored (the action mask, see logprobs.py).
 
 All K responses of a list are packed into one row with the prompt (and their common prefix)
 computed once.
@@ -36,6 +41,7 @@ from pydantic import Field
 from orchestrator.learners import losses
 from orchestrator.learners.logprobs import (
     Group,
+    encode_masked_response,
     encode_prompt,
     fit_length,
     pack,
@@ -82,12 +88,19 @@ class TPOConfig(LearnerConfig):
 
 @dataclass
 class ListExample:
-    """A tokenized ranked list: responses (token ids), their labels, and a step index per token."""
+    """A tokenized ranked list: responses (token ids), their labels, and a step index per token.
+
+    ``masks`` flag the tokens the policy wrote (environment text is context only); ``steps`` hold
+    a step index per *scored* token. ``nll_item`` is the item the NLL term trains on: the best
+    verified-correct one, or None when no item was verified correct.
+    """
 
     prompt: list[int]
     responses: list[list[int]]
     labels: list[float]
     steps: list[list[int]]
+    masks: list[list[bool]]
+    nll_item: int | None = None
     weight: float = 1.0
 
 
@@ -150,7 +163,8 @@ class TPOLearner(LearnerOutput):
         self.policy = TrainablePolicy(model_path, self.config)
 
     def prepare(self, lists: list[RankedListRecord]) -> list[ListExample]:
-        """Tokenize lists; lists with fewer than two items or a single label value are dropped."""
+        """Tokenize lists, masking what the policy did not write; lists with fewer than two items or a
+        single label value are dropped, and so are items with no policy-written token."""
         tok, cfg = self.policy.tokenizer, self.config
         out = []
         for rec in lists:
@@ -159,25 +173,39 @@ class TPOLearner(LearnerOutput):
             eos = cfg.append_eos == "always" or (
                 cfg.append_eos == "final" and bool((rec.info or {}).get("final"))
             )
-            responses = []
-            for it in rec.items:
-                ids = list(tok(it.text, add_special_tokens=False)["input_ids"])
-                responses.append(ids + [tok.eos_token_id] if eos and tok.eos_token_id is not None else ids)
-            prompt, responses = fit_length(encode_prompt(tok, rec.prompt), responses, cfg.max_length)
-            steps = [
-                token_steps(tok, it.text, cfg.step_separator, len(r))
-                for it, r in zip(rec.items, responses, strict=True)
+            correct = (rec.info or {}).get("correct")
+            if not isinstance(correct, list) or len(correct) != len(rec.items):
+                correct = [None] * len(rec.items)
+            encoded = [
+                encode_masked_response(tok, it.text, rec.action_spans(i), eos) for i, it in enumerate(rec.items)
             ]
-            out.append(ListExample(prompt, responses, [it.score for it in rec.items], steps))
+            prompt, responses = fit_length(encode_prompt(tok, rec.prompt), [ids for ids, _ in encoded], cfg.max_length)
+            masks = [m[: len(r)] for (_, m), r in zip(encoded, responses, strict=True)]
+            keep = [i for i, m in enumerate(masks) if any(m)]
+            if len(keep) < 2 or len({rec.items[i].score for i in keep}) < 2:
+                continue
+            steps = []
+            for i in keep:
+                per_token = token_steps(tok, rec.items[i].text, cfg.step_separator, len(responses[i]))
+                steps.append([st for st, mine in zip(per_token, masks[i], strict=True) if mine])
+            labels = [rec.items[i].score for i in keep]
+            verified = [k for k, i in enumerate(keep) if correct[i] is True]
+            nll_item = max(verified, key=lambda k: labels[k]) if verified else None
+            out.append(
+                ListExample(
+                    prompt, [responses[i] for i in keep], labels, steps, [masks[i] for i in keep], nll_item
+                )
+            )
         return out
 
     def _scores(
         self, batch: list[ListExample]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Implicit rewards ``(B, K)``, labels, mask, and the best items' NLL ``(B,)``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Implicit rewards ``(B, K)``, labels, mask, the NLL ``(B,)`` of each list's best verified-correct
+        item, and which lists have one."""
         cfg, dev = self.config, self.policy.device
         packed = pack(
-            [Group(ex.prompt, ex.responses) for ex in batch], self.policy.tokenizer.pad_token_id
+            [Group(ex.prompt, ex.responses, masks=ex.masks) for ex in batch], self.policy.tokenizer.pad_token_id
         ).to(dev)
         pol = packed_logprobs(self.policy.model, packed, with_hidden=cfg.adaptive_steps)
         with torch.no_grad():
@@ -189,7 +217,8 @@ class TPOLearner(LearnerOutput):
         scores = torch.zeros(len(batch), k_max, device=dev)
         labels = torch.zeros(len(batch), k_max, device=dev)
         mask = torch.zeros(len(batch), k_max, dtype=torch.bool, device=dev)
-        nll = []
+        nll = torch.zeros(len(batch), device=dev)
+        has_nll = torch.zeros(len(batch), dtype=torch.bool, device=dev)
         i = 0
         for b, ex in enumerate(batch):
             k = len(ex.responses)
@@ -202,9 +231,10 @@ class TPOLearner(LearnerOutput):
             scores[b, :k] = cfg.beta * s
             labels[b, :k] = torch.tensor(ex.labels, device=dev)
             mask[b, :k] = True
-            best = max(range(k), key=lambda j: ex.labels[j])
-            nll.append(-logps[seq][best].mean())
-        return scores, labels, mask, torch.stack(nll)
+            if ex.nll_item is not None:
+                nll[b] = -logps[seq][ex.nll_item].mean()
+                has_nll[b] = True
+        return scores, labels, mask, nll, has_nll
 
     def _adaptive(
         self, ex: ListExample, ratios: list[torch.Tensor], hidden: list[torch.Tensor]
@@ -232,7 +262,7 @@ class TPOLearner(LearnerOutput):
 
     def micro_loss(self, batch: list[ListExample], meter: StatsMeter) -> losses.LossOutput:
         """Listwise loss of a micro-batch of lists (+ NLL of each list's best item)."""
-        scores, labels, mask, nll = self._scores(batch)
+        scores, labels, mask, nll, has_nll = self._scores(batch)
         weights = torch.tensor([ex.weight for ex in batch], device=scores.device)
         out = losses.lipo_lambda_loss(scores, labels, mask, self.config.gain_scale, weights)
         total = out.loss
@@ -240,9 +270,11 @@ class TPOLearner(LearnerOutput):
         meter.add("rank_loss", out.loss.detach(), n)
         meter.add("pair_accuracy", out.stats["pair_accuracy"], n)
         meter.add("reward_margin", out.stats["margin"], n)
-        if self.config.nll_weight > 0:
-            total = total + self.config.nll_weight * (nll * weights).mean()
-            meter.add("nll_loss", nll.mean().detach(), n)
+        if self.config.nll_weight > 0 and bool(has_nll.any()):
+            # Mean over the lists that have a verified-correct item; the others add no NLL.
+            w = weights * has_nll
+            total = total + self.config.nll_weight * (nll * w).sum() / n
+            meter.add("nll_loss", (nll[has_nll]).mean().detach(), int(has_nll.sum()))
         s, lab = scores.detach().cpu(), labels.cpu()
         for b in range(n):
             k = int(mask[b].sum())
