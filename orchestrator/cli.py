@@ -2,12 +2,14 @@
 
     treeplay demo [KEY=VALUE ...]              the demo run (configs/demo.yaml = the defaults)
     treeplay run CONFIG [KEY=VALUE ...]        a run from a YAML config, with overrides
-    treeplay resume RUN [--db URL]             carry on an interrupted run from the store
+    treeplay resume RUN [--db URL] [KEY=VALUE ...]   carry on an interrupted run from the store
     treeplay status [RUN] [--db URL]           runs, or one run's iterations and metrics
     treeplay version
     treeplay db upgrade [--url URL]
 
-Commands import their heavy dependencies lazily so ``treeplay --help`` stays fast.
+Commands import their heavy dependencies lazily so ``treeplay --help`` stays fast. Every ``--db`` /
+``--url`` falls back to ``$TREEPLAY_STORE_URL``, so a password need not appear on a command line, and
+a store URL is printed only without its password.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ db_app = typer.Typer(help="The SQL store: migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 DEFAULT_DB = "sqlite:///runs/treeplay.db"
+# Read by every --db/--url option, and by `run`/`demo` as the store.url of the run.
+STORE_ENV = "TREEPLAY_STORE_URL"
 
 
 @app.command()
@@ -36,7 +40,7 @@ def version() -> None:
 
 @db_app.command("upgrade")
 def db_upgrade(
-    url: str = typer.Option(DEFAULT_DB, "--url", help="Database URL (sqlite:///path or postgresql://...)."),
+    url: str = typer.Option(DEFAULT_DB, "--url", envvar=STORE_ENV, help="Database URL (sqlite:///path or postgresql://...)."),
 ) -> None:
     """Create or migrate the store's schema to the newest version (Alembic)."""
     from store.database import StoreError, upgrade
@@ -46,7 +50,9 @@ def db_upgrade(
     except StoreError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
-    typer.echo(f"store at {url} is at revision {rev}")
+    from store.redact import redact_url
+
+    typer.echo(f"store at {redact_url(url)} is at revision {rev}")
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -55,10 +61,15 @@ def _fail(e: Exception) -> typer.Exit:
 
 
 def _launch(config: str | None, overrides: list[str]) -> None:
+    import os
+
     from orchestrator.config import ConfigError, load_config
     from orchestrator.loop import final_line, start_run
     from store.database import StoreError
 
+    if os.environ.get(STORE_ENV):
+        # The environment overrides the config file; the command line overrides the environment.
+        overrides = [f"store.url={os.environ[STORE_ENV]}", *overrides]
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
@@ -74,7 +85,10 @@ def _launch(config: str | None, overrides: list[str]) -> None:
 def _after_run(report, url: str) -> None:
     from rich.console import Console
 
+    from store.redact import redact_url
+
     c = Console(stderr=True)
+    url = redact_url(url)  # the hint is printed, so never with the password
     c.print(f"[bold]run '{report.name}'[/] (id {report.run_id}): held-out greedy accuracy "
             f"{report.accuracy_before:.3f} -> [bold green]{report.accuracy_after:.3f}[/] in {report.seconds:.0f}s")
     if report.plot:
@@ -104,14 +118,20 @@ def run(
 @app.command()
 def resume(
     run: str = typer.Argument(..., help="Run name or id."),
-    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    overrides: list[str] = typer.Argument(
+        None, help="KEY=VALUE for values redacted from the stored config (e.g. env.kwargs.api_key=...)."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
 ) -> None:
-    """Finish an interrupted run: finished iterations are kept, the rest are run."""
+    """Finish an interrupted run: finished iterations are kept, the rest are run.
+
+    The stored config holds no credentials: the store is the one --db names (its password from the
+    URL, $TREEPLAY_STORE_URL, $PGPASSWORD or ~/.pgpass), and redacted values are given again here.
+    """
     from orchestrator.loop import final_line, resume_run
     from store.database import StoreError
 
     try:
-        report = resume_run(int(run) if run.isdigit() else run, db)
+        report = resume_run(int(run) if run.isdigit() else run, db, list(overrides or []))
     except (StoreError, ValueError) as e:
         raise _fail(e) from None
     _after_run(report, db)
@@ -121,7 +141,7 @@ def resume(
 @app.command()
 def status(
     run: str = typer.Argument(None, help="Run name or id; omitted: list runs."),
-    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show runs, or one run's iterations with their key metrics."""
@@ -210,7 +230,7 @@ def _print_json(value) -> None:
 
 @app.command()
 def runs(
-    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the runs in the store."""
@@ -226,14 +246,16 @@ def runs(
     if as_json:
         _print_json(rows)
         return
-    Console().print(inspector.runs_table(rows, title=f"runs in {db}"))
+    from store.redact import redact_url
+
+    Console().print(inspector.runs_table(rows, title=f"runs in {redact_url(db)}"))
 
 
 @tree_app.command("show")
 def tree_show(
     tree: str = typer.Argument(..., help="Tree id (see `treeplay serve` or the tree ids in pairs)."),
     depth: int = typer.Option(None, "--depth", min=0, help="Show nodes down to this depth only."),
-    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the tree as nested JSON."),
 ) -> None:
     """Draw a preference tree: step, N, Q, reward; ● selected path, ✓/✗ chosen/rejected sides of pairs."""
@@ -258,7 +280,7 @@ def pairs(
     run: str = typer.Argument(..., help="Run name or id."),
     iteration: int = typer.Option(None, "--iteration", help="Only this iteration."),
     source: str = typer.Option(None, "--source", help="mcts, panel, credit, rubric, slhf or sample."),
-    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List a run's preference pairs with the tree nodes they came from."""
@@ -284,7 +306,7 @@ def export_pairs(
     out: str = typer.Option(None, "--out", help="Output file (trl-jsonl: stdout if omitted) or folder."),
     iteration: int = typer.Option(None, "--iteration", help="Only this iteration."),
     source: str = typer.Option(None, "--source", help="Only this pair source."),
-    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
 ) -> None:
     """Export a run's pairs as TRL preference data: {"prompt", "chosen", "rejected"}."""
     from orchestrator import inspector
@@ -305,7 +327,7 @@ def export_tree(
     tree: str = typer.Argument(..., help="Tree id."),
     fmt: str = typer.Option(..., "--format", help="json (node-link), graphml or dot."),
     out: str = typer.Option(None, "--out", help="Output file; stdout if omitted."),
-    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
 ) -> None:
     """Export a stored tree as node-link JSON, GraphML or Graphviz DOT."""
     from pathlib import Path
@@ -327,21 +349,42 @@ def export_tree(
 
 @app.command()
 def serve(
-    db: str = typer.Option(DEFAULT_DB, "--db", help="Store URL."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
     port: int = typer.Option(8765, "--port", help="TCP port."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; anything but 127.0.0.1 exposes the store."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Interface to bind; anything but 127.0.0.1/localhost/::1 exposes the store "
+                             "and needs a token."),
+    allow_host: list[str] = typer.Option(None, "--allow-host",
+                                         help="Also answer requests whose Host header names this host "
+                                         "(repeatable); e.g. the name a non-local bind is reached by."),
+    token: str = typer.Option(None, "--token", envvar="TREEPLAY_INSPECTOR_TOKEN",
+                              help="Require this token (?token= or a bearer header once, then a cookie); "
+                              "a non-local bind without one gets a generated token, printed here."),
 ) -> None:
     """Serve the read-only inspector page and JSON API (http://127.0.0.1:8765/ by default)."""
     from orchestrator.web import app as web
     from store.database import StoreError
+    from store.redact import redact_url
 
+    generated = token is None and not web.is_local(host)
+    try:
+        token = web.new_token() if generated else (web.check_token(token) if token is not None else None)
+        hosts = web.accepted_hosts(host, allow_host or [])
+    except ValueError as e:
+        raise _fail(e) from None
     if not web.is_local(host):
         typer.echo(f"warning: binding {host}: everything in the store (prompts, model outputs, configs) "
-                   "becomes readable by anyone who can reach this port on the network", err=True)
-    typer.echo(f"treeplay inspector on http://{host}:{port}/ reading {db} (Ctrl+C to stop)", err=True)
+                   "becomes readable by anyone who can reach this port on the network and holds the token; "
+                   "SSH port forwarding keeps it local (docs/inspector.md)", err=True)
+    where = f"[{host}]" if ":" in host else host
+    typer.echo(f"treeplay inspector on http://{where}:{port}/ reading {redact_url(db)} (Ctrl+C to stop)", err=True)
+    if token is not None:
+        shown = token if generated else "<the --token value>"
+        typer.echo(f"it asks for its token: open http://{where}:{port}/?token={shown} ; it answers to Host "
+                   f"{', '.join(sorted(hosts))} (add names with --allow-host)", err=True)
     try:
-        web.serve(db, host, port)
-    except StoreError as e:
+        web.serve(db, host, port, allow_hosts=allow_host or [], token=token)
+    except (StoreError, ValueError) as e:
         raise _fail(e) from None
 
 

@@ -4,11 +4,13 @@
 
 Every field is declared, documented and typed here; an unknown or ill-typed key is a ``ConfigError``
 whose one-line message names the key (the CLI prints it and exits 2). The resolved config is stored
-with the run, so ``treeplay resume`` rebuilds exactly the same thing.
+with the run without its credentials (``store.redact``), so ``treeplay resume`` rebuilds the same
+thing from it, the store URL it is given, and any redacted value given again (``resume_config``).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ from orchestrator.learners.dpo import DPOConfig
 from orchestrator.learners.slhf import SLHFConfig
 from orchestrator.learners.tpo import TPOConfig
 from search.mcts import MCTSConfig
+from store.redact import REDACTED, is_secret_key, redact, redacted_keys
 
 
 class ConfigError(ValueError):
@@ -184,7 +187,9 @@ def _first_error(e: ValidationError) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
     if err["type"] == "extra_forbidden":
         return f"unknown config key '{key}'"
-    return f"config key '{key}': {err['msg']} (got {err.get('input')!r})"
+    # An error message must not echo a credential back into a terminal or a log.
+    shown = REDACTED if any(is_secret_key(str(p)) for p in err["loc"]) else redact(err.get("input"))
+    return f"config key '{key}': {err['msg']} (got {shown!r})"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -231,3 +236,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
         data = loaded or {}
     return config_from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def _lookup(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def resume_config(stored: dict[str, Any], store_url: str, overrides: list[str] | None = None) -> RunConfig:
+    """The config a stored run is resumed with: the stored (redacted) config, the URL of the store it
+    is resumed from, and ``key=value`` overrides that give the redacted values again.
+
+    Only keys whose stored value was redacted, and URLs (they lost their passwords), can be given;
+    anything else would make the resumed run differ from the one that started.
+
+    Raises:
+        ConfigError: An override of another key or of ``store.url``, or a redacted value left out.
+    """
+    if not isinstance(stored, dict):
+        raise ConfigError(f"the stored run config must be a mapping, got {type(stored).__name__}")
+    wanted = set(redacted_keys(stored))
+    given: set[str] = set()
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if key == "store.url":
+            raise ConfigError("override 'store.url': a run is resumed from the store named by --db "
+                              "(or TREEPLAY_STORE_URL), not by an override")
+        value = _lookup(stored, key)
+        if key not in wanted and not (isinstance(value, str) and "://" in value):
+            allowed = ", ".join(sorted(wanted)) or "none"
+            raise ConfigError(f"override '{key}': a resumed run keeps its stored config; only redacted "
+                              f"values (here: {allowed}) and URLs can be given again")
+        given.add(key)
+    missing = sorted(wanted - given)
+    if missing:
+        raise ConfigError(f"the run's config was stored with {', '.join(missing)} redacted; give "
+                          f"{'it' if len(missing) == 1 else 'them'} again: treeplay resume RUN "
+                          + " ".join(f"{k}=..." for k in missing))
+    data = apply_overrides(copy.deepcopy(stored), list(overrides or []))
+    data.setdefault("store", {})["url"] = store_url
+    return config_from_dict(data)

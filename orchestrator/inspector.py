@@ -8,8 +8,9 @@ Everything here only reads the store. The same plain-dict views feed three front
 - exports (``treeplay export pairs`` in TRL's preference format or as a Hugging Face dataset on disk,
   ``treeplay export tree`` as node-link JSON, GraphML or DOT via ``PreferenceTree``).
 
-Model text is untrusted: the terminal renders it as ``rich.text.Text`` (never parsed as markup) and the
-web page inserts it only as DOM text.
+Model text is untrusted: the terminal renders it as ``rich.text.Text`` (never parsed as markup), with
+control characters and Unicode bidirectional controls shown as visible escapes, and the web page
+inserts it only as DOM text. A run's config is shown only through ``store.redact`` (no credentials).
 
     from orchestrator import inspector
     store = inspector.open_for_reading("sqlite:///runs/treeplay.db")
@@ -30,6 +31,7 @@ from agents.base import transcript
 from store import queries
 from store.database import Store, StoreError, open_store
 from store.records import PAIR_SOURCES, NodeRecord, PairRecord
+from store.redact import redact
 
 if TYPE_CHECKING:
     from rich.tree import Tree as RichTree
@@ -140,7 +142,8 @@ def run_detail(store: Store, ref: str | int) -> dict[str, Any]:
     series = queries.metric_series(store, info.id)
     detail = run_summary(info)
     detail.update(
-        config=jsonable(info.config),
+        # Stored configs are already redacted; redacting again costs nothing and keeps it so.
+        config=jsonable(redact(info.config)),
         iterations=[iteration_row(it) for it in queries.list_iterations(store, info.id)],
         metrics={name: [[i, v] for i, v in points] for name, points in jsonable(series).items()},
         run_metrics=jsonable(queries.run_metrics(store, info.id)),
@@ -290,14 +293,22 @@ def tree_nested(store: Store, tree_id: int, depth: int | None = None) -> dict[st
     return {"tree": tree_summary(queries.get_tree(store, tree_id)), "root": nest(kids[None][0])}
 
 
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0/C1 controls, and the Unicode bidirectional controls (embeddings, overrides, isolates, marks) that
+# can make a line display in an order other than the one it is read in.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def terminal_safe(text: str) -> str:
     """``text`` with newlines as ⏎ and other control characters (terminal escape sequences, bells,
-    carriage returns) as visible ``\\xNN``, so model text cannot move the cursor or restyle a terminal.
+    carriage returns) as visible ``\\xNN``, and bidirectional controls (U+202E...) as ``\\uNNNN``, so
+    model text cannot move the cursor, restyle a terminal or reorder what a line shows.
     Use with ``rich.text.Text``, which is never parsed as markup."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\n", "⏎").replace("\t", " "))
+    return _CONTROL.sub(lambda m: _escape(m.group()), text.replace("\n", "⏎").replace("\t", " "))
 
 
 def _node_label(d: dict[str, Any], root: bool) -> Any:

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from agents.base import Task
 from agents.registry import make_environment
-from orchestrator.config import RunConfig, config_from_dict
+from orchestrator.config import RunConfig, resume_config
 from store import queries
 from store.database import Store, open_store
 
@@ -413,12 +413,17 @@ def _free_name(store: Store, name: str) -> str:
     return f"{name}-{k}"
 
 
-def resume_run(run: str | int, store_url: str) -> RunReport:
-    """Carry on a run from the store: finished iterations are kept, the rest are run."""
+def resume_run(run: str | int, store_url: str, overrides: list[str] | None = None) -> RunReport:
+    """Carry on a run from the store: finished iterations are kept, the rest are run.
+
+    The stored config holds no credentials, so the run goes on with ``store_url`` (password and
+    all, or one libpq completes from PGPASSWORD / .pgpass) for every actor, and ``overrides``
+    (``key=value``) give the values that were redacted when it was stored (``resume_config``).
+    """
     t0 = time.perf_counter()
     store = open_store(store_url)
     info = queries.get_run(store, run)
-    cfg = config_from_dict(info.config)
+    cfg = resume_config(info.config, store_url, overrides)
     ckpt = queries.latest_checkpoint(store, info.id)
     if ckpt is None:
         raise ValueError(f"run '{info.name}' has no checkpoint to resume from")

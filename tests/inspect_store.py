@@ -3,7 +3,8 @@
 The tiny real model (HFEngine) searches a few ArithmeticEnv tasks with batched MCTS in two
 iterations; the trees, their step pairs and ranked lists, and the iteration's measured search
 metrics are written with ``store.queries`` exactly as the loop writes them. One tree also gets
-hostile nodes (an HTML/script payload, rich markup and terminal escapes as step text), a node judgment whose
+hostile nodes (an HTML/script payload, rich markup, terminal escapes and a Unicode bidi override as step
+text), a node judgment whose
 rationale is HTML, a rubric in the node's info, and a "panel" pair that rejects the payload node:
 model text is untrusted, and the inspector must show all of it as text.
 """
@@ -18,6 +19,8 @@ XSS_STEP = "<script>window.__xss=1</script><img src=x onerror=window.__xss=2>"
 MARKUP_STEP = "[bold red]not markup[/] [link=file:///etc/passwd]click[/link]"
 ESC_STEP = "\x1b[2J\x1b]0;pwned\x07cleared?"  # terminal escapes: clear screen, set window title
 XSS_RATIONALE = "<b onmouseover=window.__xss=3>bold?</b> the step is <i>wrong</i>"
+# Displayed as-is, RIGHT-TO-LEFT OVERRIDE would make this read "The answer is 42 ...".
+BIDI_STEP = "The answer is \u202e24\u202c, checked \u2067twice\u2069"
 
 
 @dataclass
@@ -32,6 +35,7 @@ class InspectStore:
     xss_node: int
     markup_node: int
     panel_pair: int
+    bidi_node: int
 
 
 @functools.cache
@@ -78,7 +82,7 @@ def build_inspect_store(folder: Path, model_dir: Path) -> InspectStore:
             tree_ids += [r.tree_ids[0] for r in receipts]
             if iteration == 0:
                 xss_tree = receipts[0].tree_ids[0]
-                xss_node, markup_node = (receipts[0].node_ids[0][k] for k in hostile)
+                xss_node, markup_node, bidi_node = (receipts[0].node_ids[0][k] for k in hostile)
                 panel_pair = receipts[0].pair_ids[-1]
             solved = sum(bool(t[t.final_node()]["correct"]) for t in trees) / len(trees)
             metrics = {
@@ -92,16 +96,19 @@ def build_inspect_store(folder: Path, model_dir: Path) -> InspectStore:
     finally:
         store.close()
         engine.close()
-    return InspectStore(url, run_id, "inspect-test", tree_ids, xss_tree, xss_node, markup_node, panel_pair)
+    return InspectStore(
+        url, run_id, "inspect-test", tree_ids, xss_tree, xss_node, markup_node, panel_pair, bidi_node
+    )
 
 
-def _add_hostile_nodes(tree, result, judgment_type, pair_type) -> tuple[int, int]:
-    """Add the payload and markup nodes to ``tree`` (already in ``result``: rebuild its record), a
+def _add_hostile_nodes(tree, result, judgment_type, pair_type) -> tuple[int, int, int]:
+    """Add the payload, markup and bidi nodes to ``tree`` (already in ``result``: rebuild its record), a
     judgment of the payload node, and a panel pair that prefers a real node over it."""
     rubric = {"rubric": "<ul><li>1. answer is a number</li></ul>"}
     xss = tree.add_child(tree.root, XSS_STEP, terminal=True, correct=False, visits=1, value=-1.0, info=rubric)
     markup = tree.add_child(tree.root, MARKUP_STEP, visits=1, value=-0.5)
     tree.add_child(markup, ESC_STEP, terminal=True, correct=False)
+    bidi = tree.add_child(tree.root, BIDI_STEP, visits=1, value=0.0)
     result.trees[0] = tree.to_record(environment=result.environment)
     result.judgments.append(
         judgment_type(judge="exact", score=0.0, target_kind="node", target_key=xss, rationale=XSS_RATIONALE)
@@ -118,4 +125,4 @@ def _add_hostile_nodes(tree, result, judgment_type, pair_type) -> tuple[int, int
             rejected_node=xss,
         )
     )
-    return xss, markup
+    return xss, markup, bidi

@@ -2,11 +2,13 @@
 
     with PostgresServer() as server:
         url = server.create_database("store_test")   # postgresql://postgres@127.0.0.1:PORT/store_test
+        url = server.create_user_database("alice", "pw", "alice_db")   # ...alice:pw@..., password checked
 
 It uses Debian's server binaries (``initdb``, ``pg_ctl`` under /usr/lib/postgresql/<version>/bin, or on
 PATH). PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` OS user
 (or ``nobody``). The cluster trusts local connections, skips fsync (test data), and is stopped and
-deleted on exit. ``PostgresUnavailable`` says exactly what is missing when it cannot start.
+deleted on exit. ``PostgresUnavailable`` says exactly what is missing when it cannot start. Roles made
+with ``create_user_database`` are the exception to "trust": their password is checked (scram-sha-256).
 """
 
 from __future__ import annotations
@@ -126,6 +128,25 @@ class PostgresServer:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             c.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def create_user_database(self, user: str, password: str, name: str) -> str:
+        """Create a login role whose password the server checks over TCP, and an empty database it
+        owns (dropping one of that name); return the URL with the password in it."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as c:
+            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            c.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(user)))
+            c.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(user), sql.Literal(password)))
+            c.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(user)))
+            # The first matching pg_hba.conf line wins: this one comes before initdb's "trust" lines.
+            hba = self.data / "pg_hba.conf"
+            hba.write_text(f"host all {user} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+            c.execute("SELECT pg_reload_conf()")
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
         """Stop the server (fast) and delete the cluster."""

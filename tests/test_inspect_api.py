@@ -1,4 +1,5 @@
-"""The inspector's JSON API (FastAPI TestClient) over a store filled by a real small search."""
+"""The inspector's JSON API (FastAPI TestClient) over a store filled by a real small search; who it
+answers (Host names, the token of a non-local bind) and what it never shows (credentials)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import pytest
 from inspect_store import XSS_RATIONALE, XSS_STEP, build_inspect_store
 
-from orchestrator.web.app import STATIC_DIR, create_app
+from orchestrator.web.app import STATIC_DIR, create_app, new_token, serve
 from search.tree import PreferenceTree
 from store import queries
 from store.database import StoreError, open_store
@@ -23,7 +24,8 @@ def data(tmp_path_factory, tiny_model_dir):
 def client(data):
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(data.url)) as c:
+    # The server answers only to the names it was started for; TestClient's own is "testserver".
+    with TestClient(create_app(data.url), base_url="http://127.0.0.1:8765") as c:
         yield c
 
 
@@ -168,3 +170,70 @@ def test_bad_store_url_fails_before_serving(tmp_path):
     assert not (tmp_path / "missing.db").exists()
     with pytest.raises(StoreError, match="scheme"):
         create_app("mysql://x/y")
+
+
+# ----------------------------------------------------------------------------------------------
+# Who may ask: Host names and tokens
+
+
+def test_regression_foreign_host_gets_400_and_no_data(client, data):
+    """DNS rebinding: a page on attacker.example whose name now resolves to 127.0.0.1 makes the
+    browser send ``Host: attacker.example``; the server must not answer it with the store."""
+    for path in ("/", "/static/app.js", "/api/runs", f"/api/runs/{data.run_id}", f"/api/nodes/{data.xss_node}"):
+        for host in ("attacker.example", "attacker.example:8765", "127.0.0.1.attacker.example", ""):
+            r = client.get(path, headers={"Host": host})
+            assert r.status_code == 400, (path, host, r.status_code)
+            assert data.run_name not in r.text and "<html" not in r.text.lower()
+            assert r.headers["content-security-policy"]  # refusals carry the same headers
+    for host in ("127.0.0.1:8765", "localhost", "LOCALHOST.:8765", "[::1]:8765", "localhost:1"):
+        assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
+
+
+def test_allow_host_and_bound_host_are_accepted(data):
+    from fastapi.testclient import TestClient
+
+    app = create_app(data.url, host="box.lan", allow_hosts=["inspect.example.org", "10.0.0.7:8765"])
+    with TestClient(app, base_url="http://box.lan:8765") as c:
+        for host in ("box.lan", "inspect.example.org:8765", "10.0.0.7", "localhost"):
+            assert c.get("/api/runs", headers={"Host": host}).status_code == 200, host
+        assert c.get("/api/runs", headers={"Host": "other.lan"}).status_code == 400
+    with pytest.raises(ValueError, match="--allow-host 'http://x/y' is not a host name"):
+        create_app(data.url, allow_hosts=["http://x/y"])
+
+
+def test_regression_token_is_required_on_every_route_and_accepted_when_given(data):
+    from fastapi.testclient import TestClient
+
+    token = new_token()
+    app = create_app(data.url, host="0.0.0.0", allow_hosts=["inspect.example"], token=token)
+    base = "http://inspect.example:8765"
+    with TestClient(app, base_url=base) as c:
+        for path in ("/", "/static/app.js", "/api/runs", f"/api/runs/{data.run_id}", f"/api/trees/{data.xss_tree}"):
+            for headers in ({}, {"Authorization": "Bearer wrong-token-000000000"}, {"Cookie": "treeplay_token=x"}):
+                r = c.get(path, headers=headers)
+                assert r.status_code == 401 and data.run_name not in r.text, (path, headers)
+            wrong = token[:-1] + ("x" if token[-1] != "x" else "y")
+            assert c.get(f"{path}?token={wrong}").status_code == 401
+        # the header, on every route
+        runs = c.get("/api/runs", headers={"Authorization": f"Bearer {token}"})
+        assert runs.status_code == 200 and runs.json()[0]["name"] == data.run_name
+        # a foreign Host is refused even with the token
+        assert c.get("/api/runs", headers={"Authorization": f"Bearer {token}", "Host": "evil.example"}).status_code == 400
+    with TestClient(app, base_url=base) as c:
+        # the query parameter once: the page redirects to drop it and leaves an HttpOnly cookie
+        r = c.get(f"/?token={token}", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        cookie = r.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and token.lower() in cookie
+        assert c.get("/").status_code == 200 and "<script" in c.get("/").text  # the cookie now suffices
+        assert c.get("/api/runs").status_code == 200 and c.get("/static/app.js").status_code == 200
+        assert c.get(f"/api/runs?token={token}").status_code == 200  # API clients may use the query too
+
+
+def test_non_local_bind_needs_a_token_and_tokens_are_checked(data):
+    with pytest.raises(ValueError, match="needs a token"):
+        serve(data.url, "0.0.0.0", 0)
+    with pytest.raises(ValueError, match="--token must be at least 16 characters"):
+        create_app(data.url, token="short")
+    with pytest.raises(ValueError, match="--token must be"):
+        create_app(data.url, token="has space and is long enough")

@@ -2,8 +2,11 @@
 
 The app runs under uvicorn in a thread on a free 127.0.0.1 port. The test opens a tree, expands a
 node, reads its text, opens the node whose step is an HTML/script payload and asserts it shows as
-literal text and ran nothing; it saves screenshots (to ``$TREEPLAY_ARTIFACTS`` when set, else the
-test's temp folder). Skips, naming what is missing, without chromium, chromedriver or selenium.
+literal text and ran nothing, and opens the node whose step holds Unicode bidi overrides and asserts
+they are shown as marks, not applied. A second server, bound as if to the network, needs its token:
+the page opened with ``?token=`` works in the browser by its cookie. It saves screenshots (to
+``$TREEPLAY_ARTIFACTS`` when set, else the test's temp folder). Skips, naming what is missing,
+without chromium, chromedriver or selenium.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from inspect_store import MARKUP_STEP, XSS_RATIONALE, XSS_STEP, build_inspect_store
+from inspect_store import BIDI_STEP, MARKUP_STEP, XSS_RATIONALE, XSS_STEP, build_inspect_store
 
 pytestmark = pytest.mark.browser
 
@@ -36,27 +39,31 @@ def _missing() -> list[str]:
     return missing
 
 
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory, tiny_model_dir):
-    if missing := _missing():
-        pytest.skip("browser test needs " + " and ".join(missing))
+def _start(app):
+    """Serve ``app`` with uvicorn in a thread on a free 127.0.0.1 port; returns (server, thread, port)."""
     import uvicorn
 
-    from orchestrator.web.app import create_app
-
-    data = build_inspect_store(tmp_path_factory.mktemp("inspect"), tiny_model_dir)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(data.url), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
+    return server, thread, port
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory, tiny_model_dir):
+    if missing := _missing():
+        pytest.skip("browser test needs " + " and ".join(missing))
+    from orchestrator.web.app import create_app
+
+    data = build_inspect_store(tmp_path_factory.mktemp("inspect"), tiny_model_dir)
+    server, thread, port = _start(create_app(data.url))
     yield f"http://127.0.0.1:{port}", data
     server.should_exit = True
     thread.join(timeout=10)
@@ -184,3 +191,58 @@ def test_run_page_draws_curves_and_pair_browser_links_to_nodes(base_url, browser
     assert browser.find_element(By.CSS_SELECTOR, "#detail pre.step-text").text == XSS_STEP
     assert "current" in _row(browser, data.xss_node).get_attribute("class")
     assert browser.execute_script("return typeof window.__xss") == "undefined"
+
+
+def test_regression_bidi_overrides_in_model_text_are_shown_not_applied(base_url, browser, shots):
+    """U+202E and friends would make "24" display as "42"; the page shows them as visible marks and
+    lays each model-text element out on its own (dir=auto, unicode-bidi: isolate)."""
+    from selenium.webdriver.common.by import By
+
+    base, data = base_url
+    _open(browser, f"{base}/#/node/{data.bidi_node}")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#detail pre.step-text"), "bidi node detail")
+    shown = "The answer is \\u202e24\\u202c, checked \\u2067twice\\u2069"
+    controls = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+    for element in (
+        _row(browser, data.bidi_node).find_element(By.CSS_SELECTOR, ".step"),
+        browser.find_element(By.CSS_SELECTOR, "#detail pre.step-text"),
+        browser.find_element(By.CSS_SELECTOR, "#detail pre.fulltext"),
+    ):
+        assert shown in element.text, element.text
+        # nothing in the DOM text is a live bidi control
+        assert not any(ch in browser.execute_script("return arguments[0].textContent", element) for ch in controls)
+        assert element.get_attribute("dir") == "auto"
+        assert element.value_of_css_property("unicode-bidi") == "isolate"
+    marks = browser.find_elements(By.CSS_SELECTOR, "#detail pre.step-text .bidi-mark")
+    assert [m.text for m in marks] == ["\\u202e", "\\u202c", "\\u2067", "\\u2069"]
+    assert BIDI_STEP.count("\u202e") == 1
+    browser.save_screenshot(str(shots / "bidi-node.png"))
+
+
+@pytest.fixture(scope="module")
+def token_server(base_url):
+    """The same store served as on a network bind: a token is required."""
+    from orchestrator.web.app import create_app, new_token
+
+    _, data = base_url
+    token = new_token()
+    server, thread, port = _start(create_app(data.url, host="0.0.0.0", token=token))
+    yield f"http://127.0.0.1:{port}", token, data
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_token_page_opens_with_the_printed_url_and_then_by_cookie(token_server, browser, shots):
+    from selenium.webdriver.common.by import By
+
+    base, token, data = token_server
+    browser.get(f"{base}/")
+    assert "needs its token" in browser.find_element(By.TAG_NAME, "body").text  # 401, no page, no data
+    assert data.run_name not in browser.page_source
+    _open(browser, f"{base}/?token={token}#/run/{data.run_id}")
+    assert token not in browser.current_url  # redirected: the token lives in an HttpOnly cookie
+    assert browser.find_elements(By.CSS_SELECTOR, "table.iterations tbody tr")
+    assert browser.execute_script("return document.cookie") == ""  # invisible to scripts
+    _open(browser, f"{base}/#/")
+    assert data.run_name in browser.find_element(By.CSS_SELECTOR, "table.runs").text
+    browser.save_screenshot(str(shots / "token.png"))

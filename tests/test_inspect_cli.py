@@ -10,7 +10,7 @@ import time
 
 import networkx as nx
 import pytest
-from inspect_store import ESC_STEP, MARKUP_STEP, XSS_STEP, build_inspect_store
+from inspect_store import BIDI_STEP, ESC_STEP, MARKUP_STEP, XSS_STEP, build_inspect_store
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -70,6 +70,10 @@ def test_tree_show_draws_model_text_literally(data):
     assert MARKUP_STEP in out  # rich markup in a step is printed, not applied
     assert "\x1b" not in out and "\x07" not in out  # terminal escapes are shown, not sent
     assert ESC_STEP.replace("\x1b", "\\x1b").replace("\x07", "\\x07") in out
+    # bidi controls would reorder the line: shown as escapes, never sent
+    assert not any(ch in out for ch in "\u202e\u202c\u2067\u2069")
+    assert "The answer is \\u202e24\\u202c, checked \\u2067twice\\u2069" in out
+    assert BIDI_STEP.startswith("The answer is \u202e")
     assert "✗rejected" in out and "✓chosen" in out and "●" in out
     assert "more below" in cli("tree", "show", str(data.xss_tree), "--depth", "0", "--db", data.url).stdout
 
@@ -182,3 +186,49 @@ def test_serve_binds_localhost_and_warns_for_other_hosts(data, tmp_path):
     result = cli("serve", "--host", "0.0.0.0", "--db", f"sqlite:///{tmp_path / 'none.db'}", code=2)
     assert result.stderr.startswith("warning: binding 0.0.0.0") and "readable" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: no store at")
+
+
+def test_regression_serve_on_a_non_local_host_asks_for_a_token_and_checks_host(data):
+    """127.0.0.2 is loopback but not one of the local names: it stands in for a network interface."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--db", data.url, "--host", "127.0.0.2",
+           "--port", str(port), "--allow-host", "inspect.example"]
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [server.stderr.readline() for _ in range(3)]
+        assert lines[0].startswith("warning: binding 127.0.0.2") and "token" in lines[0]
+        shown = next(line for line in lines if "?token=" in line)
+        token = shown.split("?token=", 1)[1].split()[0]
+        assert len(token) >= 16 and "inspect.example" in shown
+        base = f"http://127.0.0.2:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                first = httpx.get(f"{base}/api/runs", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "treeplay serve did not come up"
+                time.sleep(0.2)
+        assert first.status_code == 401 and data.run_name not in first.text
+        assert httpx.get(f"{base}/", timeout=5).status_code == 401
+        with httpx.Client(base_url=base, timeout=5) as c:
+            assert c.get(f"/?token={token}", follow_redirects=True).status_code == 200
+            assert [r["name"] for r in c.get("/api/runs").json()] == [data.run_name]  # by cookie now
+            assert c.get("/api/runs", headers={"Host": "attacker.example"}).status_code == 400
+            assert c.get("/api/runs", headers={"Host": f"inspect.example:{port}"}).status_code == 200
+        authed = httpx.get(f"{base}/api/runs", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert authed.status_code == 200
+    finally:
+        server.terminate()
+        server.communicate(timeout=20)
+
+
+def test_serve_rejects_a_bad_token_or_allowed_host(data):
+    result = cli("serve", "--db", data.url, "--token", "short", code=2)
+    assert result.stderr.strip().startswith("error: --token must be at least 16 characters")
+    result = cli("serve", "--db", data.url, "--allow-host", "http://x/", code=2)
+    assert result.stderr.strip() == "error: --allow-host 'http://x/' is not a host name (give a name or address, no scheme or path)"

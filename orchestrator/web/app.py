@@ -11,18 +11,36 @@ a tree's children only when a node is expanded, so large trees stay responsive.
 Model text is untrusted. The page inserts it only as DOM text (``textContent``/``createTextNode``),
 and every response carries a strict Content-Security-Policy (scripts and styles from this server
 only, no inline script, no plugins, no framing), so a step such as ``<script>…</script>`` or
-``<img onerror=…>`` shows as text and runs nothing.
+``<img onerror=…>`` shows as text and runs nothing. Unicode bidirectional controls (U+202E and the
+like), which could reorder what a line appears to say, are shown as visible ``\u202e`` marks, and
+every element holding model text is laid out in isolation (``dir="auto"``, ``unicode-bidi: isolate``).
+
+Who may ask:
+
+- Every request must name, in its ``Host`` header, a host the server was started for: 127.0.0.1,
+  localhost, ::1, the bound host, and any ``allow_hosts``; anything else is answered 400 with no
+  data. A page on another site can make the browser's name for it resolve to 127.0.0.1 (DNS
+  rebinding), but it cannot make the browser send one of these names.
+- With a ``token`` (required by ``serve`` for a non-local bind), every route answers 401 unless the
+  request carries it: ``?token=...`` or ``Authorization: Bearer ...`` once, after which an HttpOnly,
+  SameSite=Strict cookie carries it. Opening ``/?token=...`` sets the cookie and redirects to ``/``
+  so the token does not stay in the address bar.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import hashlib
+import hmac
+import ipaddress
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from orchestrator import inspector
@@ -43,14 +61,109 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 MAX_PAGE = 1000
+MIN_TOKEN_CHARS = 16
 
 
-def create_app(url: str) -> FastAPI:
+def host_name(value: str) -> str | None:
+    """The host of a ``Host`` header or of an ``--allow-host`` value, lower-cased, without port,
+    brackets or trailing dot; None when it is not a well-formed host[:port]."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not re.fullmatch(r":[0-9]+", rest)):
+            return None
+    else:
+        name, colon, port = value.partition(":")
+        if colon and not port.isdigit():
+            return None
+    name = name.rstrip(".")
+    if not name or not re.fullmatch(r"[a-z0-9._:%-]+", name):
+        return None
+    return name
+
+
+def _configured_host(value: str) -> str | None:
+    """Like ``host_name``, but also takes a bare IPv6 address (as ``--host ::1`` is written)."""
+    if value.count(":") >= 2 and not value.strip().startswith("["):
+        try:
+            return str(ipaddress.IPv6Address(value.strip()))
+        except ValueError:
+            return None
+    return host_name(value)
+
+
+def accepted_hosts(host: str, allow_hosts: Iterable[str] = ()) -> frozenset[str]:
+    """The Host names a server bound to ``host`` answers: the local names, ``host``, ``allow_hosts``
+    (a port in them is ignored: the Host check is about names).
+
+    Raises:
+        ValueError: An ``allow_hosts`` entry that is not a host name.
+    """
+    names = set(LOCAL_HOSTS)
+    bound = _configured_host(host)
+    if bound is not None:
+        names.add(bound)
+    for extra in allow_hosts:
+        name = _configured_host(extra)
+        if name is None:
+            raise ValueError(f"--allow-host {extra!r} is not a host name (give a name or address, no scheme or path)")
+        names.add(name)
+    return frozenset(names)
+
+
+def new_token() -> str:
+    """A fresh random token for a non-local bind (192 bits, URL-safe)."""
+    return secrets.token_urlsafe(24)
+
+
+def check_token(token: str) -> str:
+    """``token`` if it is usable as an inspector token.
+
+    Raises:
+        ValueError: Too short, or holding characters a URL or cookie would mangle.
+    """
+    if len(token) < MIN_TOKEN_CHARS or not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
+        raise ValueError(
+            f"--token must be at least {MIN_TOKEN_CHARS} characters of A-Z a-z 0-9 . _ ~ - "
+            f"(got {len(token)} characters)"
+        )
+    return token
+
+
+def _given_tokens(request: Request, cookie: str) -> tuple[list[str], bool]:
+    """The tokens a request carries, and whether one came by query or header (not by cookie)."""
+    explicit = []
+    if (query := request.query_params.get("token")) is not None:
+        explicit.append(query)
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() in ("bearer", "token") and value.strip():
+        explicit.append(value.strip())
+    from_cookie = request.cookies.get(cookie)
+    return explicit + ([from_cookie] if from_cookie else []), bool(explicit)
+
+
+def create_app(
+    url: str, *, host: str = "127.0.0.1", allow_hosts: Iterable[str] = (), token: str | None = None
+) -> FastAPI:
     """The inspector app over the store at ``url`` (opened now, so a bad URL fails before serving).
+
+    Args:
+        url: The store's URL.
+        host: The host the server is bound to; its name is accepted in ``Host`` headers.
+        allow_hosts: More host names to accept in ``Host`` headers (e.g. the name a remote user
+            reaches a non-local bind by).
+        token: When given, every request must carry it (query parameter, bearer header or cookie).
 
     Raises:
         StoreError: The store cannot be opened.
+        ValueError: A malformed ``allow_hosts`` entry or ``token``.
     """
+    hosts = accepted_hosts(host, allow_hosts)
+    if token is not None:
+        check_token(token)
+    # The cookie's name is derived from the token, so inspectors on other ports of the same host
+    # (cookies ignore ports) do not overwrite each other's.
+    cookie = "treeplay_token_" + hashlib.sha256((token or "").encode()).hexdigest()[:12]
     store = inspector.open_for_reading(url)
 
     @asynccontextmanager
@@ -61,11 +174,41 @@ def create_app(url: str) -> FastAPI:
     app = FastAPI(title="treeplay inspector", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.store = store
 
+    def refusal(request: Request) -> Response | None:
+        """400 for a Host this server was not started for, 401 without the token; None: go on."""
+        name = host_name(request.headers.get("host", ""))
+        if name not in hosts:
+            return JSONResponse(
+                {"detail": f"this inspector does not answer to Host {name or '(none)'!r}; it answers to "
+                           f"{', '.join(sorted(hosts))} (add names with treeplay serve --allow-host)"},
+                status_code=400,
+            )
+        if token is None:
+            return None
+        given, explicit = _given_tokens(request, cookie)
+        if not any(hmac.compare_digest(g.encode(), token.encode()) for g in given):
+            return JSONResponse(
+                {"detail": "this inspector needs its token: open the URL treeplay serve printed "
+                           "(/?token=...) or send 'Authorization: Bearer TOKEN'"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if explicit and request.url.path == "/" and "token" in request.query_params:
+            # Keep the token in the cookie, not in the address bar or the history.
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
+            return response
+        return None
+
     @app.middleware("http")
     async def security_headers(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        response = await call_next(request)
+        response = refusal(request)
+        if response is None:
+            response = await call_next(request)
+            if token is not None and _given_tokens(request, cookie)[1]:
+                response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
         response.headers.update(SECURITY_HEADERS)
         if request.url.path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"
@@ -167,12 +310,23 @@ def is_local(host: str) -> bool:
     return host in LOCAL_HOSTS
 
 
-def serve(url: str, host: str = "127.0.0.1", port: int = 8765) -> None:
+def serve(
+    url: str,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    allow_hosts: Iterable[str] = (),
+    token: str | None = None,
+) -> None:
     """Run the inspector with uvicorn until interrupted (blocks).
 
     Raises:
         StoreError: The store cannot be opened.
+        ValueError: A non-local ``host`` without a ``token``, or a malformed host name or token.
     """
     import uvicorn
 
-    uvicorn.run(create_app(url), host=host, port=port, log_level="warning")
+    if token is None and not is_local(host):
+        raise ValueError(f"binding {host} exposes the store to the network: it needs a token")
+    app = create_app(url, host=host, allow_hosts=allow_hosts, token=token)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

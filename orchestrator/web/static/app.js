@@ -3,7 +3,9 @@
 //
 // Model text is untrusted: it reaches the DOM only as text nodes (h() below turns every string
 // child into a text node; nothing here assigns innerHTML), and the server's Content-Security-Policy
-// forbids inline script.
+// forbids inline script. Unicode bidirectional controls in any string (U+202E RIGHT-TO-LEFT
+// OVERRIDE and the like) are shown as visible \u202e marks instead of reordering the text, and
+// every element that holds model text is its own bidi island (dir="auto", unicode-bidi: isolate).
 //
 // Routes (the part of the URL after #):
 //   /                 runs
@@ -19,8 +21,12 @@ const main = () => document.getElementById("main");
 // ------------------------------------------------------------------------------------------
 // DOM helpers: strings become text nodes, never markup.
 
+// Elements that always hold model text (or JSON of it) get dir="auto" unless told otherwise.
+const MODEL_TEXT_TAGS = new Set(["pre", "code"]);
+
 function h(tag, props, ...children) {
   const el = document.createElement(tag);
+  if (MODEL_TEXT_TAGS.has(tag)) el.setAttribute("dir", "auto");
   for (const [key, value] of Object.entries(props || {})) {
     if (value === undefined || value === null || value === false) continue;
     if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
@@ -39,10 +45,40 @@ function s(tag, attrs, ...children) {
   return el;
 }
 
+// Bidi embeddings, overrides, isolates and marks: invisible characters that change display order.
+const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+function bidiMark(ch) {
+  return "\\u" + ch.charCodeAt(0).toString(16).padStart(4, "0");
+}
+
+// A string as DOM nodes: text, with each bidi control replaced by a visible mark (a styled span in
+// HTML; plain text inside SVG, where spans do not render).
+function textNodes(text, svg) {
+  if (!BIDI_CONTROLS.test(text)) return [document.createTextNode(text)];
+  BIDI_CONTROLS.lastIndex = 0;
+  if (svg) return [document.createTextNode(text.replace(BIDI_CONTROLS, bidiMark))];
+  const nodes = [];
+  let last = 0;
+  for (const m of text.matchAll(BIDI_CONTROLS)) {
+    if (m.index > last) nodes.push(document.createTextNode(text.slice(last, m.index)));
+    const mark = document.createElement("span");
+    mark.className = "bidi-mark";
+    mark.title = "Unicode bidirectional control character, shown instead of applied";
+    mark.appendChild(document.createTextNode(bidiMark(m[0])));
+    nodes.push(mark);
+    last = m.index + m[0].length;
+  }
+  if (last < text.length) nodes.push(document.createTextNode(text.slice(last)));
+  return nodes;
+}
+
 function append(el, children) {
+  const svg = el.namespaceURI === SVG;
   for (const child of children.flat()) {
     if (child === undefined || child === null || child === false) continue;
-    el.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
+    if (child instanceof Node) el.appendChild(child);
+    else for (const node of textNodes(String(child), svg)) el.appendChild(node);
   }
 }
 
@@ -323,7 +359,7 @@ class TreeView {
   item(node, isRoot = false) {
     const toggle = h("button", { type: "button", className: "toggle", "aria-label": "expand", disabled: !node.n_children },
       node.n_children ? "▸" : "·");
-    const label = h("span", { className: "step" }, isRoot ? "(prompt)" : node.step || "(empty step)");
+    const label = h("span", { className: "step", dir: "auto" }, isRoot ? "(prompt)" : node.step || "(empty step)");
     const row = h("div", { className: `row${node.selected ? " on-path" : ""}`, dataset: { nodeId: String(node.id) } },
       toggle, dot(node), h("button", { type: "button", className: "label" }, label),
       h("span", { className: "stats" }, `N=${node.visits} Q=${fmt(node.value)} r=${fmt(node.reward)}`),
@@ -406,7 +442,7 @@ async function renderDetail(box, id) {
     h("h3", {}, "Full text (prompt and steps to here)"), h("pre", { className: "fulltext" }, d.text),
     d.rubric ? [h("h3", {}, "Rubric"), h("pre", { className: "rubric" }, typeof d.rubric === "string" ? d.rubric : JSON.stringify(d.rubric, null, 2))] : null,
     d.judgments.length ? h("section", {}, h("h3", {}, `Judgments (${d.judgments.length})`),
-      table(["judge", "score", "rationale"], d.judgments.map((j) => [j.judge, fmt(j.score), h("span", { className: "pre-line" }, j.rationale)]), "judgments"))
+      table(["judge", "score", "rationale"], d.judgments.map((j) => [j.judge, fmt(j.score), h("span", { className: "pre-line", dir: "auto" }, j.rationale)]), "judgments"))
       : h("p", { className: "muted" }, "No judgments of this node."),
     pairList("Pairs made among its children", d.child_pairs),
     pairList("Pairs it is part of", d.pairs),
