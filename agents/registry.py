@@ -136,13 +136,17 @@ def make_environment(name: str, **kwargs: Any) -> Environment:
         **kwargs: Passed to the class (difficulty knobs and so on).
 
     Raises:
-        RegistryError: Unknown name, bad path, or an object without the protocol's methods.
+        RegistryError: Unknown name, bad path, a constructor that raised (the message is one line),
+            or an object without the protocol's methods.
     """
     cls = load_environment_class(name)
     try:
         env = cls(**kwargs)
-    except TypeError as e:
-        raise RegistryError(f"cannot make environment {name!r} with {kwargs}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a plug-in's constructor may raise anything; say which one
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, TypeError | ValueError):
+            why = f"{type(e).__name__}: {why}"
+        raise RegistryError(f"cannot make environment {name!r} with {kwargs}: {why}") from e
     missing = missing_methods(env) + ([] if isinstance(getattr(env, "name", None), str) else ["name"])
     if missing:
         raise RegistryError(

@@ -63,6 +63,7 @@ def _fail(e: Exception) -> typer.Exit:
 def _launch(config: str | None, overrides: list[str]) -> None:
     import os
 
+    from agents.registry import RegistryError
     from orchestrator.config import ConfigError, load_config
     from orchestrator.loop import final_line, start_run
     from store.database import StoreError
@@ -76,7 +77,7 @@ def _launch(config: str | None, overrides: list[str]) -> None:
         raise _fail(e) from None
     try:
         report = start_run(cfg)
-    except (StoreError, ValueError) as e:
+    except (StoreError, ValueError, RegistryError) as e:  # nothing was written for the run
         raise _fail(e) from None
     _after_run(report, cfg.store.url)
     typer.echo(final_line(report))
@@ -127,12 +128,13 @@ def resume(
     The stored config holds no credentials: the store is the one --db names (its password from the
     URL, $TREEPLAY_STORE_URL, $PGPASSWORD or ~/.pgpass), and redacted values are given again here.
     """
+    from agents.registry import RegistryError
     from orchestrator.loop import final_line, resume_run
     from store.database import StoreError
 
     try:
         report = resume_run(int(run) if run.isdigit() else run, db, list(overrides or []))
-    except (StoreError, ValueError) as e:
+    except (StoreError, ValueError, RegistryError) as e:
         raise _fail(e) from None
     _after_run(report, db)
     typer.echo(final_line(report))
@@ -148,6 +150,7 @@ def status(
     import json
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from store import queries
@@ -157,13 +160,14 @@ def status(
         store = open_store(db, create=False)
         if run is None:
             runs = queries.list_runs(store)
-            rows = [{"id": r.id, "name": r.name, "status": r.status, "created": str(r.created)} for r in runs]
+            rows = [{"id": r.id, "name": r.name, "status": r.status, "created": str(r.created), "reason": r.reason}
+                    for r in runs]
             if as_json:
                 typer.echo(json.dumps(rows))
                 return
-            t = Table("id", "name", "status", "created", title="runs")
+            t = Table("id", "name", "status", "created", "reason", title="runs")
             for r in rows:
-                t.add_row(str(r["id"]), r["name"], r["status"], r["created"])
+                t.add_row(str(r["id"]), r["name"], r["status"], r["created"], escape(r["reason"] or ""))
             Console().print(t)
             return
         info = queries.get_run(store, int(run) if run.isdigit() else run)
@@ -176,10 +180,12 @@ def status(
              "pairs": (i.metrics or {}).get("rollout/pairs"), "loss": (i.metrics or {}).get("learn/loss")}
             for i in its]
     if as_json:
-        typer.echo(json.dumps({"run": info.name, "id": info.id, "status": info.status, "iterations": rows}))
+        typer.echo(json.dumps({"run": info.name, "id": info.id, "status": info.status, "reason": info.reason,
+                               "iterations": rows}))
         return
+    state = escape(f"{info.status}: {info.reason}") if info.reason else info.status
     t = Table("iter", "status", "version", "greedy acc", "T=1 acc", "pairs", "loss",
-              title=f"run {info.name} ({info.status})")
+              title=f"run {info.name} ({state})")
     def fmt(v: object) -> str:
         if v is None:
             return ""

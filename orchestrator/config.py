@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agents.panel import PanelConfig
 from agents.react import ReActConfig
@@ -49,10 +49,25 @@ class ModelConfig(_Strict):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
 
+# Constructor arguments an environment gets when the config names it without ``kwargs``. They belong
+# to that name alone: a plug-in named without kwargs gets none (it used to inherit arithmetic's and
+# fail on them).
+DEFAULT_ENV_KWARGS: dict[str, dict[str, Any]] = {"arithmetic": {"ops": 1, "digits": 2}}
+
+
 class EnvConfig(_Strict):
     name: str = Field("arithmetic", description="Built-in name, 'module:Class', or an entry point name.")
-    kwargs: dict[str, Any] = Field(default_factory=lambda: {"ops": 1, "digits": 2},
-                                   description="Constructor arguments.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments; omitted: the "
+                                   "demo's for 'arithmetic' (ops 1, digits 2), none for any other environment.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_of_the_named_environment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kwargs" not in data:
+            name = data.get("name", "arithmetic")
+            defaults = DEFAULT_ENV_KWARGS.get(name, {}) if isinstance(name, str) else {}
+            data = {**data, "kwargs": dict(defaults)}
+        return data
 
 
 class EngineConfig(_Strict):

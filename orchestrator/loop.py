@@ -13,12 +13,14 @@ store refuses to write a task twice, so nothing is lost or duplicated.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,20 +117,23 @@ class Loop:
         local_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
         init_ray(cfg.ray.address, local_cpus)
         self.ray = ray
-        # The model travels through the object store once (no shared paths between nodes).
-        # Held for the run's lifetime: a restarted worker re-reads its constructor arguments.
+        # The model travels through the object store once (no shared paths between nodes). Held for
+        # the run's lifetime: a rollout worker that Ray restarts is sent it again (_ensure_version).
         self.model_ref = model_ref = ray.put(ModelFiles.pack(model))
         cfg_dict = cfg.model_dump(mode="json")
         # On a cluster: learner and rollout workers in their own bundles, spread over nodes
         # (orchestrator/placement.py); on one machine: plain CPU/GPU requests.
         self.placement = place_actors(cfg.ray, cfg.rollout.num_workers)
         self.workers = [
-            RolloutWorker.options(**self.placement.worker(i)).remote(cfg_dict, model_ref, i, version)
+            # No model in the constructor: Ray re-runs it on restart, so it would have to keep the
+            # blob pinned as a constructor argument (and logs an error saying so); load_model instead.
+            RolloutWorker.options(**self.placement.worker(i)).remote(cfg_dict, i)
             for i in range(cfg.rollout.num_workers)
         ]
         self.learner = LearnerActor.options(**self.placement.learner).remote(cfg_dict, model_ref, run_id, version)
         self.weights_ref = None  # the payload every worker must serve (None: the initial model)
-        refs = [w.info.remote() for w in self.workers] + [self.learner.ping.remote()]
+        self.model_version = version  # the version model_ref holds, sent again to restarted workers
+        refs = [w.load_model.remote(model_ref, version) for w in self.workers] + [self.learner.ping.remote()]
         ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=cfg.ray.startup_timeout_s)
         if waiting:
             raise RuntimeError(
@@ -140,12 +145,16 @@ class Loop:
 
     # -- rollouts ---------------------------------------------------------------------------------
     def _ensure_version(self, worker) -> bool:
-        """Bring a worker to the served version; True if it had to (after a deploy, only a worker
-        that Ray restarted from the initial model is behind)."""
-        if self.weights_ref is not None and self.ray.get(worker.info.remote())["version"] != self.version:
+        """Bring a worker to the served version; True if it had to. Only a worker that Ray restarted
+        is ever behind: it comes back without a model, gets the starting one, then the served weights."""
+        served = self.ray.get(worker.info.remote())["version"]
+        if served is not None and (self.weights_ref is None or served == self.version):
+            return False
+        if served is None:
+            self.ray.get(worker.load_model.remote(self.model_ref, self.model_version))
+        if self.weights_ref is not None:
             self.ray.get(worker.apply_weights.remote(self.weights_ref))
-            return True
-        return False
+        return True
 
     def rollout(self, index: int, tasks: Sequence[Task], progress: Progress | None = None) -> dict[str, float]:
         """Run ``tasks`` over the workers, writing each chunk's results as it finishes."""
@@ -216,6 +225,10 @@ class Loop:
         """Every worker loads ``weights_ref`` in place; refuses to go on with mixed versions."""
         t0 = time.perf_counter()
         versions = self.ray.get([w.apply_weights.remote(self.weights_ref) for w in self.workers])
+        for i, v in enumerate(versions):
+            if v is None:  # restarted by Ray since we last looked: no model yet to load weights into
+                self._ensure_version(self.workers[i])
+                versions[i] = self.ray.get(self.workers[i].info.remote())["version"]
         if len(set(versions)) != 1 or versions[0] != self.version:
             raise RuntimeError(f"workers report mixed weight versions {versions}, expected {self.version}")
         return time.perf_counter() - t0
@@ -268,6 +281,39 @@ def _print_iteration(rep: IterationReport) -> None:
     )
 
 
+@contextmanager
+def _stop_recorded(store: Store, run_id: int) -> Iterator[None]:
+    """A run that stops on an exception is marked "failed" with the reason ("interrupted" on Ctrl+C)
+    instead of staying "running" for ever; ``treeplay status`` shows both."""
+    try:
+        yield
+    except BaseException as e:
+        interrupted = not isinstance(e, Exception)
+        message = next((s.strip() for s in str(e).splitlines() if s.strip()), "")
+        reason = f"{type(e).__name__}: {message}" if message else type(e).__name__
+        try:
+            if queries.get_run(store, run_id).status == queries.RUNNING:  # not after it finished "done"
+                queries.finish_run(store, run_id, "interrupted" if interrupted else "failed", reason)
+        except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
+            pass
+        raise
+
+
+def _records_stop(run: Callable[..., RunReport]) -> Callable[..., RunReport]:
+    """``run_loop``: a run being resumed after it "failed" or was "interrupted" is "running" again,
+    and how it stops this time is recorded (``_stop_recorded``)."""
+
+    @functools.wraps(run)
+    def wrapper(cfg: RunConfig, run_id: int, store: Store, *args: Any, **kwargs: Any) -> RunReport:
+        if queries.get_run(store, run_id).status != queries.RUNNING:
+            queries.reopen_run(store, run_id)
+        with _stop_recorded(store, run_id):
+            return run(cfg, run_id, store, *args, **kwargs)
+
+    return wrapper
+
+
+@_records_stop
 def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_version: int = 0,
              t_start: float | None = None) -> RunReport:
     """Run (or continue) the iterations of a run whose model is ready."""
@@ -383,23 +429,76 @@ def plot_learning_curve(store: Store, run_id: int, path: Path, title: str | None
 
 
 # ------------------------------------------------------------------------------------ entry points
+def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
+    """Check what can be checked before a run is recorded, so that a bad config leaves no trace.
+
+    The environment is made (its name resolves, its constructor takes ``env.kwargs``); with
+    ``starting_model`` (a new run, not a resume), ``model.path`` must be a Hugging Face directory and
+    a tiny model's warm start needs the environment's ``demonstrations``. The config itself was
+    validated when it was loaded, the store is opened by the caller.
+
+    Raises:
+        RegistryError: The environment cannot be made (one-line message).
+        ValueError: Anything else (one-line message).
+    """
+    env = make_environment(cfg.env.name, **cfg.env.kwargs)
+    if not starting_model:
+        return
+    if cfg.model.path:
+        if not (Path(cfg.model.path) / "config.json").is_file():
+            raise ValueError(f"model.path '{cfg.model.path}' is not a Hugging Face model directory (no config.json)")
+    elif cfg.warm_start.enabled and cfg.warm_start.steps > 0 and not callable(getattr(env, "demonstrations", None)):
+        raise ValueError(f"warm_start needs demonstrations, environment '{cfg.env.name}' has none: "
+                         "set warm_start.enabled=false or give a trained model.path")
+
+
+# How often a phase with a progress bar says where it is when stderr is not a terminal (CI logs,
+# `| tee`): rich draws no bar there, and a warm start can take minutes.
+PLAIN_PROGRESS_EVERY_S = 5.0
+
+
+def warm_start_model(cfg: RunConfig, run_dir: Path) -> tuple[Path, dict]:
+    """``prepare_model`` with a progress bar on a terminal, or a plain line every few seconds."""
+    total = cfg.warm_start.steps
+    t0 = time.perf_counter()
+    last = [t0]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task("warm start", total=total, loss=float("nan"))
+
+        def on_step(step: int, loss: float) -> None:
+            progress.update(bar, completed=step + 1, loss=loss)
+            now = time.perf_counter()
+            if not console.is_terminal and now - last[0] >= PLAIN_PROGRESS_EVERY_S:
+                last[0] = now
+                console.print(f"warm start: step {step + 1}/{total}, loss {loss:.3f}, {now - t0:.0f}s", highlight=False)
+
+        return prepare_model(cfg, run_dir, on_step=on_step)
+
+
 def start_run(cfg: RunConfig) -> RunReport:
-    """A new run: store row, model (warm start), then the iterations."""
+    """A new run: checks, store row, model (warm start), then the iterations.
+
+    Nothing is written before the environment, the model path, the store and the output folder have
+    been checked (``check_startable``); a run that fails after its row exists is marked "failed".
+    """
     t0 = time.perf_counter()
     store = open_store(cfg.store.url)
     cfg = cfg.model_copy(update={"name": _free_name(store, cfg.name)})
-    run_id = queries.start_run(store, cfg.name, cfg.model_dump(mode="json"))
+    check_startable(cfg)
     run_dir = Path(cfg.output_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        bar = progress.add_task("warm start", total=cfg.warm_start.steps, loss=float("nan"))
-        model, ws = prepare_model(cfg, run_dir, on_step=lambda s, loss: progress.update(bar, completed=s + 1, loss=loss))
-    if ws:
-        console.print(f"warm start: {cfg.warm_start.steps} steps, loss {ws['loss']:.3f}, {ws['seconds']:.1f}s")
-        queries.log_metrics(store, run_id, None, {"warm_start/loss": ws["loss"], "warm_start/seconds": ws["seconds"]})
-    queries.record_checkpoint(store, run_id, -1, 0, Path(model).resolve().as_uri(), ws or None)
-    return run_loop(cfg, run_id, store, Path(model), 0, t0)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output_dir: cannot create '{run_dir}': {e.strerror or e}") from None
+    run_id = queries.start_run(store, cfg.name, cfg.model_dump(mode="json"))
+    with _stop_recorded(store, run_id):
+        model, ws = warm_start_model(cfg, run_dir)
+        if ws:
+            console.print(f"warm start: {cfg.warm_start.steps} steps, loss {ws['loss']:.3f}, {ws['seconds']:.1f}s")
+            queries.log_metrics(store, run_id, None, {"warm_start/loss": ws["loss"], "warm_start/seconds": ws["seconds"]})
+        queries.record_checkpoint(store, run_id, -1, 0, Path(model).resolve().as_uri(), ws or None)
+        return run_loop(cfg, run_id, store, Path(model), 0, t0)
 
 
 def _free_name(store: Store, name: str) -> str:
@@ -424,6 +523,7 @@ def resume_run(run: str | int, store_url: str, overrides: list[str] | None = Non
     store = open_store(store_url)
     info = queries.get_run(store, run)
     cfg = resume_config(info.config, store_url, overrides)
+    check_startable(cfg, starting_model=False)
     ckpt = queries.latest_checkpoint(store, info.id)
     if ckpt is None:
         raise ValueError(f"run '{info.name}' has no checkpoint to resume from")

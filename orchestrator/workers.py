@@ -6,8 +6,11 @@ This is the only module that imports Ray. The actors are thin shells around plai
 Nothing assumes a shared filesystem between actors: a model directory travels as a ``ModelFiles``
 blob through the object store (put once, read by every node), and new weights travel as a
 ``WeightsPayload`` (numpy arrays, zero-copy on each node). Rollout workers restart automatically
-when they die (``max_restarts``); a restarted worker comes back at the initial weights, so the loop
-checks versions and re-applies the current payload before it sends work (see ``loop.py``).
+when they die (``max_restarts``). Their constructor takes no model: Ray would have to keep such an
+argument in the object store for every possible restart, and warns about exactly that. The loop
+sends the model with ``load_model`` after construction instead; a restarted worker comes back
+empty (``info()["version"] is None``), so the loop checks versions and sends the model and the
+current payload again before it gives the worker work (see ``loop.py``).
 """
 
 from __future__ import annotations
@@ -60,26 +63,44 @@ def _set_threads(n: int | None) -> None:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class RolloutWorker:
-    """Holds one policy engine and runs rollouts and evaluations with it."""
+    """Holds one policy engine and runs rollouts and evaluations with it.
 
-    def __init__(self, cfg: dict[str, Any], model: str | ModelFiles, index: int, version: int = 0) -> None:
+    Made with the run config and its index only; ``load_model`` gives it the model (again after
+    every restart, see the module docstring).
+    """
+
+    def __init__(self, cfg: dict[str, Any], index: int) -> None:
         from agents.registry import environment_factory
         from orchestrator.config import RunConfig
-        from orchestrator.engines import make_engine
 
         self.cfg = RunConfig.model_validate(cfg)
         self.index = index
         _set_threads(self.cfg.engine.num_threads)
-        model_dir = _materialise(model, f"treeplay-worker{index}-")
-        self.engine = make_engine(self.cfg.engine.kind, model_dir, seed=self.cfg.seed + index, **self.cfg.engine.kwargs)
-        self.engine.version = version  # the model it was built from (a checkpoint when resuming)
+        self.engine: Any = None
         self.env_factory = environment_factory(self.cfg.env.name, **self.cfg.env.kwargs)
+
+    @ray.method(max_task_retries=-1)  # a worker that dies while loading is restarted and asked again
+    def load_model(self, model: str | ModelFiles, version: int) -> dict[str, Any]:
+        """Build the engine from ``model`` (a path or a blob) as weights ``version``; returns ``info()``."""
+        from orchestrator.engines import make_engine
+
+        model_dir = _materialise(model, f"treeplay-worker{self.index}-")
+        engine = make_engine(self.cfg.engine.kind, model_dir, seed=self.cfg.seed + self.index, **self.cfg.engine.kwargs)
+        engine.version = version  # the model it was built from (a checkpoint when resuming)
+        self.engine = engine
+        return self.info()
+
+    def _engine(self) -> Any:
+        if self.engine is None:
+            raise RuntimeError(f"worker {self.index} has no model yet (the loop sends it with load_model)")
+        return self.engine
 
     @ray.method(max_task_retries=-1)  # idempotent: a call to a restarting worker waits for it
     def info(self) -> dict[str, Any]:
+        """Index, served weights version (None before ``load_model``), process id and node."""
         return {
             "index": self.index,
-            "version": self.engine.version,
+            "version": None if self.engine is None else self.engine.version,
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
         }
@@ -93,8 +114,11 @@ class RolloutWorker:
         return fingerprint(sd()) if callable(sd) else None
 
     @ray.method(max_task_retries=-1)
-    def apply_weights(self, payload: WeightsPayload) -> int:
-        """Load a new weights version in place; returns the version now served."""
+    def apply_weights(self, payload: WeightsPayload) -> int | None:
+        """Load a new weights version in place; returns the version now served, or None when this
+        worker has no model to load them into (Ray restarted it since the loop last looked)."""
+        if self.engine is None:
+            return None
         self.engine.load_weights(payload.version, from_payload(payload))
         return self.engine.version
 
@@ -102,17 +126,18 @@ class RolloutWorker:
         """Run the configured rollout mode on ``tasks``; refuses to run on the wrong weights."""
         from orchestrator.rollouts import run_rollouts
 
-        if self.engine.version != version:
-            raise RuntimeError(f"worker {self.index} serves version {self.engine.version}, loop expects {version}")
+        engine = self._engine()
+        if engine.version != version:
+            raise RuntimeError(f"worker {self.index} serves version {engine.version}, loop expects {version}")
         t0 = time.perf_counter()
-        results, stats = run_rollouts(self.cfg, tasks, self.engine, self.env_factory, iteration=iteration, seed=seed)
+        results, stats = run_rollouts(self.cfg, tasks, engine, self.env_factory, iteration=iteration, seed=seed)
         stats["rollout_s"] = time.perf_counter() - t0
         return results, stats
 
     def evaluate(self, tasks: list, temperature: float) -> list[float]:
         from orchestrator.rollouts import evaluate
 
-        return evaluate(self.cfg, tasks, self.engine, self.env_factory, temperature=temperature)
+        return evaluate(self.cfg, tasks, self._engine(), self.env_factory, temperature=temperature)
 
 
 def shuffled_control(data: Any, seed: int) -> Any:

@@ -66,7 +66,7 @@ class Base(DeclarativeBase):
 
 
 class Run(Base):
-    """One self-improvement run: its unique name and resolved config."""
+    """One self-improvement run: its unique name, resolved config, status and why it stopped."""
 
     __tablename__ = "runs"
 
@@ -76,6 +76,8 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(32), default="running")
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished: Mapped[datetime | None] = mapped_column(DateTime)
+    # One line saying why a run stopped early ("failed", "interrupted"); None while running or done.
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Iteration(Base):

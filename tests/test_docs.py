@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -142,6 +141,7 @@ def test_environments_doc_python_snippets_run(plugin_importable):
 def test_environments_doc_entry_point_declaration_is_valid():
     from agents.registry import ENV_GROUP
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     [block] = _blocks("toml")
     declared = tomllib.loads(block)["project"]["entry-points"][ENV_GROUP]
     assert declared == {"countdown": "mypkg.envs:CountdownEnv"}
