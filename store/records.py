@@ -1,8 +1,10 @@
 """Row-shaped records: what the rest of treeplay hands to the store and gets back from it.
 
 These are plain dataclasses, free of SQLAlchemy, so search/, agents/ and the learners can build and
-consume them without touching the database layer. ``store/queries.py`` turns them into rows in one
-transaction (bulk inserts) and reads them back.
+consume them without touching the database layer. ``store.queries`` turns them into rows in one
+transaction (bulk inserts) and reads them back. The last section holds what the store's API returns
+besides them: ``RunInfo``, ``IterationInfo``, ``TreeSummary``, ``CheckpointInfo``, ``WriteReceipt``
+(the ids a write gave) and ``NodeView`` (a node with its tree and number of children).
 
 Keys: inside one write, records refer to each other by *local keys* (``NodeRecord.key``, the index of
 a trajectory in the list, ...). The store assigns database ids and maps the local keys on write; on
@@ -12,6 +14,7 @@ read, ``db_id`` fields carry the database ids so provenance can be followed (a p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 PAIR_SOURCES = ("mcts", "panel", "credit", "rubric", "slhf", "sample")
@@ -244,3 +247,102 @@ class PreferenceData:
 
     def __len__(self) -> int:
         return len(self.pairs) + len(self.ranked_lists)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the store's readers and writers return besides the records above
+
+
+@dataclass
+class RunInfo:
+    """A run as stored: its id, unique name, resolved config, status, times (naive UTC), and the
+    one-line reason it stopped early (None unless it "failed" or was "interrupted")."""
+
+    id: int
+    name: str
+    config: dict[str, Any]
+    status: str
+    created: datetime
+    finished: datetime | None
+    reason: str | None = None
+
+
+@dataclass
+class IterationInfo:
+    """An iteration as stored, with how many tasks have been written for it."""
+
+    id: int
+    run_id: int
+    index: int
+    policy_version: int
+    status: str
+    started: datetime
+    finished: datetime | None
+    timings: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    n_tasks: int = 0
+
+
+@dataclass
+class TreeSummary:
+    """One stored tree without its nodes (for listings)."""
+
+    id: int
+    run_id: int
+    iteration: int
+    task_id: str
+    environment: str
+    prompt: str
+    policy_version: int
+    n_nodes: int
+    max_depth: int
+
+
+@dataclass
+class CheckpointInfo:
+    """A checkpoint row: which policy version was saved where, after which iteration."""
+
+    id: int
+    run_id: int
+    iteration: int
+    policy_version: int
+    uri: str
+    metrics: dict[str, Any] | None
+    created: datetime
+
+
+@dataclass
+class WriteReceipt:
+    """The database ids ``write_task_result`` gave to what it wrote, in the order of the input.
+
+    Attributes:
+        rollout_id: The row that marks the task as written for the iteration.
+        task_db_id: The task's row.
+        tree_ids: One id per ``TaskResult.trees`` entry.
+        node_ids: Per tree, a map from the node's local key to its database id.
+        trajectory_ids: One id per trajectory.
+        step_ids: Per trajectory, the ids of its steps.
+        pair_ids, ranked_list_ids, judgment_ids: One id per record.
+    """
+
+    rollout_id: int
+    task_db_id: int
+    tree_ids: list[int] = field(default_factory=list)
+    node_ids: list[dict[int, int]] = field(default_factory=list)
+    trajectory_ids: list[int] = field(default_factory=list)
+    step_ids: list[list[int]] = field(default_factory=list)
+    pair_ids: list[int] = field(default_factory=list)
+    ranked_list_ids: list[int] = field(default_factory=list)
+    judgment_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class NodeView:
+    """One stored tree node with where it sits: its tree and how many children it has.
+
+    ``node.key`` = ``node.db_id`` = the node's database id; ``node.parent_key`` is the parent's id.
+    """
+
+    tree_id: int
+    node: NodeRecord
+    n_children: int
