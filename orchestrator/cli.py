@@ -3,6 +3,7 @@
     treeplay demo [KEY=VALUE ...]              the demo run (configs/demo.yaml = the defaults)
     treeplay run CONFIG [KEY=VALUE ...]        a run from a YAML config, with overrides
     treeplay resume RUN [--db URL] [KEY=VALUE ...]   carry on an interrupted run from the store
+    treeplay study STUDY [KEY=VALUE ...]       every method x seed of a study, with intervals
     treeplay status [RUN] [--db URL]           runs, or one run's iterations and metrics
     treeplay version
     treeplay db upgrade [--url URL]
@@ -114,6 +115,45 @@ def run(
     if address:
         extra.append(f"ray.address={address}")
     _launch(config, extra)
+
+
+@app.command()
+def study(
+    config: str = typer.Argument(..., help="YAML study file (see configs/studies/)."),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE applied to every run of the study."),
+) -> None:
+    """Run every cell of a study over its seeds (resuming what is unfinished), then print the table.
+
+    Writes runs/<study>/results.json, table.md and curves.png and ends with one JSON line.
+    """
+    import os
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.config import ConfigError
+    from orchestrator.study import TABLE_HEADER, final_line, load_study, run_study, table_rows
+
+    extra = list(overrides or [])
+    if os.environ.get(STORE_ENV):
+        extra = [f"store.url={os.environ[STORE_ENV]}", *extra]
+    try:
+        spec, runs = load_study(config, extra)
+    except ConfigError as e:
+        raise _fail(e) from None
+    results = run_study(spec, runs)
+    table = Table(title=f"study {spec.name} (accuracy %, gains in points, 95% CI over seeds)")
+    for col in TABLE_HEADER:
+        table.add_column(col, overflow="fold")
+    for row in table_rows(results):
+        table.add_row(*row)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 180  # logs and CI: the full table, not one folded to 80 columns
+    console.print(table)
+    typer.echo(final_line(results))
+    if results["failed_runs"]:
+        raise typer.Exit(1)
 
 
 @app.command()

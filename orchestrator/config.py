@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agents.panel import PanelConfig
 from agents.react import ReActConfig
 from orchestrator.learners.dpo import DPOConfig
+from orchestrator.learners.rft import RFTConfig
 from orchestrator.learners.slhf import SLHFConfig
 from orchestrator.learners.tpo import TPOConfig
 from search.mcts import MCTSConfig
@@ -140,7 +141,8 @@ def _demo_dpo() -> DPOConfig:
 class LearnerSection(_Strict):
     """Which learner runs, on which data, with its own settings (orchestrator/learners)."""
 
-    algorithm: Literal["dpo", "tpo", "slhf"] = Field("dpo", description="Learner of the run.")
+    algorithm: Literal["dpo", "tpo", "slhf", "rft"] = Field(
+        "dpo", description="Learner of the run; 'rft' = rejection-sampling fine-tuning (the baseline).")
     replay: int = Field(0, ge=0, description="Also train on the data of this many past iterations.")
     control: Literal["none", "shuffle"] = Field(
         "none", description="'shuffle': swap chosen/rejected of each pair by a coin flip before training, "
@@ -150,11 +152,15 @@ class LearnerSection(_Strict):
                            description="TPO on ranked lists (docs/learners.md).")
     slhf: SLHFConfig = Field(default_factory=lambda: SLHFConfig(num_threads=1),
                              description="Stackelberg leader/follower; the oracle is the env's verifier.")
+    rft: RFTConfig = Field(default_factory=lambda: RFTConfig(num_threads=1, lr=1e-4, batch_size=16, warmup_steps=20),
+                           description="NLL on verified-correct responses (ranked lists' info['correct']).")
 
 
 class EvalConfig(_Strict):
     tasks: int = Field(500, ge=0, description="Held-out tasks evaluated each iteration.")
     sample_temperature: float = Field(1.0, ge=0, description="Also report accuracy of samples at this T.")
+    split: Literal["test", "validation"] = Field(
+        "test", description="Held-out split: 'validation' to choose settings, 'test' to report them (once).")
 
 
 class StoreConfig(_Strict):

@@ -5,7 +5,9 @@
 Modes (``rollout.mode``):
 - ``mcts``: MCTS-DPO tree search batched across the chunk's tasks (``search.mcts.search_many``);
   each tree yields step-level pairs and ranked lists (``search.preferences.tree_result``).
-- ``sample``: k independent episodes per task; correct-vs-wrong pairs (a rejection-sampling baseline).
+- ``sample``: k independent episodes per task; correct-vs-wrong pairs (outcome-level DPO) and one
+  ranked list of the task's distinct samples with the verifier's verdicts (what ``learner.algorithm
+  = rft``, rejection-sampling fine-tuning, trains on).
 - ``react``, ``panel``, ``multi_agent``: the agents package (rubric-guided ReAct, a panel of peers,
   several agents with a credit critic).
 
@@ -22,7 +24,7 @@ from typing import Any
 from agents.base import Environment, Policy, Task, Trajectory, action_spans, step_segments
 from agents.episode import run_episodes, task_result
 from orchestrator.config import RunConfig
-from store.records import ACTION_SPANS, PairRecord, TaskResult
+from store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
 
 EnvFactory = Callable[[], Environment]
 
@@ -41,18 +43,33 @@ def run_rollouts(
         One TaskResult per task (same order) and summary stats (reward, solved fraction, pairs...).
     """
     seed = cfg.seed * 1_000_003 + iteration * 7919 if seed is None else seed
-    mode = cfg.rollout.mode
-    if mode == "mcts":
-        return _mcts(cfg, tasks, policy, env_factory, seed)
-    if mode == "sample":
-        return _sample(cfg, tasks, policy, env_factory, seed)
-    if mode == "react":
-        return _react(cfg, tasks, policy, env_factory, seed)
-    if mode == "panel":
-        return _panel(cfg, tasks, policy, env_factory, seed)
-    if mode == "multi_agent":
-        return _multi_agent(cfg, tasks, policy, env_factory, seed)
-    raise ValueError(f"unknown rollout.mode '{mode}'")
+    modes = {"mcts": _mcts, "sample": _sample, "react": _react, "panel": _panel, "multi_agent": _multi_agent}
+    mode = modes.get(cfg.rollout.mode)
+    if mode is None:
+        raise ValueError(f"unknown rollout.mode '{cfg.rollout.mode}'")
+    counted = TokenCounter(policy)
+    results, stats = mode(cfg, tasks, counted, env_factory, seed)
+    stats["generated_tokens"] = float(counted.generated_tokens)
+    return results, stats
+
+
+class TokenCounter:
+    """A policy that counts the tokens it generates (the generation budget a method spends).
+
+    Everything but ``generate`` is the wrapped policy's own.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self.generated_tokens = 0
+
+    def generate(self, prompts, *args: Any, **kwargs: Any):
+        out = self._policy.generate(prompts, *args, **kwargs)
+        self.generated_tokens += sum(len(c.token_ids) for samples in out for c in samples)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
 
 
 def _mcts(cfg, tasks, policy, env_factory, seed):
@@ -80,22 +97,50 @@ def _mcts(cfg, tasks, policy, env_factory, seed):
     return results, stats
 
 
+def _rendered(t: Trajectory) -> tuple[str, list[list[int]]]:
+    """An episode's steps as the policy saw them, and the character spans of its own actions."""
+    segments = step_segments(t.steps)
+    return "".join(x for x, _ in segments), [list(span) for span in action_spans(segments)]
+
+
+def _verified(t: Trajectory) -> bool:
+    return (t.outcome or 0.0) > 0.5 and t.status == "ok"
+
+
+def _sample_list(task: Task, trajs: Sequence[Trajectory]) -> list[RankedListRecord]:
+    """The task's distinct samples as one list scored by outcome, with the verifier's verdicts.
+
+    Rejection-sampling fine-tuning trains on its verified-correct items (``learner.algorithm=rft``);
+    a sample written twice is kept once (RFT de-duplicates reasoning paths).
+    """
+    seen: dict[str, tuple[Trajectory, list[list[int]]]] = {}
+    for t in trajs:
+        if t.status != "ok" or not t.steps:
+            continue
+        text, spans = _rendered(t)
+        seen.setdefault(text, (t, spans))
+    if not seen:
+        return []
+    items = [RankedItem(text=text, score=float(t.outcome or 0.0)) for text, (t, _) in seen.items()]
+    return [RankedListRecord(
+        prompt=task.prompt, items=items, source="sample", task_id=task.id,
+        info={"correct": [_verified(t) for t, _ in seen.values()], ACTION_SPANS: [sp for _, sp in seen.values()],
+              },
+    )]
+
+
 def _correct_vs_wrong(task: Task, trajs: Sequence[Trajectory], max_pairs: int) -> list[PairRecord]:
     """Pairs (correct sample, wrong sample) for one task, round-robin so each sample is used evenly.
 
     A response is the episode as the policy saw it (actions and the observations between them,
     ``agents.base.step_segments``); the pair's action spans say which characters the policy wrote.
     """
-    def render(t: Trajectory) -> tuple[str, list[list[int]]]:
-        segments = step_segments(t.steps)
-        return "".join(x for x, _ in segments), [list(span) for span in action_spans(segments)]
-
-    good = [t for t in trajs if (t.outcome or 0.0) > 0.5 and t.status == "ok"]
+    good = [t for t in trajs if _verified(t)]
     bad = [t for t in trajs if (t.outcome or 0.0) <= 0.5]
     pairs = []
     for i in range(min(max_pairs, len(good) * len(bad))):
         g, b = good[i % len(good)], bad[(i // len(good) + i) % len(bad)]
-        (chosen, chosen_spans), (rejected, rejected_spans) = render(g), render(b)
+        (chosen, chosen_spans), (rejected, rejected_spans) = _rendered(g), _rendered(b)
         pairs.append(PairRecord(
             prompt=task.prompt, chosen=chosen, rejected=rejected, source="sample",
             margin=(g.outcome or 0.0) - (b.outcome or 0.0), task_id=task.id,
@@ -115,12 +160,17 @@ def _sample(cfg, tasks, policy, env_factory, seed):
     for i, task in enumerate(tasks):
         mine = trajs[i * k : (i + 1) * k]
         pairs = _correct_vs_wrong(task, mine, cfg.rollout.max_pairs_per_tree)
-        results.append(task_result(task, mine, pairs))
+        result = task_result(task, mine, pairs)
+        result.ranked_lists = _sample_list(task, mine)
+        results.append(result)
     outcomes = [t.outcome or 0.0 for t in trajs]
     return results, {
         "tasks": float(len(tasks)),
         "reward": sum(outcomes) / max(1, len(outcomes)),
+        "solved": sum(any(_verified(t) for t in trajs[i * k : (i + 1) * k]) for i in range(len(tasks)))
+        / max(1, len(tasks)),
         "pairs": float(sum(len(r.pairs) for r in results)),
+        "lists": float(sum(len(r.ranked_lists) for r in results)),
     }
 
 

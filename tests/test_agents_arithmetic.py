@@ -30,7 +30,8 @@ def test_tasks_are_deterministic_and_splits_disjoint():
     assert [t.prompt for t in env.tasks("train", 200, seed=4)] != [t.prompt for t in a]
     train = {t.prompt for s in range(3) for t in env.tasks("train", 300, seed=s)}
     test = {t.prompt for s in range(3) for t in env.tasks("test", 300, seed=s)}
-    assert train and test and not (train & test)
+    val = {t.prompt for s in range(3) for t in env.tasks("validation", 300, seed=s)}
+    assert train and test and val and not (train & test) and not (val & train) and not (val & test)
     assert len({t.id for t in a}) == len(a)
 
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 from agents.base import StepResult, Task, Trajectory
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _EQUATION = re.compile(r"\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*")
 _ANSWER = re.compile(r"\s*(-?\d+)\s*")
@@ -74,6 +74,13 @@ def _bucket(expression: str) -> float:
     return int.from_bytes(hashlib.sha256(expression.encode()).digest()[:8], "big") / 2**64
 
 
+def split_of_bucket(bucket: float, test_fraction: float, validation_fraction: float) -> str:
+    """The split of a text whose hash bucket is ``bucket``: test, then validation, then train."""
+    if bucket < test_fraction:
+        return "test"
+    return "validation" if bucket < test_fraction + validation_fraction else "train"
+
+
 class ArithmeticEnv:
     """Left-to-right arithmetic chains with an exact verifier.
 
@@ -84,6 +91,8 @@ class ArithmeticEnv:
         allow_negative: If False, only chains whose running values stay >= 0.
         name: Environment name recorded on tasks.
         test_fraction: Share of all expressions that belong to the test split.
+        validation_fraction: Share that belongs to the validation split (carved out of what would
+            otherwise be train): settings are chosen on it, and the test split is reported once.
     """
 
     def __init__(
@@ -94,6 +103,7 @@ class ArithmeticEnv:
         allow_negative: bool = False,
         name: str = "arithmetic",
         test_fraction: float = 0.2,
+        validation_fraction: float = 0.1,
     ) -> None:
         if ops < 1 or digits < 1:
             raise ValueError(f"ArithmeticEnv needs ops >= 1 and digits >= 1, got ops={ops}, digits={digits}")
@@ -104,12 +114,17 @@ class ArithmeticEnv:
             )
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        if not 0.0 <= validation_fraction < 1.0 - test_fraction:
+            raise ValueError(
+                f"validation_fraction must be in [0, 1 - test_fraction), got {validation_fraction}"
+            )
         self.ops = ops
         self.digits = digits
         self.operators = "".join(dict.fromkeys(operators))
         self.allow_negative = allow_negative
         self.name = name
         self.test_fraction = test_fraction
+        self.validation_fraction = validation_fraction
         self._task: Task | None = None
         self._reference: list[str] = []
         self._t = 0
@@ -117,8 +132,8 @@ class ArithmeticEnv:
     # -- tasks ---------------------------------------------------------------------------------
 
     def split_of(self, expression: str) -> str:
-        """Which split an expression belongs to ("train" or "test")."""
-        return "test" if _bucket(expression) < self.test_fraction else "train"
+        """Which split an expression belongs to ("train", "validation" or "test")."""
+        return split_of_bucket(_bucket(expression), self.test_fraction, self.validation_fraction)
 
     def _draw(self, rng: random.Random) -> str | None:
         hi = 10**self.digits - 1

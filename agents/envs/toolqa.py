@@ -42,9 +42,10 @@ import re
 from collections.abc import Callable
 
 from agents.base import StepResult, Task, Trajectory
+from agents.envs.arithmetic import split_of_bucket
 from agents.guards import call_with_timeout
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 QUESTION_KINDS = ("ratio", "sum2", "diff2", "sum3")
 ATTRIBUTES = {
     "population": (1_000, 99_999),
@@ -174,6 +175,7 @@ class ToolQAEnv:
         show_tools: Start prompts with a one-line list of the tools.
         name: Environment name recorded on tasks.
         test_fraction: Share of questions in the test split.
+        validation_fraction: Share in the validation split (carved out of train), for choosing settings.
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class ToolQAEnv:
         show_tools: bool = True,
         name: str = "toolqa",
         test_fraction: float = 0.2,
+        validation_fraction: float = 0.1,
     ) -> None:
         unknown = sorted(set(kinds) - set(QUESTION_KINDS))
         if not kinds or unknown:
@@ -202,6 +205,7 @@ class ToolQAEnv:
         self.show_tools = show_tools
         self.name = name
         self.test_fraction = test_fraction
+        self.validation_fraction = validation_fraction
         self.tools: dict[str, Callable[[str], str]] = {
             "search": self._search,
             "lookup": self._lookup,
@@ -255,7 +259,7 @@ class ToolQAEnv:
             kind = rng.choice(self.kinds)
             q, value, actions = self._question(kind, rng)
             h = int.from_bytes(hashlib.sha256(q.encode()).digest()[:8], "big") / 2**64
-            if ("test" if h < self.test_fraction else "train") != split:
+            if split_of_bucket(h, self.test_fraction, self.validation_fraction) != split:
                 continue
             if q in seen and attempts < 200 * (n + 10):
                 continue

@@ -28,4 +28,8 @@ def make_learner(cfg: Any, model_dir: str | Path, preference: Any = None) -> Any
         if preference is None:
             raise ValueError("learner.algorithm 'slhf' needs a preference oracle")
         return SLHFLearner(model_dir, preference, cfg.learner.slhf)
+    if algo == "rft":
+        from orchestrator.learners.rft import RFTLearner
+
+        return RFTLearner(model_dir, cfg.learner.rft)
     raise ValueError(f"learner.algorithm '{algo}' is not available")

@@ -72,6 +72,9 @@ class DPOConfig(LearnerConfig):
         0.0, ge=0.0, le=0.5, description="Conservative-DPO epsilon for pairs whose record has none."
     )
     simpo_gamma: float = Field(0.5, description="SimPO target margin.")
+    rejected_steps: int | None = Field(
+        None, ge=1, description="Keep only the first k steps (action lines) of a rejected response: "
+        "what follows a wrong step was forced by it and is not pushed down. None = all.")
     append_eos: Literal["final", "always", "never"] = Field(
         "final", description="Append EOS to responses: only for pairs with info['final'], always, or never."
     )
@@ -106,6 +109,22 @@ class PairExample:
         return self.rejected, self.rejected_mask
 
 
+def first_steps(
+    text: str, spans: list[tuple[int, int]] | None, k: int
+) -> tuple[str, list[tuple[int, int]] | None, bool]:
+    """``text`` up to the end of its ``k``-th step, the spans inside it, and whether anything was cut.
+
+    A step is an action span (or, without spans, a line). Context after the k-th step goes too.
+    """
+    if spans is None:
+        lines = text.splitlines(keepends=True)
+        return "".join(lines[:k]), None, len(lines) > k
+    if len(spans) <= k:
+        return text, spans, False
+    end = spans[k - 1][1]
+    return text[:end], spans[:k], True
+
+
 class DPOLearner(LearnerOutput):
     """Trains a policy on preference pairs; keeps optimizer state across ``train()`` calls.
 
@@ -134,9 +153,15 @@ class DPOLearner(LearnerOutput):
         out = []
         for p in pairs:
             eos = self._eos(p)
+            rejected_text, rejected_spans = p.rejected, p.action_spans("rejected")
+            if self.config.rejected_steps is not None:
+                rejected_text, rejected_spans, cut = first_steps(
+                    rejected_text, rejected_spans, self.config.rejected_steps
+                )
+                eos = eos and not cut
             (chosen, c_mask), (rejected, r_mask) = (
-                encode_masked_response(tok, p.chosen, p.action_spans("chosen"), eos),
-                encode_masked_response(tok, p.rejected, p.action_spans("rejected"), eos),
+                encode_masked_response(tok, p.chosen, p.action_spans("chosen"), self._eos(p)),
+                encode_masked_response(tok, rejected_text, rejected_spans, eos),
             )
             prompt, (chosen, rejected) = fit_length(encode_prompt(tok, p.prompt), [chosen, rejected], self.config.max_length)
             c_mask, r_mask = c_mask[: len(chosen)], r_mask[: len(rejected)]

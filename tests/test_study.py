@@ -1,0 +1,121 @@
+"""`treeplay study`: a two-cell, one-seed, two-iteration study end to end on the tiny model.
+
+The real command in a subprocess (Ray, store, learners): the store holds one finished run per
+(cell, seed), runs/<study>/ holds results.json, table.md and curves.png, the last stdout line is the
+JSON summary; a second invocation keeps the finished runs instead of running them again. Study files
+that cannot work fail with one line before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError
+from orchestrator.study import interval, load_study
+from store import queries
+from store.database import open_store
+
+ROOT = Path(__file__).parents[1]
+
+
+def _study(tmp_path: Path, **extra) -> Path:
+    spec = {
+        "name": "mini",
+        "base": str(ROOT / "configs" / "demo.yaml"),
+        "seeds": [0],
+        "overrides": [
+            "iterations=2", "rollout.tasks_per_iteration=32", "rollout.chunk_size=32", "eval.tasks=20",
+            "warm_start.steps=30", "warm_start.examples=500", f"output_dir={tmp_path / 'runs'}",
+            f"store.url=sqlite:///{tmp_path / 'study.db'}",
+        ],
+        "reference": "rft",
+        "cells": [
+            {"name": "rft", "method": "RFT", "task": "arith",
+             "overrides": ["rollout.mode=sample", "rollout.samples_per_task=4", "learner.algorithm=rft"]},
+            {"name": "mcts-dpo", "method": "MCTS-DPO", "task": "arith"},
+        ],
+        **extra,
+    }
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _treeplay(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TREEPLAY_STORE_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, env=env, timeout=900
+    )
+
+
+@pytest.mark.slow
+def test_study_runs_every_cell_writes_results_and_resumes(tmp_path):
+    study = _study(tmp_path)
+    out = _treeplay("study", str(study))
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["study"] == "mini" and [c["name"] for c in line["cells"]] == ["rft", "mcts-dpo"]
+    for cell in line["cells"]:
+        assert cell["seeds"] == 1 and cell["gain"] is not None and cell["tokens"] > 0
+        assert cell["ci_low"] is None  # one seed: no interval
+    assert line["cells"][1]["vs_reference"]["cell"] == "rft"
+
+    store = open_store(f"sqlite:///{tmp_path / 'study.db'}")
+    runs = {r.name: r for r in queries.list_runs(store)}
+    assert set(runs) == {"mini-rft-s0", "mini-mcts-dpo-s0"}
+    assert all(r.status == "done" for r in runs.values())
+    for r in runs.values():
+        assert len(queries.finished_iterations(store, r.id)) == 2
+    # Both runs started from the same warm-started model (one warm start for the seed).
+    assert len(list((tmp_path / "runs" / "mini" / "warm").iterdir())) == 1
+
+    root = tmp_path / "runs" / "mini"
+    results = json.loads((root / "results.json").read_text())
+    cells = {c["name"]: c for c in results["cells"]}
+    rft = cells["rft"]["runs"][0]
+    assert rft["greedy_before"] == cells["mcts-dpo"]["runs"][0]["greedy_before"]  # same start, same tasks
+    assert len(rft["greedy_curve"]) == 3 and rft["tokens_per_iteration"] > 0
+    assert "| RFT | arith | 1 |" in (root / "table.md").read_text()
+    assert (root / "curves.png").stat().st_size > 10_000
+
+    again = _treeplay("study", str(study))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("done earlier, kept") == 2
+    assert len(queries.list_runs(store)) == 2
+    assert json.loads(again.stdout.strip().splitlines()[-1])["cells"] == line["cells"]
+
+
+def test_bad_study_files_fail_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="reference 'nope' is not a cell"):
+        load_study(_study(tmp_path, reference="nope"))
+    with pytest.raises(ConfigError, match="cell 'mcts-dpo': .*learner.dpo.nope"):
+        load_study(_study(tmp_path, reference=None,
+                          cells=[{"name": "mcts-dpo", "method": "m", "overrides": ["learner.dpo.nope=1"]}]))
+    with pytest.raises(ConfigError, match="cell names must be distinct"):
+        load_study(_study(tmp_path, reference=None, cells=[{"name": "a", "method": "m"}, {"name": "a", "method": "m"}]))
+    with pytest.raises(ConfigError, match="base config"):
+        load_study(_study(tmp_path, base="missing.yaml"))
+    out = _treeplay("study", str(tmp_path / "absent.yaml"))
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: cannot read study file")
+
+
+def test_every_shipped_study_resolves():
+    for path in sorted((ROOT / "configs" / "studies").glob("*.yaml")):
+        study, runs = load_study(path)
+        assert len(runs) == len(study.cells) * len(study.seeds)
+
+
+def test_interval_is_a_t_interval():
+    iv = interval([0.1, 0.2, 0.3])
+    # mean 0.2, sd 0.1, t(2) = 4.303: half-width 0.1 * 4.303 / sqrt(3)
+    assert iv["mean"] == pytest.approx(0.2)
+    assert iv["ci_high"] - iv["mean"] == pytest.approx(0.1 * 4.303 / math.sqrt(3))
+    assert interval([0.5])["ci_low"] is None and interval([])["mean"] is None
