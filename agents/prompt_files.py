@@ -1,7 +1,14 @@
-"""Prompts are data: text and YAML files in ``agents/prompts/``, filled by name.
+"""Prompts are data: text and YAML files in a package's ``prompts/`` folder, loaded and filled by name.
 
     template = load_prompt("rubric_verifier.txt")
     text = fill(template, rubric=..., context=..., action=..., threshold="0.6")
+
+``load_prompt`` is the one loader of the project's prompt files: the agents' live in
+``agents/prompts/`` (the default), MCTS's self-evaluation prompts in ``search/prompts/``
+(``load_prompt("self_eval.txt", "search")``) and the SLHF follower's in
+``orchestrator/learners/prompts/``. It reads them as package resources, so they are found in an
+installed wheel as well as in a checkout. This module imports nothing from the project, so search
+may use it as well as agents and the orchestrator.
 
 ``fill`` replaces ``{name}`` placeholders only for the names given, so templates may contain other
 braces (JSON examples) untouched.
@@ -31,9 +38,9 @@ import yaml
 
 
 @cache
-def load_prompt(name: str) -> str:
-    """The text of ``agents/prompts/<name>``."""
-    return (files("agents") / "prompts" / name).read_text(encoding="utf-8")
+def load_prompt(name: str, package: str = "agents") -> str:
+    """The text of ``<package>/prompts/<name>`` (``package`` a dotted package name), read as UTF-8."""
+    return (files(package) / "prompts" / name).read_text(encoding="utf-8")
 
 
 @cache

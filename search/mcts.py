@@ -47,18 +47,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.base import Environment, Policy, StepResult, Task
+from agents.prompt_files import load_prompt
 from search.tree import PreferenceTree
 
-_PROMPTS = Path(__file__).parent / "prompts"
 # The fixed instructions come first so that all self-evaluation prompts of a wave share a prefix.
-_SELF_EVAL = (_PROMPTS / "self_eval.txt").read_text()
-_SELF_EVAL_REFERENCE = (_PROMPTS / "self_eval_reference.txt").read_text()
+_SELF_EVAL = load_prompt("self_eval.txt", "search")
+_SELF_EVAL_REFERENCE = load_prompt("self_eval_reference.txt", "search")
 
 
 class MCTSConfig(BaseModel):

@@ -31,13 +31,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from agents.prompt_files import load_prompt
 from orchestrator.learners import losses
 from orchestrator.learners.logprobs import Group, encode_prompt, pack, packed_logprobs, padded, per_sequence
 from orchestrator.learners.trainable import LearnerConfig, LearnerOutput, StatsMeter, TrainablePolicy
@@ -50,7 +50,7 @@ def load_follower_template(path: str | Path | None = None) -> str:
     """The follower prompt template (``{prompt}`` and ``{response}`` placeholders)."""
     if path is not None:
         return Path(path).read_text(encoding="utf-8")
-    return (files("orchestrator.learners") / "prompts" / "slhf_follower.txt").read_text(encoding="utf-8")
+    return load_prompt("slhf_follower.txt", "orchestrator.learners")
 
 
 class SLHFConfig(LearnerConfig):

@@ -1,1 +1,2 @@
-"""Prompt files of the search package: plain-text templates that search.mcts reads by path."""
+"""Prompt files of the search package: plain-text templates that search.mcts loads with
+``agents.prompt_files.load_prompt(name, "search")``."""
