@@ -6,9 +6,12 @@
     evaluation -> metrics -> finish the iteration.
 
 The store is the record: ``resume`` reads the run's config, the finished iterations and the last
-checkpoint from it, keeps the unfinished iteration's finished tasks, and carries on. A rollout worker
-that dies is restarted by Ray; its chunk is re-run after the current weights are re-applied, and the
-store refuses to write a task twice, so nothing is lost or duplicated.
+checkpoint from it, keeps the unfinished iteration's finished tasks, and carries on. A checkpoint holds
+the learner's whole training state (optimizer, warm-up position, RNG states, which reference it
+trains against), and rollouts and evaluations are seeded per chunk and per call, so a resumed run
+reproduces the uninterrupted one. A rollout worker that dies is restarted by Ray; its chunk is re-run
+after the current weights are re-applied, and the store refuses to write a task twice, so nothing is
+lost or duplicated.
 """
 
 from __future__ import annotations
@@ -102,9 +105,14 @@ def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float],
 class Loop:
     """Owns the Ray actors and the store connection of one run."""
 
-    def __init__(self, cfg: RunConfig, store: Store, run_id: int, model: Path, version: int) -> None:
+    def __init__(self, cfg: RunConfig, store: Store, run_id: int, model: Path, version: int,
+                 reference: Path | None = None, reference_uri: str | None = None) -> None:
+        """``model``: the starting model or a checkpoint; ``reference``: the model a resumed learner's
+        fixed reference is (None: the learner copies ``model``); ``reference_uri``: where the
+        reference came from, recorded in checkpoints (default: ``model``'s URI)."""
         import ray
 
+        from orchestrator.learners.trainable import TRAINER_DIR
         from orchestrator.placement import place_actors
         from orchestrator.workers import LearnerActor, ModelFiles, RolloutWorker, init_ray
 
@@ -119,7 +127,11 @@ class Loop:
         self.ray = ray
         # The model travels through the object store once (no shared paths between nodes). Held for
         # the run's lifetime: a rollout worker that Ray restarts is sent it again (_ensure_version).
-        self.model_ref = model_ref = ray.put(ModelFiles.pack(model))
+        # Workers get the weights only; the learner also gets a checkpoint's training state.
+        self.model_ref = model_ref = ray.put(ModelFiles.pack(model, skip=(TRAINER_DIR,)))
+        learner_model = ray.put(ModelFiles.pack(model)) if (model / TRAINER_DIR).is_dir() else model_ref
+        reference_ref = ray.put(ModelFiles.pack(reference, skip=(TRAINER_DIR,))) if reference is not None else None
+        reference_uri = reference_uri or Path(model).resolve().as_uri()
         cfg_dict = cfg.model_dump(mode="json")
         # On a cluster: learner and rollout workers in their own bundles, spread over nodes
         # (orchestrator/placement.py); on one machine: plain CPU/GPU requests.
@@ -130,7 +142,8 @@ class Loop:
             RolloutWorker.options(**self.placement.worker(i)).remote(cfg_dict, i)
             for i in range(cfg.rollout.num_workers)
         ]
-        self.learner = LearnerActor.options(**self.placement.learner).remote(cfg_dict, model_ref, run_id, version)
+        self.learner = LearnerActor.options(**self.placement.learner).remote(
+            cfg_dict, learner_model, run_id, version, reference_ref, reference_uri)
         self.weights_ref = None  # the payload every worker must serve (None: the initial model)
         self.model_version = version  # the version model_ref holds, sent again to restarted workers
         refs = [w.load_model.remote(model_ref, version) for w in self.workers] + [self.learner.ping.remote()]
@@ -164,10 +177,12 @@ class Loop:
         done = queries.completed_task_ids(self.store, self.run_id, index)
         size = self.cfg.rollout.chunk_size
         # Chunks are fixed over the full task list, each with its own seed, so a resumed iteration
-        # re-runs exactly the chunks it lacks.
-        chunks = [(c, [t for t in tasks[i : i + size] if t.id not in done]) for c, i in enumerate(range(0, len(tasks), size))]
-        pending = [(c, ts) for c, ts in chunks if ts]
-        bar = progress.add_task(f"iter {index} rollouts", total=len(tasks), completed=len(tasks) - sum(len(t) for _, t in pending)) if progress else None
+        # re-runs exactly the chunks it lacks. A chunk the crash left half-written is re-run whole:
+        # a task's samples depend on the batch it was generated in, so only the same batch with the
+        # same seed gives the remaining tasks the results the uninterrupted run got.
+        chunks = [(c, list(tasks[i : i + size])) for c, i in enumerate(range(0, len(tasks), size))]
+        pending = [(c, ts) for c, ts in chunks if any(t.id not in done for t in ts)]
+        bar = progress.add_task(f"iter {index} rollouts", total=len(tasks), completed=len(done)) if progress else None
         in_flight: dict[Any, tuple[int, list[Task], int]] = {}
         idle = list(range(len(self.workers)))
         stats, reruns, reapplied, write_s = [], 0, 0, 0.0
@@ -201,7 +216,7 @@ class Loop:
             write_s += time.perf_counter() - t0
             stats.append(st)
             if progress is not None:
-                progress.update(bar, advance=len(ts), description=_live_line(index, stats, time.perf_counter() - t_roll))
+                progress.update(bar, advance=len(fresh), description=_live_line(index, stats, time.perf_counter() - t_roll))
         out = rollout_summary(stats)
         out["chunk_reruns"] = float(reruns)  # chunks whose worker died under them, run again
         out["weights_reapplied"] = float(reapplied)  # restarted workers brought back to the served version
@@ -209,13 +224,15 @@ class Loop:
         return out
 
     # -- learning and redeploy ------------------------------------------------------------------
-    def learn(self, index: int, tasks: Sequence[Task] | None = None) -> tuple[dict[str, float], bool]:
-        """Train on the store's data; on success the new weights become ``weights_ref``."""
+    def learn(self, index: int, tasks: Sequence[Task] | None = None) -> tuple[dict[str, Any], bool]:
+        """Train on the store's data; on success the new weights become ``weights_ref``. Without an
+        update the metrics say why (``no_update_reason``). ``tasks``: those of this iteration and
+        its replay window, for SLHF's oracle."""
         ckpt_dir = str(self.run_dir / "checkpoints")
         slhf_tasks = list(tasks) if tasks is not None and self.cfg.learner.algorithm == "slhf" else None
         metrics_ref, weights_ref = self.learner.train.remote(index, ckpt_dir, slhf_tasks)
         metrics = self.ray.get(metrics_ref)
-        if metrics.get("rejected_update", 0.0) or metrics.get("pairs", 0.0) == 0:
+        if metrics.get("no_update_reason"):
             return metrics, False
         self.weights_ref = weights_ref  # stays in the object store: one copy for every worker
         self.version += 1
@@ -281,6 +298,13 @@ def _print_iteration(rep: IterationReport) -> None:
     )
 
 
+def iteration_tasks(cfg: RunConfig, env: Any, index: int) -> list[Task]:
+    """Iteration ``index``'s train tasks: a pure function of the config, so a resumed run (and the
+    learner's replay window) gets exactly the tasks the uninterrupted run drew."""
+    rng = random.Random(cfg.seed * 31 + index)
+    return env.tasks("train", cfg.rollout.tasks_per_iteration, seed=rng.randrange(2**31))
+
+
 @contextmanager
 def _stop_recorded(store: Store, run_id: int) -> Iterator[None]:
     """A run that stops on an exception is marked "failed" with the reason ("interrupted" on Ctrl+C)
@@ -315,12 +339,13 @@ def _records_stop(run: Callable[..., RunReport]) -> Callable[..., RunReport]:
 
 @_records_stop
 def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_version: int = 0,
-             t_start: float | None = None) -> RunReport:
-    """Run (or continue) the iterations of a run whose model is ready."""
+             t_start: float | None = None, reference: Path | None = None,
+             reference_uri: str | None = None) -> RunReport:
+    """Run (or continue) the iterations of a run whose model is ready (``Loop`` for the rest)."""
     t_start = t_start or time.perf_counter()
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
     held_out = env.tasks("test", cfg.eval.tasks, seed=cfg.seed)
-    loop = Loop(cfg, store, run_id, model, start_version)
+    loop = Loop(cfg, store, run_id, model, start_version, reference, reference_uri)
     reports: list[IterationReport] = []
     finished = set(queries.finished_iterations(store, run_id))
     try:
@@ -339,14 +364,17 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
                     continue
                 timings: dict[str, float] = {}
                 queries.start_iteration(store, run_id, index, loop.version)
-                rng = random.Random(cfg.seed * 31 + index)
-                tasks = env.tasks("train", cfg.rollout.tasks_per_iteration, seed=rng.randrange(2**31))
+                tasks = iteration_tasks(cfg, env, index)
 
                 ckpt = queries.latest_checkpoint(store, run_id)
                 if ckpt is not None and ckpt.iteration == index:
                     # Resumed after this iteration's update was saved (rollouts were all written
-                    # before learning began): only evaluation and bookkeeping are left.
-                    roll, learn, updated = {}, {"resumed_after_learn": 1.0}, False
+                    # before learning began): only evaluation and bookkeeping are left. The
+                    # learner's metrics were saved with the checkpoint; the accuracy "before" is
+                    # the previous version's, not that of the checkpoint being served now.
+                    roll, updated = {}, False
+                    learn = {**(ckpt.metrics or {}), "resumed_after_learn": 1.0}
+                    acc = _accuracy_before(store, run_id, index, acc)
                 else:
                     t = time.perf_counter()
                     roll = loop.rollout(index, tasks, progress)
@@ -354,7 +382,10 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
                     timings["store_s"] = roll.pop("store_s", 0.0)
 
                     t = time.perf_counter()
-                    learn, updated = loop.learn(index, tasks)
+                    window = [tasks]
+                    if cfg.learner.algorithm == "slhf":  # the oracle must know the replayed data's tasks too
+                        window = [iteration_tasks(cfg, env, i) for i in range(max(0, index - cfg.learner.replay), index)] + window
+                    learn, updated = loop.learn(index, [t for ts in window for t in ts])
                     timings["learn_s"] = time.perf_counter() - t
 
                 timings["redeploy_s"] = loop.redeploy() if updated else 0.0
@@ -373,7 +404,9 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
                                 "eval/accuracy_sample": acc_sample, "policy_version": float(loop.version)})
                 metrics.update({f"time/{k}": v for k, v in timings.items()})
                 queries.log_metrics(store, run_id, index, metrics)
-                queries.finish_iteration(store, run_id, index, metrics=metrics, timings=timings)
+                # The iteration row also says, in words, why it deployed nothing (if it did not).
+                row = {**metrics, "learn/no_update_reason": _why_not(learn)} if not updated and "resumed_after_learn" not in learn else metrics
+                queries.finish_iteration(store, run_id, index, metrics=row, timings=timings)
                 rep = IterationReport(index, loop.version, metrics, timings)
                 reports.append(rep)
                 _print_iteration(rep)
@@ -385,10 +418,15 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
                      time.perf_counter() - t_start, reports, plot)
 
 
-def _why_not(learn: dict[str, float]) -> str:
-    if learn.get("pairs", 0.0) == 0:
-        return "no preference data"
-    return str(learn.get("last_skip_reason") or "update rejected by the learner's guard rails")
+def _why_not(learn: dict[str, Any]) -> str:
+    return str(learn.get("no_update_reason") or learn.get("last_skip_reason")
+               or "update rejected by the learner's guard rails")
+
+
+def _accuracy_before(store: Store, run_id: int, index: int, default: float) -> float:
+    """The held-out greedy accuracy recorded last before iteration ``index`` (the warm start's at -1)."""
+    points = [v for i, v in queries.metric_series(store, run_id).get("eval/accuracy_greedy", []) if i < index]
+    return points[-1] if points else default
 
 
 def _first_accuracy(store: Store, run_id: int, key: str, default: float) -> float:
@@ -528,8 +566,33 @@ def resume_run(run: str | int, store_url: str, overrides: list[str] | None = Non
     if ckpt is None:
         raise ValueError(f"run '{info.name}' has no checkpoint to resume from")
     model = Path(_uri_to_path(ckpt.uri))
+    if not (model / "config.json").is_file():
+        raise ValueError(f"checkpoint v{ckpt.policy_version} of run '{info.name}' is not a model directory: {model}")
     console.print(f"resuming run '{info.name}' at policy v{ckpt.policy_version} from {model}")
-    return run_loop(cfg, info.id, store, model, ckpt.policy_version, t0)
+    reference, reference_uri = _resume_reference(model, ckpt.policy_version)
+    return run_loop(cfg, info.id, store, model, ckpt.policy_version, t0, reference, reference_uri)
+
+
+def _resume_reference(checkpoint: Path, version: int) -> tuple[Path | None, str | None]:
+    """The model a checkpoint's fixed reference is (to load it again) and the reference's origin."""
+    from orchestrator.learners.trainable import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(checkpoint)
+    if meta is None:
+        if version > 0:  # the starting model (v0) has no training state to restore: nothing is lost
+            console.print(f"[yellow]checkpoint v{version} holds weights only (written by an older treeplay): the "
+                          "optimizer, the learning-rate warm-up and the reference start again from it[/]")
+        return None, None
+    ref = meta["reference"]
+    if ref["kind"] != "fixed":
+        return None, ref.get("source")  # a refreshed reference is rebuilt from the policy
+    if not ref.get("source"):
+        raise ValueError(f"checkpoint {checkpoint} does not say which model its fixed reference is")
+    path = Path(_uri_to_path(ref["source"]))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"checkpoint {checkpoint} trains against the reference model {path}, which is not "
+                         "a model directory any more")
+    return path, ref["source"]
 
 
 def _uri_to_path(uri: str) -> str:

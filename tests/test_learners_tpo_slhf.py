@@ -137,3 +137,57 @@ def test_slhf_default_template_kl_and_empty_data(small_model_dir):
         learner.train([])
     with pytest.raises(ValueError):
         SLHFLearner(small_model_dir, matching_oracle, follower_weight=1.0)
+
+
+class _EchoEnv:
+    """Say the numbers 1, 2, 3; after each step the environment answers 'ok N' (an observation)."""
+
+    name = "echo"
+
+    def reset(self, task):
+        self.t = 0
+        return task.prompt
+
+    def step(self, action):
+        from agents.base import StepResult
+
+        self.t += 1
+        right = action.strip() == str(self.t)
+        self.ok = getattr(self, "ok", True) and right if self.t > 1 else right
+        done = self.t == 3
+        return StepResult(f"ok {self.t}", reward=float(done and self.ok), done=done)
+
+
+def test_regression_slhf_oracle_scores_partial_solutions():
+    """The oracle looked prompts up among the task prompts only, so every step-level prompt (a
+    task prompt plus the steps so far) got 0.5: no signal from most of MCTS's data."""
+    from agents.base import Step, Task, transcript
+    from agents.envs.arithmetic import ArithmeticEnv
+    from orchestrator.learners.slhf import VerifierOracle
+
+    env = ArithmeticEnv(ops=2, digits=2)
+    task = env.tasks("train", 1, seed=3)[0]
+    first, second = task.reference.splitlines()
+    oracle = VerifierOracle(env)
+    oracle.add_tasks([task])
+    # From the task prompt: whole answers.
+    assert oracle(task.prompt, task.reference, f"{first}\n1+1=3\n") == 1.0
+    # From a partial solution (the first step taken): the answer is the rest of the episode.
+    partial = transcript(task.prompt, [Step(0, first)])
+    assert partial != task.prompt
+    assert oracle(partial, second + "\n", "1+1=3\n") == 1.0
+    assert oracle(partial, "1+1=3\n", second + "\n") == 0.0
+    assert oracle(partial, second + "\n", second + "\n") == 0.5
+    assert oracle.counts() == {"oracle_calls": 4.0, "oracle_unscored": 0.0}
+
+    # Observations between the steps are replayed and must match the text.
+    echo = _EchoEnv()
+    oracle = VerifierOracle(echo)
+    t = Task(id="e", prompt="count:\n")
+    oracle.add_tasks([t])
+    mid = transcript(t.prompt, [Step(0, "1", "ok 1"), Step(1, "2", "ok 2")])
+    assert mid == "count:\n1\nok 1\n2\nok 2\n"
+    assert oracle(mid, "3\n", "4\n") == 1.0
+    assert oracle("count:\n1\nok 9\n", "2\n3\n", "x\n") == 0.5  # not what the environment says: unplaced
+    assert oracle("another task:\n", "1\n", "x\n") == 0.5
+    assert oracle.counts() == {"oracle_calls": 3.0, "oracle_unscored": 2 / 3}

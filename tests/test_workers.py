@@ -15,9 +15,97 @@ def test_shuffled_control_swaps_about_half_the_pairs_consistently():
     swapped = [q for q in out if q.chosen.startswith("bad")]
     assert 70 < len(swapped) < 130
     for q in swapped:
+        # The texts and the nodes they came from trade places; the visit counts do not (alpha).
         assert q.rejected.startswith("good") and (q.chosen_node, q.rejected_node) == (2, 1)
-        assert (q.chosen_visits, q.rejected_visits) == (1, 5)
+        assert (q.chosen_visits, q.rejected_visits) == (5, 1)
     assert [q.chosen for q in shuffled_control(PreferenceData(pairs=pairs), seed=3).pairs] == [q.chosen for q in out]
+
+
+def test_regression_shuffle_control_keeps_alpha():
+    """The control swapped the visit counts with the texts: MCTS-DPO's alpha became 1/(N_l/N_w + 1),
+    clipped to 0.5, which cancels the preference gradient of every swapped pair."""
+    import torch
+
+    from orchestrator.learners.losses import dpo_loss, visit_alpha
+    from orchestrator.workers import shuffled_control
+    from store.records import PairRecord, PreferenceData
+
+    spans = {"chosen": [[0, 3]], "rejected": [[0, 2]]}
+    pairs = [PairRecord(prompt=f"p{i}\n", chosen="yes\nobs\n", rejected="no\n", chosen_visits=9, rejected_visits=2,
+                        label_smoothing=0.18, weight=0.7, margin=0.4, shared_prefix_chars=0,
+                        info={"action_spans": spans, "final": True}) for i in range(64)]
+    out = shuffled_control(PreferenceData(pairs=pairs), seed=5).pairs
+    swapped = [q for q in out if q.chosen == "no\n"]
+    assert 16 < len(swapped) < 48
+    alpha = float(visit_alpha(torch.tensor(9), torch.tensor(2)))
+    for q in out:
+        assert float(visit_alpha(torch.tensor(q.chosen_visits), torch.tensor(q.rejected_visits))) == alpha < 0.5
+        assert (q.label_smoothing, q.weight, q.margin, q.info["final"]) == (0.18, 0.7, 0.4, True)
+        # Action spans describe a text's characters, so they go where the text goes.
+        side = {"yes\nobs\n": "chosen", "no\n": "rejected"}
+        assert q.info["action_spans"] == {"chosen": spans[side[q.chosen]], "rejected": spans[side[q.rejected]]}
+    assert pairs[0].info["action_spans"] is spans and spans["chosen"] == [[0, 3]]  # the input is left alone
+
+    # The swapped pair's loss pushes the other way as hard as the real pair's does.
+    logp_c, logp_r = torch.tensor([-1.0], requires_grad=True), torch.tensor([-2.0])
+    grads = []
+    for c, r in ((logp_c, logp_r), (logp_r, logp_c)):
+        loss = dpo_loss(c, r, torch.zeros(1), torch.zeros(1), 0.5, torch.tensor([alpha])).loss
+        grads.append(torch.autograd.grad(loss, logp_c)[0].item())
+    assert grads[0] < 0 < grads[1] and abs(grads[1]) > 0.1 * abs(grads[0])
+
+
+def test_shuffle_control_permutes_list_texts_but_keeps_scores_in_rank_order():
+    from orchestrator.workers import shuffled_control
+    from store.records import PreferenceData, RankedItem, RankedListRecord
+
+    texts = [f"answer {k}\n" for k in range(4)]
+    lists = [RankedListRecord(prompt=f"q{i}\n", items=[RankedItem(text=t, score=1.0 - 0.25 * k, node=k)
+                                                         for k, t in enumerate(texts)],
+                              info={"action_spans": [[[0, k + 1]] for k in range(4)], "correct": [True, False, False, False]})
+              for i in range(30)]
+    out = shuffled_control(PreferenceData(ranked_lists=lists), seed=1).ranked_lists
+    moved = 0
+    for r in out:
+        assert [it.score for it in r.items] == [1.0, 0.75, 0.5, 0.25]
+        k = [texts.index(it.text) for it in r.items]
+        assert [it.node for it in r.items] == k
+        assert r.info["action_spans"] == [[[0, j + 1]] for j in k]
+        assert r.info["correct"] == [j == 0 for j in k]
+        moved += k != [0, 1, 2, 3]
+    assert moved > 20
+
+
+def test_usable_data_names_what_each_learner_lacks():
+    from orchestrator.workers import usable_data
+    from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
+
+    lists = [RankedListRecord(prompt="q\n", items=[RankedItem("a\n", 1.0), RankedItem("b\n", 1.0)])]
+    pairs = [PairRecord(prompt="q\n", chosen="a\n", rejected="b\n")]
+    _, why = usable_data("dpo", PreferenceData(ranked_lists=lists))
+    assert why == "no preference pairs (1 ranked lists, which DPO does not use)"
+    _, why = usable_data("tpo", PreferenceData(pairs=pairs))
+    assert why == "no ranked lists (1 pairs, which TPO does not use)"
+    assert usable_data("slhf", PreferenceData())[1].startswith("no preference data")
+    data, why = usable_data("dpo", PreferenceData(pairs=pairs, ranked_lists=lists))
+    assert why is None and data.pairs == pairs and not data.ranked_lists
+    assert usable_data("slhf", PreferenceData(ranked_lists=lists)) == (PreferenceData(ranked_lists=lists), None)
+
+
+def test_a_learner_with_nothing_to_train_on_makes_no_update(tiny_model_dir):
+    """TPO drops lists whose items all tie; with only such lists it trains on nothing: no update,
+    the learner untouched, the reason in the metrics."""
+    from orchestrator.learners.tpo import TPOConfig, TPOLearner
+    from orchestrator.weights import fingerprint
+    from store.records import PreferenceData, RankedItem, RankedListRecord
+
+    learner = TPOLearner(tiny_model_dir, TPOConfig(num_threads=1))
+    before = fingerprint(learner.state_dict())
+    tied = [RankedListRecord(prompt=f"{a}+1\n", items=[RankedItem(f"{a}+1={a + 1}\n", 1.0),
+                                                          RankedItem(f"{a}+1={a + 1}\n", 1.0)]) for a in range(5)]
+    metrics, deployable = train_guarded(learner, PreferenceData(ranked_lists=tied))
+    assert not deployable and metrics["no_update_reason"].startswith("nothing to train on: TPOLearner")
+    assert learner.policy.calls == 0 and fingerprint(learner.state_dict()) == before
 
 
 def test_an_iteration_mostly_skipped_by_the_guard_rails_is_not_deployed():

@@ -24,6 +24,9 @@ Each step (StackelbergGDA, REINFORCE, both players every step):
 Sampled token ids are used as they came out of the sampler (no re-tokenization), ending with EOS
 when the sampler stopped there. ``refine`` is the inference-time use: a leader sample, then
 ``n_rounds`` follower refinements, each seeing only the latest response.
+
+``VerifierOracle`` is the oracle the loop uses: an environment's exact verifier, which also scores
+completions of partial solutions (step-level prompts) by replaying their steps first.
 """
 
 from __future__ import annotations
@@ -44,6 +47,104 @@ from orchestrator.learners.trainable import LearnerConfig, LearnerOutput, StatsM
 from store.records import PreferenceData
 
 Preference = Callable[[str, str, str], float]
+
+
+class VerifierOracle:
+    """``p(a > b | prompt)`` from an environment's exact verifier: 1 when only ``a`` solves the task,
+    0 when only ``b`` does, 0.5 when both or neither do.
+
+    ``prompt`` is a task's prompt or a partial solution of it: the prompt followed by the steps so
+    far, as ``agents.base.transcript`` renders them (what step-level pairs from tree search or agent
+    episodes carry). The steps are replayed from ``reset`` (environments are deterministic given the
+    actions so far), checking that each observation is the one in the text, and the answer is then
+    judged as the rest of the episode: its lines are stepped until the episode ends, and it solves
+    the task if the reward there is at least ``success``. A prompt that is no known task's (partial)
+    transcript gets 0.5 and is counted in ``counts()``: such preferences carry no signal.
+
+    Args:
+        env: An environment instance (used for one replay at a time).
+        success: Reward at the end of the episode that counts as solved.
+    """
+
+    def __init__(self, env: Any, success: float = 1.0) -> None:
+        self.env = env
+        self.success = success
+        self.tasks: dict[str, Any] = {}
+        self.reset_counts()
+
+    def add_tasks(self, tasks: Sequence[Any]) -> None:
+        """Make these tasks known (their prompts are how a preference prompt is placed)."""
+        self.tasks.update({t.prompt: t for t in tasks})
+
+    def reset_counts(self) -> None:
+        self.calls = 0
+        self.unscored = 0
+
+    def counts(self) -> dict[str, float]:
+        """Calls since ``reset_counts`` and the fraction of them whose prompt could not be placed."""
+        if not self.calls:
+            return {}
+        return {"oracle_calls": float(self.calls), "oracle_unscored": self.unscored / self.calls}
+
+    def __call__(self, prompt: str, a: str, b: str) -> float:
+        self.calls += 1
+        va, vb = self.solves(prompt, a), self.solves(prompt, b)
+        if va is None or vb is None:
+            self.unscored += 1
+            return 0.5
+        return 0.5 if va == vb else float(va)
+
+    def solves(self, prompt: str, answer: str) -> bool | None:
+        """Whether ``answer``, continuing ``prompt``, solves the task; None if ``prompt`` is not a known
+        task's prompt or a replayable partial solution of one."""
+        for task in self._candidates(prompt):
+            if self._replay(task, prompt[len(task.prompt) :]):
+                return self._finish(answer)
+        return None
+
+    def _candidates(self, prompt: str) -> list[Any]:
+        # Task prompts end in a newline (the environment protocol), so only the prefixes of
+        # ``prompt`` that end at a newline can be one; the longest (most specific) first.
+        ends = [i + 1 for i, ch in enumerate(prompt) if ch == "\n"]
+        if not prompt.endswith("\n"):
+            ends.append(len(prompt))
+        return [self.tasks[prompt[:e]] for e in reversed(ends) if prompt[:e] in self.tasks]
+
+    def _replay(self, task: Any, steps: str) -> bool:
+        """Reset to ``task`` and step the actions of ``steps``; True when the text is reproduced and
+        the episode is still running at its end."""
+        try:
+            self.env.reset(task)
+            rest = steps
+            while rest:
+                action, newline, rest = rest.partition("\n")
+                if not newline:
+                    return False  # a transcript ends every action with a newline
+                result = self.env.step(action)
+                if result.done:
+                    return False  # the prompt already runs past the end of the episode
+                if result.observation:
+                    shown = result.observation if result.observation.endswith("\n") else result.observation + "\n"
+                    if not rest.startswith(shown):
+                        return False
+                    rest = rest[len(shown) :]
+        except Exception:  # noqa: BLE001 - an environment that cannot replay the text cannot place it
+            return False
+        return True
+
+    def _finish(self, answer: str) -> bool:
+        """Step the answer's lines from the replayed state until the episode ends (as
+        ``agents.episode.verify_completion`` does from ``reset``); environment errors are not solved."""
+        try:
+            for line in answer.split("\n"):
+                if not line.strip():
+                    continue
+                result = self.env.step(line)
+                if result.done:
+                    return result.reward >= self.success
+        except Exception:  # noqa: BLE001 - a broken environment means "not verified"
+            return False
+        return False
 
 
 def load_follower_template(path: str | Path | None = None) -> str:
@@ -80,6 +181,8 @@ class SLHFLearner(LearnerOutput):
         preference: ``(prompt, a, b) -> p(a > b | prompt)`` in [0, 1].
         config: Settings; keyword overrides are applied on top.
     """
+
+    resume_attributes = ("steps_done",)  # says when the leader updates (leader_update_frequency)
 
     def __init__(
         self,

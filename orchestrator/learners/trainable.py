@@ -13,7 +13,11 @@ not inherit from one. The policy object owns:
   ``skip_grad_norm``, is skipped; when a loss comes out non-finite the weights are rolled back to
   the last ones known to give a finite loss; ``healthy`` says whether the current weights are
   usable, and ``state_dict()`` never hands out weights that are not;
-- ``save(path)``: a Hugging Face directory (model + tokenizer) that transformers and vLLM load.
+- ``save(path)``: a Hugging Face directory (model + tokenizer) that transformers and vLLM load;
+- ``training_state()`` / ``load_training_state()``: everything besides the weights that continuing
+  training needs (optimizer moments, update count = warm-up position, train() calls, RNG states, the
+  reference's identity); a learner's ``save_checkpoint(path)`` writes it with the weights under
+  ``trainer/`` of the directory, atomically, and ``restore_checkpoint(path)`` reads it back.
 
 ``run_epochs`` is the shared loop: shuffle, micro-batches, gradient accumulation, metrics.
 """
@@ -21,8 +25,12 @@ not inherit from one. The policy object owns:
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +42,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.learners.losses import LossOutput
 
 T = TypeVar("T")
+
+# Inside a checkpoint directory (a Hugging Face model directory): what resuming training needs
+# besides the weights. A subdirectory, so that engines loading the model never see it.
+TRAINER_DIR = "trainer"
+TRAINER_STATE = "state.pt"  # torch.save of training_state(), read back with weights_only=True
+TRAINER_META = "meta.json"  # the small, human-readable part (counters, reference identity)
+STATE_FORMAT = 1
 
 
 class LearnerConfig(BaseModel):
@@ -124,14 +139,50 @@ class TrainablePolicy:
         self.healthy = True
         self.calls = 0
         self._good = [p.detach().clone() for p in self.params] if config.rollback else None
+        # Where the reference's weights came from (a URI), recorded in checkpoints; whoever loads
+        # the policy from a temporary copy (the learner actor) sets the real origin.
+        self.reference_source: str | None = Path(model_path).resolve().as_uri()
+        self._reference_fingerprint: str | None = None
 
     # -- iterations -------------------------------------------------------------------------------
 
     def begin_iteration(self) -> None:
-        """Start a train() call: refresh the reference if configured (not on the first call)."""
+        """Start a train() call: refresh the reference if configured (not on the first call), and
+        make the weights the call starts from its rollback point."""
         if self.config.reference == "refresh" and self.calls > 0 and self.reference is not None:
             self.reference.load_state_dict(self.model.state_dict())
+        if self._good is not None:
+            # These weights passed the previous call's final check (or are the starting ones). Taking
+            # them as the rollback point, rather than whatever the previous call last copied, also
+            # makes a policy restored from a checkpoint roll back exactly as the uninterrupted one.
+            with torch.no_grad():
+                torch._foreach_copy_(self._good, [p.detach() for p in self.params])
         self.calls += 1
+
+    # -- reference --------------------------------------------------------------------------------
+
+    def load_reference(self, model_path: str | Path, source: str | None = None) -> None:
+        """Replace the reference's weights with those of a Hugging Face directory (a resumed run's
+        fixed reference is its starting model, not the checkpoint the policy resumes from)."""
+        from transformers import AutoModelForCausalLM
+
+        if self.reference is None:
+            return
+        other = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        self.reference.load_state_dict(other.state_dict())
+        del other
+        self.reference_source = source or Path(model_path).resolve().as_uri()
+        self._reference_fingerprint = None
+
+    def reference_fingerprint(self) -> str | None:
+        """A hash of the reference's weights (None without a reference); computed once per reference."""
+        from orchestrator.weights import fingerprint
+
+        if self.reference is None:
+            return None
+        if self._reference_fingerprint is None or self.config.reference == "refresh":
+            self._reference_fingerprint = fingerprint(self.reference.state_dict())
+        return self._reference_fingerprint
 
     # -- updates ----------------------------------------------------------------------------------
 
@@ -220,6 +271,155 @@ class TrainablePolicy:
         self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         return out
+
+    # -- training state ---------------------------------------------------------------------------
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides the weights that continuing training needs, as CPU copies.
+
+        The optimizer's moments and step counts, the update count (the warm-up position), the number
+        of train() calls (it seeds each call's shuffle and says whether the reference is refreshed),
+        the RNG states (torch, CUDA, Python, numpy: SLHF samples with torch's) and the reference's
+        identity (kind, origin, a hash of its weights). Not the reference's weights: a fixed
+        reference is the run's starting model, a refreshed one is rebuilt from the policy at the
+        next call, and ``reference_fingerprint`` checks that a restored one is the right model.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "updates": self.updates,
+            "skipped_updates": self.skipped_updates,
+            "calls": self.calls,
+            "rng": rng_state(),
+            "reference": {
+                "kind": self.config.reference,
+                "source": self.reference_source,
+                "fingerprint": self.reference_fingerprint() if self.config.reference == "fixed" else None,
+            },
+        }
+
+    def load_training_state(self, state: dict[str, Any], check_reference: bool = True) -> None:
+        """Continue from ``training_state()``'s output; the weights must already be loaded.
+
+        Raises:
+            ValueError: A state of another format, or taken with another kind of reference, or (with
+                ``check_reference``) a fixed reference whose weights are not the ones loaded here.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"training state format {state.get('format')!r} is not {STATE_FORMAT}")
+        ref = state["reference"]
+        if ref["kind"] != self.config.reference:
+            raise ValueError(
+                f"the training state was taken with reference '{ref['kind']}', the config says "
+                f"'{self.config.reference}'"
+            )
+        if check_reference and ref["kind"] == "fixed" and ref["fingerprint"] != self.reference_fingerprint():
+            raise ValueError(
+                f"the reference model loaded from {self.reference_source} is not the one training used "
+                f"({ref['source']}): weight hashes {self.reference_fingerprint()} != {ref['fingerprint']}"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])  # moves the moments to the params' device
+        self.updates = int(state["updates"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self.calls = int(state["calls"])
+        set_rng_state(state["rng"])
+        if ref.get("source"):
+            self.reference_source = ref["source"]
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of a nest of dicts/lists/tuples with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def rng_state() -> dict[str, Any]:
+    """The process's RNG states (torch CPU, CUDA if in use, Python ``random``, numpy), loadable with
+    ``torch.load(weights_only=True)``."""
+    import numpy as np
+
+    np_state = np.random.get_state(legacy=False)
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back ``rng_state()``'s output."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any] | None:
+    """The ``trainer/meta.json`` of a checkpoint directory, or None when it holds weights only (a
+    run's starting model, or a checkpoint written before training state was saved)."""
+    meta = Path(path) / TRAINER_DIR / TRAINER_META
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text(encoding="utf-8"))
+
+
+def write_directory_atomically(path: str | Path, write: Callable[[Path], None], replace: bool = False) -> Path:
+    """Have ``write`` fill a temporary sibling directory, flush it to disk, then rename it to ``path``:
+    a reader (or a resumed run) sees the whole directory or none of it.
+
+    Args:
+        replace: Replace a directory already at ``path`` (a checkpoint left by a crash between
+            writing and recording it); otherwise an existing ``path`` is an error.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not replace:
+        raise FileExistsError(f"'{out}' already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if out.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale-", dir=out.parent))
+            os.rename(out, stale / out.name)
+            shutil.rmtree(stale)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+    return out
 
 
 class StatsMeter:
@@ -341,3 +541,51 @@ class LearnerOutput:
     def save(self, path: str | Path) -> Path:
         """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
         return self.policy.save(path)
+
+    # Learner-level counters a resumed run must carry on from (SLHF: its step count, which says
+    # when the leader updates); saved with the policy's training state.
+    resume_attributes: tuple[str, ...] = ()
+
+    def training_state(self) -> dict[str, Any]:
+        """The policy's ``training_state()`` plus this learner's ``resume_attributes``."""
+        state = self.policy.training_state()
+        state["learner"] = {name: getattr(self, name) for name in self.resume_attributes}
+        return state
+
+    def load_training_state(self, state: dict[str, Any], check_reference: bool = True) -> None:
+        """Continue from ``training_state()``'s output (weights already loaded)."""
+        self.policy.load_training_state(state, check_reference)
+        for name, value in state.get("learner", {}).items():
+            setattr(self, name, value)
+
+    def save_checkpoint(self, path: str | Path, replace: bool = False) -> Path:
+        """Weights and tokenizer (a Hugging Face directory) plus ``trainer/`` (the training state
+        and its readable summary), written under a temporary name and renamed into place."""
+        if not self.healthy:
+            raise RuntimeError("refusing to save unhealthy weights")
+        state = self.training_state()
+
+        def write(tmp: Path) -> None:
+            self.policy.save(tmp)
+            trainer = tmp / TRAINER_DIR
+            trainer.mkdir()
+            torch.save(state, trainer / TRAINER_STATE)
+            meta = {
+                "format": state["format"],
+                "updates": state["updates"],
+                "calls": state["calls"],
+                "reference": state["reference"],
+                "learner": state["learner"],
+            }
+            (trainer / TRAINER_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+        return write_directory_atomically(path, write, replace=replace)
+
+    def restore_checkpoint(self, path: str | Path) -> bool:
+        """Load the training state saved with the weights this learner was built from; False (and
+        nothing changes) when the directory holds weights only."""
+        state_file = Path(path) / TRAINER_DIR / TRAINER_STATE
+        if not state_file.is_file():
+            return False
+        self.load_training_state(torch.load(state_file, map_location="cpu", weights_only=True))
+        return True
