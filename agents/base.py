@@ -3,6 +3,7 @@
 Everything else imports from here; this module imports nothing from the project. It holds:
 
 - ``Task``, ``Step``, ``StepResult``, ``Trajectory``: plain dataclasses, text in and text out.
+- ``TokenIds``: text already in a policy's token ids, for the paths that must not re-tokenize.
 - ``Environment``: what an agent acts in (``tasks``, ``reset``, ``step``, ``score``). A reasoning
   task is an environment whose actions are reasoning steps.
 - ``Policy``: what acts. Engines (``orchestrator/engines``) and scripted test policies implement it.
@@ -17,9 +18,35 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-# A prompt is raw text, or chat messages ({"role": ..., "content": ...}) rendered with the
-# tokenizer's chat template by engines that have one.
-Prompt = str | list[dict[str, str]]
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Text already in the policy's own token ids ("token in, token out").
+
+    With a merging (BPE) tokenizer, text does not determine its tokens: the model may sample a
+    non-canonical split ("4" "6" for "46"), and merges cross the boundaries our code draws (a
+    prompt's last newline and a step's first digit can be one token). Search therefore keeps the
+    ids an engine generated and prompts it with them, so the next step is conditioned on exactly
+    the tokens the learner will train on. Engines accept a ``TokenIds`` wherever they accept a
+    prompt, and as a ``score`` continuation.
+
+    Attributes:
+        ids: The token ids.
+        mask: For a continuation: per token, whether the policy wrote it (False: context such as an
+            observation). None: all of it.
+    """
+
+    ids: tuple[int, ...]
+    mask: tuple[bool, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask is not None and len(self.mask) != len(self.ids):
+            raise ValueError(f"TokenIds has {len(self.ids)} ids but a mask of {len(self.mask)}")
+
+
+# A prompt is raw text, chat messages ({"role": ..., "content": ...}) rendered with the
+# tokenizer's chat template by engines that have one, or token ids (engines only).
+Prompt = str | list[dict[str, str]] | TokenIds
 
 
 @dataclass
@@ -177,10 +204,13 @@ class Policy(Protocol):
     def score(
         self,
         prompts: Sequence[Prompt],
-        continuations: Sequence[str],
+        continuations: Sequence[str | TokenIds],
         action_spans: Sequence[Sequence[tuple[int, int]] | None] | None = None,
     ) -> list[Scored]:
         """Log-probability of ``continuations[i]`` after ``prompts[i]`` (teacher forcing).
+
+        A continuation given as ``TokenIds`` is scored as those exact ids (its ``mask`` marks the
+        policy's tokens); text is tokenized on its own.
 
         ``action_spans[i]``, if given, are the character spans of ``continuations[i]`` the policy
         wrote; ``total`` then sums only their tokens (observations in between are context).

@@ -27,7 +27,15 @@ its next expansion, then makes ONE ``policy.generate`` call carrying the leaves 
 (``n`` = the widest k asked for in the wave; narrower requests use the first k samples) and ONE
 ``policy.score`` call for all self-evaluations of the wave. Without it MCTS is a chain of tiny calls.
 
-Robustness: an empty step, a policy error or an environment exception becomes a terminal child with
+**Token in, token out.** With a policy that tokenizes (``encode``/``align``, as both engines do), the
+tree keeps token ids: the prompt's at the root, each step's as the policy sampled them (plus the
+characters a stop string cut out of a straddling token, and the newline, tokenized alone; see
+``contract.align_ids``) and each observation's. Every expansion prompts the policy with the ids of
+its path (``agents.base.TokenIds``), never with re-tokenized text, so a step is generated in exactly
+the context the learner will score it in, whatever a merging tokenizer would make of the text.
+Policies without ``encode`` (scripted test policies) get text, as before.
+
+Robustness: an empty step, a step holding a NUL byte (a byte-level model can sample one), a policy error or an environment exception becomes a terminal child with
 ``error`` set (failed outcome, no environment reward); the search goes on. Nothing loops forever:
 each iteration ends at a terminal node or the depth limit, each root gets a fixed number of
 iterations, the committed path stops at ``max_depth``, and ``time_limit_s`` stops the whole batch
@@ -51,7 +59,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.base import Environment, Policy, StepResult, Task
+from agents.base import Environment, Policy, StepResult, Task, TokenIds
 from agents.prompt_files import load_prompt
 from search.tree import PreferenceTree
 
@@ -128,6 +136,7 @@ class _Run:
     expanded: set[int] = field(default_factory=set)
     expansions: int = 0
     env_steps: int = 0
+    tokens: Any = None  # the policy, when it tokenizes (token in, token out); else None
 
 
 def normalise_step(text: str) -> str:
@@ -178,11 +187,14 @@ def search_many(
     cfg = config or MCTSConfig()
     start = time.monotonic()
     version = int(getattr(policy, "version", 0) or 0)
+    tokens = policy if callable(getattr(policy, "encode", None)) and callable(getattr(policy, "align", None)) else None
     runs = []
     for i, task in enumerate(tasks):
         tree = PreferenceTree(task.prompt, task_id=task.id, environment=task.env, policy_version=version)
         tree[tree.root]["selected"] = True
-        runs.append(_Run(i, task, tree, tree.root, cfg.iterations * cfg.first_root_multiplier))
+        if tokens is not None:
+            tree[tree.root]["token_ids"] = list(tokens.encode(task.prompt, prompt=True))
+        runs.append(_Run(i, task, tree, tree.root, cfg.iterations * cfg.first_root_multiplier, tokens=tokens))
 
     waves = generate_calls = score_calls = 0
     while True:
@@ -332,6 +344,7 @@ class _Candidate:
     result: StepResult | None = None
     self_eval: float | None = None
     env: Environment | None = None  # the environment that took the step, parked at the new node
+    token_ids: list[int] | None = None  # the step and its newline in the policy's tokens (token mode)
 
 
 def _expand_wave(
@@ -343,7 +356,7 @@ def _expand_wave(
     version: int,
 ) -> tuple[int, int]:
     """Expand one leaf per active tree with one generate call (and at most one score call)."""
-    prompts = [run.tree.text(node) for run, node in requests]
+    prompts = [_context(run, node) for run, node in requests]
     widths = [cfg.root_width if run.tree[node]["depth"] == 0 else cfg.width for run, node in requests]
     policy_error: str | None = None
     outputs: list[Any] = []
@@ -384,6 +397,16 @@ def _expand_wave(
     return 1, score_calls
 
 
+def _context(run: _Run, node: int) -> Any:
+    """What the policy is prompted with at ``node``: the path's token ids when the tree keeps them,
+    else its text."""
+    if run.tokens is not None:
+        ids = run.tree.token_context(node)
+        if ids is not None:
+            return TokenIds(tuple(ids))
+    return run.tree.text(node)
+
+
 def _candidates(run: _Run, node: int, completions: list[Any], cfg: MCTSConfig) -> list[_Candidate]:
     """Turn sampled completions into de-duplicated candidate steps (at most ``breadth_limit``)."""
     tree = run.tree
@@ -396,7 +419,8 @@ def _candidates(run: _Run, node: int, completions: list[Any], cfg: MCTSConfig) -
         if len(done) < len(ref) and done == [normalise_step(s) for s in ref[: len(done)]]:
             step = ref[len(done)].strip()
             seen.add(normalise_step(step))
-            good.append(_Candidate(run, node, step, needs_prior=True, from_reference=True))
+            ids = None if run.tokens is None else list(run.tokens.encode(step + "\n"))
+            good.append(_Candidate(run, node, step, needs_prior=True, from_reference=True, token_ids=ids))
     for comp in completions:
         try:
             text = str(comp.text)
@@ -408,10 +432,20 @@ def _candidates(run: _Run, node: int, completions: list[Any], cfg: MCTSConfig) -
         if not step:
             bad.append(_Candidate(run, node, "", error="empty step"))
             continue
+        if "\x00" in step:
+            # A byte-level BPE model can sample any byte; a NUL cannot be stored (PostgreSQL text)
+            # and no environment reads it: the step fails, its text is kept escaped.
+            bad.append(_Candidate(run, node, step.replace("\x00", "\\x00"), error="step contains a NUL character"))
+            continue
         key = normalise_step(step)
         if key in seen:
             continue
         seen.add(key)
+        token_ids = None
+        if run.tokens is not None:
+            # The sampled ids that spell the kept step, then what the cut left out and the newline
+            # that ends the line: the ids the next expansion is prompted with and the learner scores.
+            token_ids = list(run.tokens.align([int(t) for t in comp.token_ids], step + "\n"))
         good.append(
             _Candidate(
                 run,
@@ -420,6 +454,7 @@ def _candidates(run: _Run, node: int, completions: list[Any], cfg: MCTSConfig) -
                 logprob=float(sum(logps)),
                 tokens=len(logps),
                 prior=prior(logps, cfg.length_penalty),
+                token_ids=token_ids,
             )
         )
     if not completions and not good:
@@ -505,14 +540,14 @@ def _self_eval_prompt(c: _Candidate, cfg: MCTSConfig) -> str:
 
 
 def _score_wave(cands: list[_Candidate], policy: Policy, cfg: MCTSConfig) -> int:
-    prompts: list[str] = []
+    prompts: list[Any] = []
     conts: list[str] = []
     slots: list[tuple[_Candidate, str]] = []
     for c in cands:
         if c.error is not None:
             continue
         if c.needs_prior:
-            prompts.append(c.run.tree.text(c.parent))
+            prompts.append(_context(c.run, c.parent))
             conts.append(c.step)
             slots.append((c, "prior"))
         if cfg.self_eval:
@@ -574,10 +609,20 @@ def _add_child(c: _Candidate, cfg: MCTSConfig, version: int) -> None:
     v = C / max(parent["depth"] - 3, 1) if C else v_parent
     v += outcome
     r = v - v_parent
+    observation = (c.result.observation if c.result is not None else "") or ""
+    observation_ids = None
+    if run.tokens is not None and c.token_ids is None:
+        # A failed step (empty, NUL, policy error) has no sampled ids; its rendered line does.
+        c.token_ids = list(run.tokens.encode(c.step + "\n"))
+    if run.tokens is not None:
+        # Tokenized alone, rendered as step_segments renders it (with its own final newline).
+        observation_ids = list(run.tokens.encode(observation if observation.endswith("\n") else observation + "\n")) if observation else []
     key = tree.add_child(
         c.parent,
         c.step,
-        observation=(c.result.observation if c.result is not None else "") or "",
+        observation=observation,
+        token_ids=c.token_ids,
+        observation_ids=observation_ids,
         visits=0,
         value=float(parent["V"]) + r,
         V=0.0,

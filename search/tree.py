@@ -24,6 +24,9 @@ correct     outcome of a terminal node (None elsewhere)
 selected    on the committed (receding-horizon) path
 policy_version  version of the policy that sampled the step
 logprob     Σ log π of the step's tokens; ``tokens`` their count
+token_ids   the policy's token ids of the step and its newline (at the root: of the prompt), when
+            the search ran token in, token out (``agents.base.TokenIds``); else None
+observation_ids  token ids of the observation's text (as ``step_segments`` renders it), or None
 error       text of what went wrong here (empty step, environment exception, ...), else None
 info        free-form extras
 ========== =====================================================================================
@@ -66,7 +69,8 @@ _RECORD_FIELDS = (
     "error",
 )
 # Our own extra statistics, flattened into NodeRecord.info next to the user's info.
-_STAT_FIELDS = ("observation", "V", "estimate", "self_eval", "env_reward", "logprob", "tokens")
+_STAT_FIELDS = ("observation", "V", "estimate", "self_eval", "env_reward", "logprob", "tokens", "token_ids",
+                "observation_ids")
 
 
 def _defaults() -> dict[str, Any]:
@@ -88,6 +92,8 @@ def _defaults() -> dict[str, Any]:
         "policy_version": 0,
         "logprob": 0.0,
         "tokens": 0,
+        "token_ids": None,
+        "observation_ids": None,
         "error": None,
         "info": {},
     }
@@ -227,6 +233,60 @@ class PreferenceTree:
             raise ValueError(f"node {start} is not an ancestor of node {key}")
         below = path[path.index(start) + 1 :]
         return step_segments([(self[n]["step"], self[n]["observation"]) for n in below])
+
+    def token_context(self, key: int) -> list[int] | None:
+        """The token ids of ``text(key)`` as the policy was given them: the prompt's ids, then each
+        step's and observation's ids in order. None when a node on the path has no ids."""
+        segments = self.continuation_token_segments(key, self.root)
+        root_ids = self[self.root]["token_ids"]
+        if segments is None or root_ids is None:
+            return None
+        return list(root_ids) + [t for ids, _ in segments for t in ids]
+
+    def continuation_token_segments(self, key: int, start: int) -> list[tuple[list[int], bool]] | None:
+        """``continuation_segments(key, start)`` as token ids: ``(ids, written_by_policy)`` per segment,
+        the same segments in the same order. None when a node below ``start`` has no ids."""
+        path = self.path(key)
+        if start not in path:
+            raise ValueError(f"node {start} is not an ancestor of node {key}")
+        out: list[tuple[list[int], bool]] = []
+        for n in path[path.index(start) + 1 :]:
+            d = self[n]
+            if d["token_ids"] is None or (d["observation"] and d["observation_ids"] is None):
+                return None
+            out.append((list(d["token_ids"]), True))
+            if d["observation"]:
+                out.append((list(d["observation_ids"]), False))
+        return out
+
+    def response_tokens(self, parent: int, ends: list[int]) -> dict[str, Any] | None:
+        """The token ids of responses that branch at ``parent``, for a record's ``info["tokens"]``.
+
+        ``{"prompt": token_context(parent), "responses": [ids per end], "spans": [[[start, end), ...]
+        per end]}``: each response is the path from ``parent`` down to its end node, its spans are the
+        token ranges the policy wrote (its steps; observations are context). Learners train on these
+        ids instead of re-tokenizing the record's text. None when the tree has no ids there.
+        """
+        prompt = self.token_context(parent)
+        if prompt is None:
+            return None
+        responses, spans = [], []
+        for end in ends:
+            segments = self.continuation_token_segments(end, parent)
+            if segments is None:
+                return None
+            ids: list[int] = []
+            mine: list[list[int]] = []
+            for seg, policy in segments:
+                if policy and seg:
+                    if mine and mine[-1][1] == len(ids):
+                        mine[-1][1] += len(seg)
+                    else:
+                        mine.append([len(ids), len(ids) + len(seg)])
+                ids.extend(seg)
+            responses.append(ids)
+            spans.append(mine)
+        return {"prompt": prompt, "responses": responses, "spans": spans}
 
     def selected_path(self) -> list[int]:
         """The committed path: the root and then, at each level, the child marked ``selected``."""

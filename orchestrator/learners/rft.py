@@ -30,6 +30,7 @@ from orchestrator.learners.logprobs import (
     fit_length,
     pack,
     packed_logprobs,
+    record_tokens,
     sequence_sums,
 )
 from orchestrator.learners.trainable import (
@@ -84,11 +85,16 @@ class RFTLearner(LearnerOutput):
             if not isinstance(correct, list) or len(correct) != len(rec.items):
                 continue
             mine = kept.setdefault(rec.prompt, set())
+            recorded = record_tokens(tok, rec.prompt, [it.text for it in rec.items], rec.info)
             for i, item in enumerate(rec.items):
                 if correct[i] is not True or item.text in mine or len(mine) >= cfg.max_per_prompt:
                     continue
-                ids, mask = encode_masked_response(tok, item.text, rec.action_spans(i))
-                prompt, (ids,) = fit_length(encode_prompt(tok, rec.prompt), [ids], cfg.max_length)
+                if recorded is not None:  # the ids the policy was prompted with and generated
+                    prompt_ids, ids, mask = recorded.prompt, recorded.responses[i], recorded.masks[i]
+                else:
+                    prompt_ids = encode_prompt(tok, rec.prompt)
+                    ids, mask = encode_masked_response(tok, item.text, rec.action_spans(i))
+                prompt, (ids,) = fit_length(prompt_ids, [ids], cfg.max_length)
                 mask = mask[: len(ids)]
                 if not any(mask):
                     continue

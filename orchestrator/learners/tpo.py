@@ -47,6 +47,8 @@ from orchestrator.learners.logprobs import (
     pack,
     packed_logprobs,
     per_sequence,
+    record_tokens,
+    token_offsets,
 )
 from orchestrator.learners.trainable import (
     LearnerConfig,
@@ -104,9 +106,15 @@ class ListExample:
     weight: float = 1.0
 
 
-def token_steps(tokenizer, text: str, separator: str, n_tokens: int) -> list[int]:
-    """Step index of each of the ``n_tokens`` tokens of ``text`` (tokenized alone); extras (EOS) join the last step."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+def token_steps(
+    tokenizer, text: str, separator: str, n_tokens: int, offsets: list[tuple[int, int]] | None = None
+) -> list[int]:
+    """Step index of each of the ``n_tokens`` tokens of ``text``; extras (EOS) join the last step.
+
+    The tokens are ``text`` tokenized alone, or the ones whose character ``offsets`` are given (a
+    record's own ids, ``logprobs.token_offsets``)."""
+    if offsets is None:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     starts, pos = [], 0
     while True:
         cut = text.find(separator, pos) if separator else -1
@@ -115,7 +123,7 @@ def token_steps(tokenizer, text: str, separator: str, n_tokens: int) -> list[int
         pos = cut + len(separator)
         starts.append(pos)
     steps = []
-    for begin, _ in enc["offset_mapping"]:
+    for begin, _ in offsets:
         steps.append(sum(1 for s in starts if s <= begin and s < len(text)))
     last = steps[-1] if steps else 0
     return (steps + [last] * n_tokens)[:n_tokens]
@@ -176,17 +184,25 @@ class TPOLearner(LearnerOutput):
             correct = (rec.info or {}).get("correct")
             if not isinstance(correct, list) or len(correct) != len(rec.items):
                 correct = [None] * len(rec.items)
-            encoded = [
-                encode_masked_response(tok, it.text, rec.action_spans(i), eos) for i, it in enumerate(rec.items)
-            ]
-            prompt, responses = fit_length(encode_prompt(tok, rec.prompt), [ids for ids, _ in encoded], cfg.max_length)
+            ids = record_tokens(tok, rec.prompt, [it.text for it in rec.items], rec.info)
+            if ids is not None:  # the ids the policy was prompted with and generated
+                eos_id = [tok.eos_token_id] if eos and tok.eos_token_id is not None else []
+                encoded = [(r + eos_id, m + [True] * len(eos_id)) for r, m in zip(ids.responses, ids.masks, strict=True)]
+                prompt_ids = ids.prompt
+            else:
+                encoded = [
+                    encode_masked_response(tok, it.text, rec.action_spans(i), eos) for i, it in enumerate(rec.items)
+                ]
+                prompt_ids = encode_prompt(tok, rec.prompt)
+            prompt, responses = fit_length(prompt_ids, [r for r, _ in encoded], cfg.max_length)
             masks = [m[: len(r)] for (_, m), r in zip(encoded, responses, strict=True)]
             keep = [i for i, m in enumerate(masks) if any(m)]
             if len(keep) < 2 or len({rec.items[i].score for i in keep}) < 2:
                 continue
             steps = []
             for i in keep:
-                per_token = token_steps(tok, rec.items[i].text, cfg.step_separator, len(responses[i]))
+                offsets = token_offsets(tok, ids.responses[i]) if ids is not None else None
+                per_token = token_steps(tok, rec.items[i].text, cfg.step_separator, len(responses[i]), offsets)
                 steps.append([st for st, mine in zip(per_token, masks[i], strict=True) if mine])
             labels = [rec.items[i].score for i in keep]
             verified = [k for k, i in enumerate(keep) if correct[i] is True]
