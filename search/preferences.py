@@ -6,7 +6,9 @@
   single-child continuation below it; the prompt is the transcript up to the branching point. A
   candidate's text includes the environment's observations between its steps (the context the policy
   saw), and ``info["action_spans"]`` marks the characters the policy wrote: learners train on those
-  only (the action mask; see ``store.records.ACTION_SPANS``). The
+  only (the action mask; see ``store.records.ACTION_SPANS``). When the tree kept token ids (a search
+  run token in, token out), ``info["tokens"]`` carries the prompt's and both responses' ids with the
+  token spans the policy wrote (``PreferenceTree.response_tokens``); ranked lists carry the same. The
   pair carries MCTS-DPO's visit-count label smoothing ``α = 1 / (N_w/N_l + 1)`` (clipped to ≤ 0.5),
   the length of the shared text prefix (so a learner can start the loss at the divergence), the Q
   gap as margin, and its provenance (tree index, node keys, task id).
@@ -131,6 +133,8 @@ def step_pairs(
                 },
             )
         )
+        if (ids := tree.response_tokens(parent, [forced_end(tree, chosen), forced_end(tree, rejected)])) is not None:
+            pairs[-1].info["tokens"] = ids  # token in, token out: what the policy was given and wrote
     return pairs
 
 
@@ -205,6 +209,9 @@ def ranked_lists(
                 },
             )
         )
+        ends = [best_branch(tree, it.node)[-1] for it in items if it.node is not None]
+        if len(ends) == len(items) and (ids := tree.response_tokens(parent, ends)) is not None:
+            lists[-1].info["tokens"] = ids
     return lists
 
 
