@@ -22,7 +22,7 @@ from typing import Any
 
 from agents.base import Completion, Environment, Policy, Prompt, Step, Task, Trajectory, transcript
 from agents.guards import safe_reset, safe_score, safe_step
-from store.records import JudgmentRecord, PairRecord, StepRecord, TaskResult, TrajectoryRecord
+from store.records import JudgmentRecord, PairRecord, StepRecord, TaskResult, TrajectoryRecord, jsonable
 
 Render = Callable[[Task, Sequence[Step]], Prompt]
 
@@ -32,8 +32,11 @@ def default_render(task: Task, steps: Sequence[Step]) -> str:
     return transcript(task.prompt, steps)
 
 
-def first_line(text: str) -> str:
-    """An action is one line: the text up to the first newline, stripped of surrounding spaces."""
+def action_line(text: str) -> str:
+    """An action is one line: the text up to the first newline, stripped of surrounding spaces.
+
+    (Not ``store.database.first_line``, which finds the first non-empty line of an error message.)
+    """
     return text.split("\n", 1)[0].strip()
 
 
@@ -164,7 +167,7 @@ def run_episodes(
                 e.fail(str(err))
                 continue
             c = outs[i][0]
-            apply_action(e, first_line(c.text), step_timeout, logprob=c.logprob)
+            apply_action(e, action_line(c.text), step_timeout, logprob=c.logprob)
     return [finish_episode(e, step_timeout) for e in eps]
 
 
@@ -176,17 +179,6 @@ def run_episode(
 
 
 # -- records for the store ---------------------------------------------------------------------------
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with anything JSON cannot hold turned into its ``repr`` (store info columns are JSON)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return repr(value)
 
 
 def step_record(step: Step) -> StepRecord:

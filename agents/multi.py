@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from agents.base import Environment, Policy, Step, Task, Trajectory
 from agents.episode import (
     Render,
+    action_line,
     apply_action,
     default_render,
     finish_episode,
-    first_line,
     generate_guarded,
     start_episode,
 )
@@ -102,7 +102,7 @@ def propose(
             return None, err
         for i, comps in enumerate(outs):
             for k, c in zip(members, comps, strict=True):
-                table[i][k] = (agents[k].agent_id, first_line(c.text), c.logprob)
+                table[i][k] = (agents[k].agent_id, action_line(c.text), c.logprob)
     return [[x for x in row if x is not None] for row in table], None
 
 

@@ -38,7 +38,7 @@ from typing import Any, TypedDict
 from langgraph.graph import END, START, StateGraph
 
 from agents.base import Environment, Policy, Step, Task, Trajectory, transcript
-from agents.episode import Episode, apply_action, finish_episode, first_line, generate_guarded, start_episode
+from agents.episode import Episode, action_line, apply_action, finish_episode, generate_guarded, start_episode
 from agents.prompt_files import Cut, Part, PromptTooLong, fill_fit, fit, load_prompt
 from agents.rubrics import (
     VERIFY_THRESHOLD,
@@ -231,7 +231,7 @@ class ReActAgent:
             temperature=self.config.temperature,
             stop=["\n"],
         )
-        return {"action": first_line(text or ""), "logprob": ep.extra.get("logprob")}
+        return {"action": action_line(text or ""), "logprob": ep.extra.get("logprob")}
 
     def _verify(self, state: ReActState) -> dict[str, Any]:
         ep = state["episode"]

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agents.base import transcript
 from store import queries
 from store.database import Store, StoreError, open_store
-from store.records import PAIR_SOURCES, NodeRecord, PairRecord
+from store.records import PAIR_SOURCES, NodeRecord, PairRecord, jsonable
 from store.redact import redact
 
 if TYPE_CHECKING:
@@ -51,21 +49,6 @@ def open_for_reading(url: str) -> Store:
         if str(path) not in ("", ":memory:") and not path.exists():
             raise StoreError(f"no store at {url} (the file {path} does not exist)")
     return open_store(url, create=False)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with dataclasses as dicts, datetimes as ISO text and NaN/inf as None (strict JSON)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
 
 
 def find_run(store: Store, ref: str | int) -> queries.RunInfo:

@@ -13,6 +13,8 @@ read, ``db_id`` fields carry the database ids so provenance can be followed (a p
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,6 +29,28 @@ PAIR_SOURCES = ("mcts", "panel", "credit", "rubric", "slhf", "sample")
 ACTION_SPANS = "action_spans"
 
 Spans = list[tuple[int, int]]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON data, for the store's JSON ``info`` columns and the inspector's output.
+
+    Dicts keep their structure with keys as text, lists and tuples become lists, dataclasses become
+    dicts of their fields, datetimes ISO text, NaN and infinities None (strict JSON has neither), and
+    anything else JSON cannot hold its ``repr``.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return repr(value)
 
 
 def check_action_spans(spans: Any, length: int, where: str) -> Spans:
