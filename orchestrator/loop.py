@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from agents.base import Task
 from agents.registry import make_environment
 from orchestrator.config import RunConfig, resume_config
+from orchestrator.rollouts import chunk_seed
 from store import queries
 from store.database import Store, open_store
 
@@ -192,7 +193,7 @@ class Loop:
                 w = idle.pop(0)
                 c, ts = pending.pop(0)
                 reapplied += self._ensure_version(self.workers[w])
-                seed = self.cfg.seed * 1_000_003 + index * 7919 + c
+                seed = chunk_seed(self.cfg.seed, index, c)
                 in_flight[self.workers[w].rollout.remote(ts, index, self.version, seed)] = (c, ts, w)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             ref = ready[0]

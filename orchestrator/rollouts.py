@@ -29,6 +29,16 @@ from store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord
 EnvFactory = Callable[[], Environment]
 
 
+def chunk_seed(run_seed: int, iteration: int, chunk: int = 0) -> int:
+    """The sampling seed of chunk ``chunk`` of iteration ``iteration``'s rollouts (the one formula).
+
+    It depends on nothing else, so a chunk that is re-run (a worker died, the run was resumed) gets
+    the seed, and so the samples, it got the first time. Within a run every (iteration, chunk) has
+    its own seed as long as an iteration has fewer than 7919 chunks.
+    """
+    return run_seed * 1_000_003 + iteration * 7919 + chunk
+
+
 def run_rollouts(
     cfg: RunConfig,
     tasks: Sequence[Task],
@@ -42,7 +52,7 @@ def run_rollouts(
     Returns:
         One TaskResult per task (same order) and summary stats (reward, solved fraction, pairs...).
     """
-    seed = cfg.seed * 1_000_003 + iteration * 7919 if seed is None else seed
+    seed = chunk_seed(cfg.seed, iteration) if seed is None else seed
     modes = {"mcts": _mcts, "sample": _sample, "react": _react, "panel": _panel, "multi_agent": _multi_agent}
     mode = modes.get(cfg.rollout.mode)
     if mode is None:
