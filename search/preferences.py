@@ -37,14 +37,18 @@ def forced_end(tree: PreferenceTree, node: int) -> int:
     return node
 
 
-def label_smoothing(chosen_visits: int, rejected_visits: int) -> float:
+def label_smoothing(chosen_visits: float, rejected_visits: float, max_alpha: float = 0.5) -> float:
     """MCTS-DPO's conservative-DPO weight ``α = 1/(N_w/N_l + 1)`` with ``max(1, N)``, clipped to ≤ 0.5.
 
     A chosen step visited much more than the rejected one gets α near 0 (trust the pair); equal visits
-    give 0.5, the clip.
+    give 0.5, the clip (``max_alpha``), so that a pair never pushes towards its rejected side. Counts
+    below 1 are read as 1: an unvisited sibling still counts once, as in the authors' code.
+
+    This is the formula's one definition: the MCTS-DPO loss applies it to tensors of visit counts
+    (``orchestrator.learners.losses.visit_alpha``).
     """
     ratio = max(1, chosen_visits) / max(1, rejected_visits)
-    return min(0.5, 1.0 / (ratio + 1.0))
+    return min(max_alpha, 1.0 / (ratio + 1.0))
 
 
 def _alternatives(tree: PreferenceTree, parent: int, include_errors: bool) -> list[int]:

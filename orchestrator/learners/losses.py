@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from search.preferences import label_smoothing
+
 
 class LossOutput(NamedTuple):
     """A loss and what to log about it.
@@ -126,12 +128,16 @@ def ipo_loss(
 def visit_alpha(chosen_visits: Tensor, rejected_visits: Tensor, max_alpha: float = 0.5) -> Tensor:
     """MCTS-DPO's label smoothing from visit counts: ``alpha = 1 / (N_w / N_l + 1)``, clipped.
 
-    Counts below 1 are read as 1 (an unvisited sibling still counts once, as in the authors' code),
-    and alpha is clipped to ``max_alpha`` so that a pair never pushes towards the rejected side.
+    Elementwise ``search.preferences.label_smoothing`` (the formula's one definition: counts below 1
+    read as 1, alpha clipped to ``max_alpha``), as float32 on the counts' device. The counts broadcast
+    against each other; a batch holds a few dozen pairs, so the Python loop costs nothing.
     """
-    nw = chosen_visits.clamp(min=1).to(torch.float32)
-    nl = rejected_visits.clamp(min=1).to(torch.float32)
-    return (1.0 / (nw / nl + 1.0)).clamp(max=max_alpha)
+    nw, nl = torch.broadcast_tensors(chosen_visits, rejected_visits)
+    alphas = [
+        label_smoothing(n_w, n_l, max_alpha)
+        for n_w, n_l in zip(nw.reshape(-1).tolist(), nl.reshape(-1).tolist(), strict=True)
+    ]
+    return torch.tensor(alphas, dtype=torch.float32, device=nw.device).reshape(nw.shape)
 
 
 def mcts_dpo_loss(
