@@ -66,7 +66,7 @@ def _launch(config: str | None, overrides: list[str]) -> None:
 
     from agents.registry import RegistryError
     from orchestrator.config import ConfigError, load_config
-    from orchestrator.loop import final_line, start_run
+    from orchestrator.loop import final_line, launch_run
     from store.database import StoreError
 
     if os.environ.get(STORE_ENV):
@@ -77,7 +77,7 @@ def _launch(config: str | None, overrides: list[str]) -> None:
     except ConfigError as e:
         raise _fail(e) from None
     try:
-        report = start_run(cfg)
+        report = launch_run(cfg)
     except (StoreError, ValueError, RegistryError) as e:  # nothing was written for the run
         raise _fail(e) from None
     _after_run(report, cfg.store.url)

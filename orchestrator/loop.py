@@ -515,7 +515,7 @@ def warm_start_model(cfg: RunConfig, run_dir: Path) -> tuple[Path, dict]:
         return prepare_model(cfg, run_dir, on_step=on_step)
 
 
-def start_run(cfg: RunConfig) -> RunReport:
+def launch_run(cfg: RunConfig) -> RunReport:
     """A new run: checks, store row, model (warm start), then the iterations.
 
     Nothing is written before the environment, the model path, the store and the output folder have

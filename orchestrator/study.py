@@ -168,7 +168,7 @@ def run_study(study: StudyConfig, runs: dict[tuple[str, int], RunConfig]) -> dic
     Returns:
         The results (what ``results.json`` holds).
     """
-    from orchestrator.loop import console, resume_run, start_run
+    from orchestrator.loop import console, launch_run, resume_run
     from store import queries
     from store.database import open_store
 
@@ -190,7 +190,7 @@ def run_study(study: StudyConfig, runs: dict[tuple[str, int], RunConfig]) -> dic
                 resume_run(name, cfg.store.url)
             else:
                 console.print(f"study [{k}/{total}] {name}: starting")
-                start_run(shared_start(cfg, root, built))
+                launch_run(shared_start(cfg, root, built))
         except Exception as e:  # noqa: BLE001 - one failed run must not lose the others; it is reported
             failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             console.print(f"[red]study: run {name} failed: {failures[name]}[/]")

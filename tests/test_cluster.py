@@ -112,7 +112,7 @@ def test_learner_and_rollouts_on_separate_nodes_and_weights_reach_every_node(clu
 
 
 def test_run_survives_losing_a_rollout_node(cluster, tmp_path, warm_model_dir, postgres_server):
-    from orchestrator.loop import start_run
+    from orchestrator.loop import launch_run
 
     url = postgres_server.create_database("cluster_node_loss")
     # Enough work per iteration (32 chunks, a few seconds) that the node goes while rollouts are in
@@ -145,7 +145,7 @@ def test_run_survives_losing_a_rollout_node(cluster, tmp_path, warm_model_dir, p
     remover = threading.Thread(target=remove_a_rollout_node_in_iteration_1, daemon=True)
     t0 = time.monotonic()
     remover.start()
-    report = start_run(cfg)
+    report = launch_run(cfg)
     remover.join(timeout=5)
     seconds = time.monotonic() - t0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.loop import start_run
+from orchestrator.loop import launch_run
 from store import queries
 from store.database import open_store
 
@@ -31,7 +31,7 @@ def test_small_demo_learns_from_its_own_trees(tmp_path, warm_model_dir):
         "iterations=10",
     ])
     try:
-        report = start_run(cfg)
+        report = launch_run(cfg)
     finally:
         ray.shutdown()
     series = queries.metric_series(open_store(cfg.store.url), report.run_id)

@@ -1,0 +1,165 @@
+"""One home per concept: the prompt loader, ``jsonable``, the chunk seed, MCTS-DPO's visit-count alpha
+and the store API each have one definition that every user imports, and the store's modules stay small
+behind the ``store.queries`` façade."""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from store import queries
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("agents", "search", "store", "orchestrator", "bench")
+
+
+def _sources() -> dict[str, str]:
+    return {
+        str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
+        for pkg in PACKAGES
+        for p in sorted((ROOT / pkg).rglob("*.py"))
+    }
+
+
+@pytest.mark.parametrize(
+    ("pattern", "home"),
+    [
+        (r"^\s*def _?jsonable\(", "store/records.py"),
+        (r"^\s*def _?first_line\(", "store/database.py"),
+        (r"^\s*def label_smoothing\(", "search/preferences.py"),
+        (r"1_000_003", "orchestrator/rollouts.py"),
+        (r"/\s*[\"']prompts[\"']", "agents/prompt_files.py"),  # a path into a prompts/ folder
+    ],
+)
+def test_each_concept_is_defined_once(pattern, home):
+    where = [path for path, text in _sources().items() if re.search(pattern, text, re.M)]
+    assert where == [home]
+
+
+def test_load_prompt_reads_every_package_prompt_folder():
+    from agents.prompt_files import load_prompt
+    from orchestrator.learners.slhf import load_follower_template
+    from search import mcts
+
+    assert load_prompt("rubric_verifier.txt") == (ROOT / "agents/prompts/rubric_verifier.txt").read_text(
+        "utf-8"
+    )
+    assert mcts._SELF_EVAL == (ROOT / "search/prompts/self_eval.txt").read_text("utf-8")
+    assert mcts._SELF_EVAL_REFERENCE == load_prompt("self_eval_reference.txt", "search")
+    follower = (ROOT / "orchestrator/learners/prompts/slhf_follower.txt").read_text("utf-8")
+    assert load_follower_template() == load_prompt("slhf_follower.txt", "orchestrator.learners") == follower
+
+
+def test_jsonable_is_strict_json():
+    from dataclasses import dataclass
+
+    from agents import episode
+    from orchestrator import inspector
+    from store.records import jsonable
+
+    @dataclass
+    class Point:
+        x: float
+        when: datetime
+
+    assert episode.jsonable is inspector.jsonable is jsonable
+    value = {
+        1: (math.nan, math.inf, 2.5, True, None),
+        "p": Point(-math.inf, datetime(2024, 5, 1, 12)),
+        "s": {3},
+    }
+    assert jsonable(value) == {
+        "1": [None, None, 2.5, True, None],
+        "p": {"x": None, "when": "2024-05-01T12:00:00"},
+        "s": "{3}",
+    }
+
+
+def test_regression_episode_info_with_nan_or_datetime_is_storable(tmp_path):
+    """A step's or trajectory's info holding NaN or a datetime used to make the whole task's write fail
+    ("not JSON-serialisable without NaN"): the agents' jsonable kept NaN and turned datetimes into
+    their repr. Now both sides of the store use the one strict jsonable."""
+    from agents.base import Step, Task, Trajectory
+    from agents.episode import task_result
+    from store.database import open_store
+
+    task = Task(id="t1", prompt="1+1=", answer="2", env="arithmetic")
+    when = datetime(2024, 5, 1, 12, 30)
+    step = Step(index=0, action="1+1=2", reward=1.0, info={"confidence": math.nan, "at": when})
+    traj = Trajectory(task=task, steps=[step], outcome=1.0, info={"score": math.inf})
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        run_id = queries.start_run(store, "info", {})
+        queries.start_iteration(store, run_id, 0, 0)
+        queries.write_task_result(store, run_id, 0, task_result(task, [traj]))
+        (stored,) = queries.list_trajectories(store, run_id)
+    finally:
+        store.close()
+    assert stored.info == {"score": None}
+    assert stored.steps[0].info == {"confidence": None, "at": "2024-05-01T12:30:00"}
+
+
+def test_chunk_seed_is_the_loops_and_the_rollouts_formula():
+    from orchestrator import loop, rollouts
+
+    assert rollouts.chunk_seed(3, 2, 5) == 3 * 1_000_003 + 2 * 7919 + 5
+    assert rollouts.chunk_seed(3, 2) == rollouts.chunk_seed(3, 2, 0)
+    assert loop.chunk_seed is rollouts.chunk_seed
+    seeds = {rollouts.chunk_seed(7, it, c) for it in range(50) for c in range(200)}
+    assert len(seeds) == 50 * 200
+
+
+def test_visit_alpha_is_label_smoothing_elementwise():
+    import torch
+
+    from orchestrator.learners.losses import visit_alpha
+    from search.preferences import label_smoothing
+
+    chosen = torch.arange(0, 40).repeat_interleave(40)
+    rejected = torch.arange(0, 40).repeat(40)
+    alpha = visit_alpha(chosen, rejected)
+    assert alpha.dtype == torch.float32 and alpha.shape == chosen.shape
+    expected = [label_smoothing(w, n) for w, n in zip(chosen.tolist(), rejected.tolist(), strict=True)]
+    assert alpha.tolist() == pytest.approx(expected, rel=1e-7)
+    broadcast = visit_alpha(torch.tensor([[9, 1]]), torch.tensor(3), max_alpha=0.3)
+    assert broadcast.shape == (1, 2) and broadcast[0].tolist() == pytest.approx([0.25, 0.3])
+
+
+def test_the_loop_launches_runs_and_the_store_starts_them():
+    from orchestrator import loop
+
+    assert callable(loop.launch_run) and not hasattr(loop, "start_run")
+    assert queries.start_run.__module__ == "store.runs"
+
+
+def test_store_queries_reexports_every_public_function_and_record():
+    from store import reads, records, runs, writes
+
+    public = set(queries.__all__)
+    assert all(hasattr(queries, name) for name in public)
+    for module in (reads, runs, writes):
+        defined = {
+            name
+            for name, value in vars(module).items()
+            if callable(value)
+            and not name.startswith("_")
+            and getattr(value, "__module__", "") == module.__name__
+        }
+        assert defined and defined <= public, module.__name__
+    for name in ("RunInfo", "IterationInfo", "TreeSummary", "CheckpointInfo", "WriteReceipt", "NodeView"):
+        assert getattr(queries, name) is getattr(records, name)
+
+
+def test_store_modules_stay_small_and_say_what_they_hold():
+    long = {}
+    for p in (ROOT / "store").glob("*.py"):
+        text = p.read_text(encoding="utf-8")
+        assert ast.get_docstring(ast.parse(text)), p.name
+        if len(text.splitlines()) > 600:
+            long[p.name] = len(text.splitlines())
+    assert not long, f"store modules over 600 lines: {long}"
