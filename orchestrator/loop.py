@@ -1,10 +1,11 @@
 """The self-improvement loop: one run = a warm start and N iterations, each read top to bottom.
 
-    tasks -> rollouts on RolloutWorkers (streamed back chunk by chunk) -> store (one transaction per
-    task) -> learner on this iteration's data (+ replay) -> new weights into the object store ONCE ->
-    every worker applies them in place and reports its version (mixed versions refused) -> held-out
-    evaluation -> metrics -> finish the iteration.
+    run_loop -> run_iteration: tasks -> rollouts on RolloutWorkers (streamed back chunk by chunk)
+    -> store (one transaction per task) -> learner on this iteration's data (+ replay) -> new weights
+    into the object store ONCE -> every worker applies them in place and reports its version (mixed
+    versions refused) -> held-out evaluation -> metrics -> finish the iteration.
 
+No Ray here: the actors, their placement and the ``ray.wait`` streaming are ``orchestrator.workers.Fleet``.
 The store is the record: ``resume`` reads the run's config, the finished iterations and the last
 checkpoint from it, keeps the unfinished iteration's finished tasks, and carries on. A checkpoint holds
 the learner's whole training state (optimizer, warm-up position, RNG states, which reference it
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -104,77 +103,46 @@ def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float],
 
 # -------------------------------------------------------------------------------------------- loop
 class Loop:
-    """Owns the Ray actors and the store connection of one run."""
+    """One run's iterations as steps: rollout (writing each chunk), learn, redeploy, evaluate.
+
+    The actors are the ``Fleet``'s (orchestrator/workers.py); this class decides what they run
+    and writes what comes back to the store.
+    """
 
     def __init__(self, cfg: RunConfig, store: Store, run_id: int, model: Path, version: int,
                  reference: Path | None = None, reference_uri: str | None = None) -> None:
         """``model``: the starting model or a checkpoint; ``reference``: the model a resumed learner's
         fixed reference is (None: the learner copies ``model``); ``reference_uri``: where the
         reference came from, recorded in checkpoints (default: ``model``'s URI)."""
-        import ray
+        from orchestrator.workers import Fleet
 
-        from orchestrator.learners.trainable import TRAINER_DIR
-        from orchestrator.placement import place_actors
-        from orchestrator.workers import LearnerActor, ModelFiles, RolloutWorker, init_ray
-
-        self.cfg, self.store, self.run_id, self.version = cfg, store, run_id, version
+        self.cfg, self.store, self.run_id = cfg, store, run_id
         # Absolute on the driver: the learner resolves paths on its own node and working directory.
         self.run_dir = (Path(cfg.output_dir) / cfg.name).resolve()
-        # A local cluster gets at least the CPUs its actors ask for (Ray's CPUs are logical: the OS
-        # shares the cores); otherwise the learner would wait forever for a free CPU.
-        wanted = cfg.rollout.num_workers * cfg.ray.worker_num_cpus + cfg.ray.learner_num_cpus
-        local_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
-        init_ray(cfg.ray.address, local_cpus)
-        self.ray = ray
-        # The model travels through the object store once (no shared paths between nodes). Held for
-        # the run's lifetime: a rollout worker that Ray restarts is sent it again (_ensure_version).
-        # Workers get the weights only; the learner also gets a checkpoint's training state.
-        self.model_ref = model_ref = ray.put(ModelFiles.pack(model, skip=(TRAINER_DIR,)))
-        learner_model = ray.put(ModelFiles.pack(model)) if (model / TRAINER_DIR).is_dir() else model_ref
-        reference_ref = ray.put(ModelFiles.pack(reference, skip=(TRAINER_DIR,))) if reference is not None else None
-        reference_uri = reference_uri or Path(model).resolve().as_uri()
-        cfg_dict = cfg.model_dump(mode="json")
-        # On a cluster: learner and rollout workers in their own bundles, spread over nodes
-        # (orchestrator/placement.py); on one machine: plain CPU/GPU requests.
-        self.placement = place_actors(cfg.ray, cfg.rollout.num_workers)
-        self.workers = [
-            # No model in the constructor: Ray re-runs it on restart, so it would have to keep the
-            # blob pinned as a constructor argument (and logs an error saying so); load_model instead.
-            RolloutWorker.options(**self.placement.worker(i)).remote(cfg_dict, i)
-            for i in range(cfg.rollout.num_workers)
-        ]
-        self.learner = LearnerActor.options(**self.placement.learner).remote(
-            cfg_dict, learner_model, run_id, version, reference_ref, reference_uri)
-        self.weights_ref = None  # the payload every worker must serve (None: the initial model)
-        self.model_version = version  # the version model_ref holds, sent again to restarted workers
-        refs = [w.load_model.remote(model_ref, version) for w in self.workers] + [self.learner.ping.remote()]
-        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=cfg.ray.startup_timeout_s)
-        if waiting:
-            raise RuntimeError(
-                f"{len(waiting)} of {len(refs)} actors did not start within {cfg.ray.startup_timeout_s:.0f}s; the "
-                f"cluster has {ray.available_resources()} free and the run asks for {cfg.rollout.num_workers} "
-                f"workers x {{CPU: {cfg.ray.worker_num_cpus}, GPU: {cfg.ray.worker_num_gpus}}} + a learner "
-                f"{{CPU: {cfg.ray.learner_num_cpus}, GPU: {cfg.ray.learner_num_gpus}}}")
-        self.worker_info = ray.get(refs)[:-1]
+        self.fleet = Fleet(cfg, model, version, run_id, reference, reference_uri)
+
+    @property
+    def version(self) -> int:
+        """The weights version the workers serve (or will, after ``redeploy``)."""
+        return self.fleet.version
+
+    @property
+    def workers(self) -> list[Any]:
+        return self.fleet.workers
+
+    @property
+    def worker_info(self) -> list[dict[str, Any]]:
+        return self.fleet.worker_info
+
+    @property
+    def weights_ref(self) -> Any:
+        return self.fleet.weights_ref
 
     # -- rollouts ---------------------------------------------------------------------------------
-    def _ensure_version(self, worker) -> bool:
-        """Bring a worker to the served version; True if it had to. Only a worker that Ray restarted
-        is ever behind: it comes back without a model, gets the starting one, then the served weights."""
-        served = self.ray.get(worker.info.remote())["version"]
-        if served is not None and (self.weights_ref is None or served == self.version):
-            return False
-        if served is None:
-            self.ray.get(worker.load_model.remote(self.model_ref, self.model_version))
-        if self.weights_ref is not None:
-            self.ray.get(worker.apply_weights.remote(self.weights_ref))
-        return True
-
     def rollout(self, index: int, tasks: Sequence[Task], progress: Progress | None = None) -> dict[str, float]:
         """Run ``tasks`` over the workers, writing each chunk's results as it finishes."""
         from orchestrator.rollouts import rollout_summary
 
-        ray = self.ray
         done = queries.completed_task_ids(self.store, self.run_id, index)
         size = self.cfg.rollout.chunk_size
         # Chunks are fixed over the full task list, each with its own seed, so a resumed iteration
@@ -182,94 +150,50 @@ class Loop:
         # a task's samples depend on the batch it was generated in, so only the same batch with the
         # same seed gives the remaining tasks the results the uninterrupted run got.
         chunks = [(c, list(tasks[i : i + size])) for c, i in enumerate(range(0, len(tasks), size))]
-        pending = [(c, ts) for c, ts in chunks if any(t.id not in done for t in ts)]
+        pending = [(c, ts, chunk_seed(self.cfg.seed, index, c)) for c, ts in chunks if any(t.id not in done for t in ts)]
         bar = progress.add_task(f"iter {index} rollouts", total=len(tasks), completed=len(done)) if progress else None
-        in_flight: dict[Any, tuple[int, list[Task], int]] = {}
-        idle = list(range(len(self.workers)))
-        stats, reruns, reapplied, write_s = [], 0, 0, 0.0
+        tally = {"chunk_reruns": 0.0, "weights_reapplied": 0.0}
+        stats, write_s = [], 0.0
         t_roll = time.perf_counter()
-        while pending or in_flight:
-            while pending and idle:
-                w = idle.pop(0)
-                c, ts = pending.pop(0)
-                reapplied += self._ensure_version(self.workers[w])
-                seed = chunk_seed(self.cfg.seed, index, c)
-                in_flight[self.workers[w].rollout.remote(ts, index, self.version, seed)] = (c, ts, w)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = ready[0]
-            c, ts, w = in_flight.pop(ref)
-            try:
-                results, st = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                # The worker died (Ray restarts it): re-run its chunk; nothing of it was written.
-                reruns += 1
-                console.print(f"[yellow]worker {w} died ({type(e).__name__}); re-running chunk {c}[/]")
-                pending.insert(0, (c, ts))
-                idle.append(w)
-                continue
-            idle.append(w)
+        for chunk in self.fleet.stream(pending, index, tally, say=lambda m: console.print(f"[yellow]{m}[/]")):
             t0 = time.perf_counter()
             # Chunks are disjoint and a failed chunk wrote nothing, so `done` (read once, for resume)
             # plus what this loop wrote is the whole truth; the store rejects a double write anyway.
-            fresh = [r for r in results if r.task_id not in done]
+            fresh = [r for r in chunk.results if r.task_id not in done]
             queries.write_task_results(self.store, self.run_id, index, fresh)
             done.update(r.task_id for r in fresh)
             write_s += time.perf_counter() - t0
-            stats.append(st)
+            stats.append(chunk.stats)
             if progress is not None:
                 progress.update(bar, advance=len(fresh), description=_live_line(index, stats, time.perf_counter() - t_roll))
         out = rollout_summary(stats)
-        out["chunk_reruns"] = float(reruns)  # chunks whose worker died under them, run again
-        out["weights_reapplied"] = float(reapplied)  # restarted workers brought back to the served version
+        out["chunk_reruns"] = tally["chunk_reruns"]  # chunks whose worker died under them, run again
+        out["weights_reapplied"] = tally["weights_reapplied"]  # restarted workers brought back to the served version
         out["store_s"] = write_s
         return out
 
     # -- learning and redeploy ------------------------------------------------------------------
     def learn(self, index: int, tasks: Sequence[Task] | None = None) -> tuple[dict[str, Any], bool]:
-        """Train on the store's data; on success the new weights become ``weights_ref``. Without an
+        """Train on the store's data; on success the new weights become the ones to serve. Without an
         update the metrics say why (``no_update_reason``). ``tasks``: those of this iteration and
         its replay window, for SLHF's oracle."""
         ckpt_dir = str(self.run_dir / "checkpoints")
         slhf_tasks = list(tasks) if tasks is not None and self.cfg.learner.algorithm == "slhf" else None
-        metrics_ref, weights_ref = self.learner.train.remote(index, ckpt_dir, slhf_tasks)
-        metrics = self.ray.get(metrics_ref)
-        if metrics.get("no_update_reason"):
-            return metrics, False
-        self.weights_ref = weights_ref  # stays in the object store: one copy for every worker
-        self.version += 1
-        return metrics, True
+        return self.fleet.train(index, ckpt_dir, slhf_tasks)
 
     def redeploy(self) -> float:
-        """Every worker loads ``weights_ref`` in place; refuses to go on with mixed versions."""
-        t0 = time.perf_counter()
-        versions = self.ray.get([w.apply_weights.remote(self.weights_ref) for w in self.workers])
-        for i, v in enumerate(versions):
-            if v is None:  # restarted by Ray since we last looked: no model yet to load weights into
-                self._ensure_version(self.workers[i])
-                versions[i] = self.ray.get(self.workers[i].info.remote())["version"]
-        if len(set(versions)) != 1 or versions[0] != self.version:
-            raise RuntimeError(f"workers report mixed weight versions {versions}, expected {self.version}")
-        return time.perf_counter() - t0
+        """Every worker loads the new weights in place; refuses to go on with mixed versions."""
+        return self.fleet.redeploy()
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, tasks: Sequence[Task], temperature: float) -> float:
         if not tasks:
             return 0.0
-        n = len(self.workers)
-        parts = [list(tasks[i::n]) for i in range(n)]
-        for w in self.workers:
-            self._ensure_version(w)
-        scores = self.ray.get([w.evaluate.remote(p, temperature) for w, p in zip(self.workers, parts, strict=True) if p])
-        flat = [s for part in scores for s in part]
+        flat = self.fleet.evaluate(list(tasks), temperature)
         return sum(flat) / len(flat)
 
     def shutdown(self) -> None:
-        for a in [*self.workers, self.learner]:
-            try:
-                self.ray.kill(a)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
-        self.placement.release()  # else a later Loop in this driver cannot place its actors
+        self.fleet.shutdown()
 
 
 def _live_line(index: int, stats: list[dict[str, float]], seconds: float) -> str:
@@ -345,7 +269,7 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
     """Run (or continue) the iterations of a run whose model is ready (``Loop`` for the rest)."""
     t_start = t_start or time.perf_counter()
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
-    held_out = env.tasks("test", cfg.eval.tasks, seed=cfg.seed)
+    held_out = env.tasks(cfg.eval.split, cfg.eval.tasks, seed=cfg.seed)
     loop = Loop(cfg, store, run_id, model, start_version, reference, reference_uri)
     reports: list[IterationReport] = []
     finished = set(queries.finished_iterations(store, run_id))
@@ -363,52 +287,8 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
             for index in range(cfg.iterations):
                 if index in finished:
                     continue
-                timings: dict[str, float] = {}
-                queries.start_iteration(store, run_id, index, loop.version)
-                tasks = iteration_tasks(cfg, env, index)
-
-                ckpt = queries.latest_checkpoint(store, run_id)
-                if ckpt is not None and ckpt.iteration == index:
-                    # Resumed after this iteration's update was saved (rollouts were all written
-                    # before learning began): only evaluation and bookkeeping are left. The
-                    # learner's metrics were saved with the checkpoint; the accuracy "before" is
-                    # the previous version's, not that of the checkpoint being served now.
-                    roll, updated = {}, False
-                    learn = {**(ckpt.metrics or {}), "resumed_after_learn": 1.0}
-                    acc = _accuracy_before(store, run_id, index, acc)
-                else:
-                    t = time.perf_counter()
-                    roll = loop.rollout(index, tasks, progress)
-                    timings["rollout_s"] = time.perf_counter() - t - roll.get("store_s", 0.0)
-                    timings["store_s"] = roll.pop("store_s", 0.0)
-
-                    t = time.perf_counter()
-                    window = [tasks]
-                    if cfg.learner.algorithm == "slhf":  # the oracle must know the replayed data's tasks too
-                        window = [iteration_tasks(cfg, env, i) for i in range(max(0, index - cfg.learner.replay), index)] + window
-                    learn, updated = loop.learn(index, [t for ts in window for t in ts])
-                    timings["learn_s"] = time.perf_counter() - t
-
-                timings["redeploy_s"] = loop.redeploy() if updated else 0.0
-                if not updated and "resumed_after_learn" not in learn:
-                    console.print(f"[yellow]iteration {index}: no update deployed ({_why_not(learn)}); keeping v{loop.version}[/]")
-
-                t = time.perf_counter()
-                before = acc
-                acc = loop.evaluate(held_out, 0.0)
-                acc_sample = loop.evaluate(held_out, cfg.eval.sample_temperature)
-                timings["eval_s"] = time.perf_counter() - t
-
-                metrics = {f"rollout/{k}": float(v) for k, v in roll.items()}
-                metrics.update({f"learn/{k}": float(v) for k, v in learn.items() if isinstance(v, (int, float))})
-                metrics.update({"eval/accuracy_before": before, "eval/accuracy_greedy": acc,
-                                "eval/accuracy_sample": acc_sample, "policy_version": float(loop.version)})
-                metrics.update({f"time/{k}": v for k, v in timings.items()})
-                queries.log_metrics(store, run_id, index, metrics)
-                # The iteration row also says, in words, why it deployed nothing (if it did not).
-                row = {**metrics, "learn/no_update_reason": _why_not(learn)} if not updated and "resumed_after_learn" not in learn else metrics
-                queries.finish_iteration(store, run_id, index, metrics=row, timings=timings)
-                rep = IterationReport(index, loop.version, metrics, timings)
+                rep = run_iteration(cfg, loop, env, held_out, index, acc, progress)
+                acc, acc_sample = rep.metrics["eval/accuracy_greedy"], rep.metrics["eval/accuracy_sample"]
                 reports.append(rep)
                 _print_iteration(rep)
     finally:
@@ -417,6 +297,65 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
     plot = plot_learning_curve(store, run_id, Path(cfg.output_dir) / cfg.name / "learning_curve.png", cfg.name)
     return RunReport(run_id, cfg.name, acc_before_run, acc, sample_before_run, acc_sample,
                      time.perf_counter() - t_start, reports, plot)
+
+
+def run_iteration(cfg: RunConfig, loop: Loop, env: Any, held_out: Sequence[Task], index: int, acc: float,
+                  progress: Progress | None = None) -> IterationReport:
+    """One iteration, top to bottom: rollout, store, learn, redeploy, evaluate, record.
+
+    ``acc`` is the held-out greedy accuracy before it (the previous iteration's, or the warm start's).
+    """
+    store, run_id = loop.store, loop.run_id
+    timings: dict[str, float] = {}
+    queries.start_iteration(store, run_id, index, loop.version)
+    tasks = iteration_tasks(cfg, env, index)
+
+    ckpt = queries.latest_checkpoint(store, run_id)
+    if ckpt is not None and ckpt.iteration == index:
+        # Resumed after this iteration's update was saved (rollouts were all written before
+        # learning began): only evaluation and bookkeeping are left. The learner's metrics were
+        # saved with the checkpoint; the accuracy "before" is the previous version's, not that of
+        # the checkpoint being served now.
+        roll, updated = {}, False
+        learn = {**(ckpt.metrics or {}), "resumed_after_learn": 1.0}
+        acc = _accuracy_before(store, run_id, index, acc)
+    else:
+        # Rollout and store: each chunk's results are written as it comes back.
+        t = time.perf_counter()
+        roll = loop.rollout(index, tasks, progress)
+        timings["rollout_s"] = time.perf_counter() - t - roll.get("store_s", 0.0)
+        timings["store_s"] = roll.pop("store_s", 0.0)
+
+        # Learn on this iteration's data (plus the replay window).
+        t = time.perf_counter()
+        window = [tasks]
+        if cfg.learner.algorithm == "slhf":  # the oracle must know the replayed data's tasks too
+            window = [iteration_tasks(cfg, env, i) for i in range(max(0, index - cfg.learner.replay), index)] + window
+        learn, updated = loop.learn(index, [t for ts in window for t in ts])
+        timings["learn_s"] = time.perf_counter() - t
+
+    # Redeploy the new weights (if any) to every worker.
+    timings["redeploy_s"] = loop.redeploy() if updated else 0.0
+    if not updated and "resumed_after_learn" not in learn:
+        console.print(f"[yellow]iteration {index}: no update deployed ({_why_not(learn)}); keeping v{loop.version}[/]")
+
+    # Evaluate the policy now served on the held-out tasks.
+    t = time.perf_counter()
+    before = acc
+    acc = loop.evaluate(held_out, 0.0)
+    acc_sample = loop.evaluate(held_out, cfg.eval.sample_temperature)
+    timings["eval_s"] = time.perf_counter() - t
+
+    # Record: metrics, then the iteration row (which also says, in words, why nothing was deployed).
+    metrics = {f"rollout/{k}": float(v) for k, v in roll.items()}
+    metrics.update({f"learn/{k}": float(v) for k, v in learn.items() if isinstance(v, (int, float))})
+    metrics.update({"eval/accuracy_before": before, "eval/accuracy_greedy": acc,
+                    "eval/accuracy_sample": acc_sample, "policy_version": float(loop.version)})
+    metrics.update({f"time/{k}": v for k, v in timings.items()})
+    queries.log_metrics(store, run_id, index, metrics)
+    row = {**metrics, "learn/no_update_reason": _why_not(learn)} if not updated and "resumed_after_learn" not in learn else metrics
+    queries.finish_iteration(store, run_id, index, metrics=row, timings=timings)
+    return IterationReport(index, loop.version, metrics, timings)
 
 
 def _why_not(learn: dict[str, Any]) -> str:

@@ -1,7 +1,10 @@
-"""Ray actors: RolloutWorker (holds a policy engine) and LearnerActor (holds a learner).
+"""Ray actors: RolloutWorker (holds a policy engine) and LearnerActor (holds a learner), and the
+Fleet that starts, feeds and stops them for one run.
 
-This is the only module that imports Ray. The actors are thin shells around plain Python objects
-(engines, ``orchestrator.rollouts``, learners) that are tested without Ray.
+Ray is imported here and in ``placement.py`` only; the loop drives the run through ``Fleet``
+(actor start and placement, chunks streamed with ``ray.wait``, weights, evaluation, kill). The
+actors are thin shells around plain Python objects (engines, ``orchestrator.rollouts``, learners)
+that are tested without Ray.
 
 Nothing assumes a shared filesystem between actors: a model directory travels as a ``ModelFiles``
 blob through the object store (put once, read by every node), and new weights travel as a
@@ -10,14 +13,16 @@ when they die (``max_restarts``). Their constructor takes no model: Ray would ha
 argument in the object store for every possible restart, and warns about exactly that. The loop
 sends the model with ``load_model`` after construction instead; a restarted worker comes back
 empty (``info()["version"] is None``), so the loop checks versions and sends the model and the
-current payload again before it gives the worker work (see ``loop.py``).
+current payload again before it gives the worker work (``Fleet.ensure_version``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,8 +218,8 @@ def canonical_order(data: Any) -> Any:
 def usable_data(algorithm: str, data: Any) -> tuple[Any, str | None]:
     """The part of ``data`` the learner trains on, or a reason why there is nothing to train on.
 
-    The DPO family trains on pairs, TPO on ranked lists, SLHF on the prompts of both. Finer checks (TPO
-    drops lists whose items are tied) are the learner's: ``train_guarded`` reports them.
+    The DPO family trains on pairs, TPO and RFT on ranked lists, SLHF on the prompts of both. Finer checks
+    (TPO drops lists whose items are tied) are the learner's: ``train_guarded`` reports them.
     """
     from store.records import PreferenceData
 
@@ -222,9 +227,9 @@ def usable_data(algorithm: str, data: Any) -> tuple[Any, str | None]:
         if not data.pairs:
             return data, f"no preference pairs ({len(data.ranked_lists)} ranked lists, which DPO does not use)"
         return PreferenceData(pairs=data.pairs), None
-    if algorithm == "tpo":
+    if algorithm in ("tpo", "rft"):
         if not data.ranked_lists:
-            return data, f"no ranked lists ({len(data.pairs)} pairs, which TPO does not use)"
+            return data, f"no ranked lists ({len(data.pairs)} pairs, which {algorithm.upper()} does not use)"
         return PreferenceData(ranked_lists=data.ranked_lists), None
     if len(data) == 0:
         return data, "no preference data (no pairs or ranked lists to take prompts from)"
@@ -379,3 +384,162 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- fleet
+@dataclass
+class ChunkDone:
+    """A chunk of rollouts that came back: which chunk, its results and stats, which worker ran it."""
+
+    chunk: int
+    tasks: list
+    results: list
+    stats: dict[str, float]
+    worker: int
+
+
+class Fleet:
+    """The Ray side of one run: places and starts the actors, streams rollout chunks to the workers,
+    trains, redeploys, evaluates, and stops them all.
+
+    The loop (``orchestrator/loop.py``) decides what to run and writes what comes back; it never
+    touches Ray itself.
+    """
+
+    def __init__(self, cfg: Any, model: Path, version: int, run_id: int,
+                 reference: Path | None = None, reference_uri: str | None = None) -> None:
+        """``model``: the starting model or a checkpoint; ``reference``: the model a resumed learner's
+        fixed reference is (None: the learner copies ``model``); ``reference_uri``: where the
+        reference came from, recorded in checkpoints (default: ``model``'s URI)."""
+        import math
+
+        from orchestrator.learners.trainable import TRAINER_DIR
+        from orchestrator.placement import place_actors
+
+        self.cfg, self.version = cfg, version
+        # A local cluster gets at least the CPUs its actors ask for (Ray's CPUs are logical: the OS
+        # shares the cores); otherwise the learner would wait forever for a free CPU.
+        wanted = cfg.rollout.num_workers * cfg.ray.worker_num_cpus + cfg.ray.learner_num_cpus
+        local_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
+        init_ray(cfg.ray.address, local_cpus)
+        # The model travels through the object store once (no shared paths between nodes). Held for
+        # the run's lifetime: a rollout worker that Ray restarts is sent it again (ensure_version).
+        # Workers get the weights only; the learner also gets a checkpoint's training state.
+        self.model_ref = model_ref = ray.put(ModelFiles.pack(model, skip=(TRAINER_DIR,)))
+        learner_model = ray.put(ModelFiles.pack(model)) if (model / TRAINER_DIR).is_dir() else model_ref
+        reference_ref = ray.put(ModelFiles.pack(reference, skip=(TRAINER_DIR,))) if reference is not None else None
+        reference_uri = reference_uri or Path(model).resolve().as_uri()
+        cfg_dict = cfg.model_dump(mode="json")
+        # On a cluster: learner and rollout workers in their own bundles, spread over nodes
+        # (orchestrator/placement.py); on one machine: plain CPU/GPU requests.
+        self.placement = place_actors(cfg.ray, cfg.rollout.num_workers)
+        self.workers = [
+            # No model in the constructor: Ray re-runs it on restart, so it would have to keep the
+            # blob pinned as a constructor argument (and logs an error saying so); load_model instead.
+            RolloutWorker.options(**self.placement.worker(i)).remote(cfg_dict, i)
+            for i in range(cfg.rollout.num_workers)
+        ]
+        self.learner = LearnerActor.options(**self.placement.learner).remote(
+            cfg_dict, learner_model, run_id, version, reference_ref, reference_uri)
+        self.weights_ref = None  # the payload every worker must serve (None: the initial model)
+        self.model_version = version  # the version model_ref holds, sent again to restarted workers
+        refs = [w.load_model.remote(model_ref, version) for w in self.workers] + [self.learner.ping.remote()]
+        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=cfg.ray.startup_timeout_s)
+        if waiting:
+            raise RuntimeError(
+                f"{len(waiting)} of {len(refs)} actors did not start within {cfg.ray.startup_timeout_s:.0f}s; the "
+                f"cluster has {ray.available_resources()} free and the run asks for {cfg.rollout.num_workers} "
+                f"workers x {{CPU: {cfg.ray.worker_num_cpus}, GPU: {cfg.ray.worker_num_gpus}}} + a learner "
+                f"{{CPU: {cfg.ray.learner_num_cpus}, GPU: {cfg.ray.learner_num_gpus}}}")
+        self.worker_info = ray.get(refs)[:-1]
+
+    # -- rollouts ---------------------------------------------------------------------------------
+    def ensure_version(self, worker: Any) -> bool:
+        """Bring a worker to the served version; True if it had to. Only a worker that Ray restarted
+        is ever behind: it comes back without a model, gets the starting one, then the served weights."""
+        served = ray.get(worker.info.remote())["version"]
+        if served is not None and (self.weights_ref is None or served == self.version):
+            return False
+        if served is None:
+            ray.get(worker.load_model.remote(self.model_ref, self.model_version))
+        if self.weights_ref is not None:
+            ray.get(worker.apply_weights.remote(self.weights_ref))
+        return True
+
+    def stream(self, chunks: list[tuple[int, list, int]], iteration: int, tally: dict[str, float],
+               say: Callable[[str], None] | None = None) -> Iterator[ChunkDone]:
+        """Run ``chunks`` ((chunk index, tasks, seed) each) over the workers and yield each as it
+        comes back (``ray.wait``), in whatever order they finish.
+
+        A chunk whose worker died under it is run again, on the worker Ray restarted (after it got
+        the model and the served weights back): ``tally`` counts ``chunk_reruns`` and
+        ``weights_reapplied``, and ``say`` is told. Nothing of a dead worker's chunk is ever yielded.
+        """
+        pending = list(chunks)
+        in_flight: dict[Any, tuple[int, list, int, int]] = {}
+        idle = list(range(len(self.workers)))
+        while pending or in_flight:
+            while pending and idle:
+                w = idle.pop(0)
+                c, ts, seed = pending.pop(0)
+                tally["weights_reapplied"] = tally.get("weights_reapplied", 0.0) + self.ensure_version(self.workers[w])
+                in_flight[self.workers[w].rollout.remote(ts, iteration, self.version, seed)] = (c, ts, seed, w)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            c, ts, seed, w = in_flight.pop(ready[0])
+            try:
+                results, stats = ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                # The worker died (Ray restarts it): re-run its chunk; nothing of it was written.
+                tally["chunk_reruns"] = tally.get("chunk_reruns", 0.0) + 1
+                (say or _stderr)(f"worker {w} died ({type(e).__name__}); re-running chunk {c}")
+                pending.insert(0, (c, ts, seed))
+                idle.append(w)
+                continue
+            idle.append(w)
+            yield ChunkDone(c, ts, results, stats, w)
+
+    # -- learning and redeploy ------------------------------------------------------------------
+    def train(self, index: int, checkpoint_dir: str, tasks: list | None) -> tuple[dict[str, Any], bool]:
+        """The learner trains on iteration ``index``'s data; on success its weights become the ones
+        to serve (``weights_ref``, version + 1). Without an update the metrics say why."""
+        metrics_ref, weights_ref = self.learner.train.remote(index, checkpoint_dir, tasks)
+        metrics = ray.get(metrics_ref)
+        if metrics.get("no_update_reason"):
+            return metrics, False
+        self.weights_ref = weights_ref  # stays in the object store: one copy for every worker
+        self.version += 1
+        return metrics, True
+
+    def redeploy(self) -> float:
+        """Every worker loads ``weights_ref`` in place; refuses to go on with mixed versions."""
+        t0 = time.perf_counter()
+        versions = ray.get([w.apply_weights.remote(self.weights_ref) for w in self.workers])
+        for i, v in enumerate(versions):
+            if v is None:  # restarted by Ray since we last looked: no model yet to load weights into
+                self.ensure_version(self.workers[i])
+                versions[i] = ray.get(self.workers[i].info.remote())["version"]
+        if len(set(versions)) != 1 or versions[0] != self.version:
+            raise RuntimeError(f"workers report mixed weight versions {versions}, expected {self.version}")
+        return time.perf_counter() - t0
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, tasks: list, temperature: float) -> list[float]:
+        """One outcome per held-out task, the tasks split across the workers."""
+        n = len(self.workers)
+        parts = [list(tasks[i::n]) for i in range(n)]
+        for w in self.workers:
+            self.ensure_version(w)
+        scores = ray.get([w.evaluate.remote(p, temperature) for w, p in zip(self.workers, parts, strict=True) if p])
+        return [s for part in scores for s in part]
+
+    def shutdown(self) -> None:
+        for a in [*self.workers, self.learner]:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self.placement.release()  # else a later Fleet in this driver cannot place its actors
