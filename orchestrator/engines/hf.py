@@ -92,11 +92,14 @@ class HFEngine(TokenMethods):
             dtype = "float32" if device == "cpu" else "bfloat16"
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        from orchestrator.engines.lora import adapter_base, read_adapter
+
         try:
+            base = adapter_base(self.model_path)  # a LoRA directory: its base, then the adapter
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             AttentionInterface.register(_ATTENTION, _shared_prefix_attention)
             model = AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=_DTYPES[dtype], attn_implementation=_ATTENTION
+                base or self.model_path, dtype=_DTYPES[dtype], attn_implementation=_ATTENTION
             )
         except Exception as e:  # transformers raises many types; one clear line is what callers need
             raise EngineError(f"could not load a model from {str(self.model_path)!r}: {e}") from e
@@ -117,7 +120,10 @@ class HFEngine(TokenMethods):
         self._eos_cpu = self._eos.cpu()
         self._params = dict(self.model.named_parameters())
         self._params.update(dict(self.model.named_buffers()))
+        self._adapter: tuple[int, list[str]] | None = None  # (rank, target modules) once injected
         self._closed = False
+        if base is not None:
+            self.load_weights(0, read_adapter(self.model_path))
 
     # ---------------------------------------------------------------- Policy contract
 
@@ -207,14 +213,24 @@ class HFEngine(TokenMethods):
             state_dict: Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``...) to
                 tensors; a subset is fine. A ``module.`` prefix (DDP) is stripped.
 
+        A LoRA adapter (``engines.lora`` form: only ``<layer>.lora_A/B.weight`` names) is loaded as
+        an adapter with peft: the first one wraps its layers (in place), later ones are copied into
+        the same adapter tensors; the base weights stay as they are.
+
         Raises:
-            ValueError: An unknown name or a shape that does not match; nothing is copied then.
+            ValueError: An unknown name or a shape that does not match (or an adapter of another
+                rank or other layers than the one loaded before); nothing is copied then.
         """
+        from orchestrator.engines.lora import is_adapter
+
         self._check_open()
         t0 = time.perf_counter()
+        if is_adapter(state_dict):
+            state_dict = self._adapter_params(state_dict)
         pairs = []
         for name, value in state_dict.items():
             key = name.removeprefix("module.")
+            key = self._aliases.get(key, key)
             if key not in self._params:
                 raise ValueError(f"load_weights: {name!r} is not a parameter of this model")
             target = self._params[key]
@@ -229,6 +245,29 @@ class HFEngine(TokenMethods):
             torch._foreach_copy_([t for t, _ in pairs], [v.to(t.device) for t, v in pairs])
         self.version = int(version)
         self.last_load_seconds = time.perf_counter() - t0
+
+    _aliases: dict[str, str] = {}  # a base weight's name before peft wrapped its layer -> its name now
+
+    def _adapter_params(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """The adapter's tensors under this model's parameter names, injecting the adapter first."""
+        from orchestrator.engines.lora import adapter_shape, to_module_tensors
+
+        rank, targets, _ = adapter_shape(tensors)
+        if self._adapter is None:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            # alpha = rank: the sender folded the scale into lora_B.
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
+                                               bias="none"), self.model)
+            self.model.eval()
+            self._adapter = (rank, targets)
+            self._params = dict(self.model.named_parameters())
+            self._params.update(dict(self.model.named_buffers()))
+            self._aliases = {k.replace(".base_layer.", "."): k for k in self._params if ".base_layer." in k}
+        elif self._adapter != (rank, targets):
+            raise ValueError(f"load_weights: an adapter of rank {rank} on {targets} after one of rank "
+                             f"{self._adapter[0]} on {self._adapter[1]}")
+        return to_module_tensors(tensors, "default", 1.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the current weights (Hugging Face names), e.g. to restore after a test."""

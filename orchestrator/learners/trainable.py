@@ -20,6 +20,14 @@ not inherit from one. The policy object owns:
   ``trainer/`` of the directory, atomically, and ``restore_checkpoint(path)`` reads it back.
 
 ``run_epochs`` is the shared loop: shuffle, micro-batches, gradient accumulation, metrics.
+
+LoRA (``LearnerConfig.lora``, with peft): the base weights are frozen and only the adapter trains;
+the reference is the same model with the adapter switched off (``fixed``: the base, i.e. the
+starting model) or switched to a frozen copy of the adapter taken at every ``train()`` start
+(``refresh``), so there is never a second copy of the base weights; the optimizer holds the
+adapter's parameters only; ``state_dict()`` hands out the adapter alone, in ``adapter_tensors``'s
+form (the shape engines load as an adapter, ``orchestrator.engines.lora``); checkpoints hold the
+adapter and the training state, and name their base model.
 """
 
 from __future__ import annotations
@@ -49,6 +57,20 @@ TRAINER_DIR = "trainer"
 TRAINER_STATE = "state.pt"  # torch.save of training_state(), read back with weights_only=True
 TRAINER_META = "meta.json"  # the small, human-readable part (counters, reference identity)
 STATE_FORMAT = 1
+
+
+class LoRAConfig(BaseModel):
+    """A LoRA adapter (peft) that trains instead of the full weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, ge=1, description="Rank r of the low-rank update B·A.")
+    alpha: float = Field(32.0, gt=0, description="Scale: the update is (alpha / rank)·B·A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input (0 keeps the "
+                           "policy's and the reference's log-probs of the same text equal at the start).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Names of the linear layers that get an adapter (Llama/Qwen2 names).")
 
 
 class LearnerConfig(BaseModel):
@@ -88,6 +110,10 @@ class LearnerConfig(BaseModel):
     verify_at_end: bool = Field(
         True, description="One no-grad forward after training to check the final weights."
     )
+    lora: LoRAConfig | None = Field(
+        None, description="Train a LoRA adapter instead of the full weights (rank, alpha, dropout, "
+        "target_modules); None: full fine-tuning."
+    )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -117,18 +143,35 @@ class TrainablePolicy:
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
+        from orchestrator.engines.lora import adapter_base
+
+        # A LoRA checkpoint holds an adapter and names its base model: load the base, then the adapter.
+        adapter_dir, base_path = None, Path(model_path)
+        if (base := adapter_base(model_path)) is not None:
+            if config.lora is None:
+                raise ValueError(f"'{model_path}' is a LoRA checkpoint; set the learner's lora settings to train it")
+            adapter_dir, base_path = Path(model_path), base
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.dtype).to(self.device)
         for module in self.model.modules():
             # Dropout makes the policy's and the reference's log-probs of the same text disagree.
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         self.model.train()
+        self.peft: Any = None
+        self.base_path = base_path
+        if config.lora is not None:
+            self._add_adapter(config.lora, adapter_dir)
         self.reference: torch.nn.Module | None = None
         if config.reference != "none":
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.peft is not None:
+                # No second copy of the weights: the reference is this model with the adapter off
+                # (fixed) or on a frozen copy of the adapter (refresh).
+                self.reference = AdapterReference(self, refresh=config.reference == "refresh")
+            else:
+                self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay
@@ -141,16 +184,49 @@ class TrainablePolicy:
         self._good = [p.detach().clone() for p in self.params] if config.rollback else None
         # Where the reference's weights came from (a URI), recorded in checkpoints; whoever loads
         # the policy from a temporary copy (the learner actor) sets the real origin.
-        self.reference_source: str | None = Path(model_path).resolve().as_uri()
+        self.reference_source: str | None = Path(base_path if self.peft is not None else model_path).resolve().as_uri()
         self._reference_fingerprint: str | None = None
 
+    def _add_adapter(self, lora: LoRAConfig, adapter_dir: Path | None) -> None:
+        """Wrap the model's target layers with a LoRA adapter (peft), in place; load its weights
+        from a checkpoint's adapter when resuming."""
+        from peft import LoraConfig, get_peft_model
+
+        names = {name.rsplit(".", 1)[-1] for name, _ in self.model.named_modules()}
+        missing = [m for m in lora.target_modules if m not in names]
+        if missing:
+            raise ValueError(f"lora.target_modules {missing} are not layers of this model")
+        self.peft = get_peft_model(self.model, LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM"))
+        # get_peft_model wraps the layers of self.model in place; self.model stays the transformers
+        # model (what packed_logprobs and generate expect) and now carries the adapter.
+        if adapter_dir is not None:
+            from orchestrator.engines.lora import read_adapter
+
+            self.load_adapter(read_adapter(adapter_dir))
+
+    def load_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``adapter_tensors``-form tensors into the adapter (in place)."""
+        from orchestrator.engines.lora import to_module_tensors
+
+        params = dict(self.model.named_parameters())
+        scale = self.config.lora.alpha / self.config.lora.rank  # type: ignore[union-attr]
+        with torch.no_grad():
+            for name, value in to_module_tensors(tensors, "default", scale).items():
+                if name not in params or tuple(params[name].shape) != tuple(value.shape):
+                    raise ValueError(f"adapter tensor {name!r} does not fit this model's adapter")
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
     # -- iterations -------------------------------------------------------------------------------
 
     def begin_iteration(self) -> None:
         """Start a train() call: refresh the reference if configured (not on the first call), and
         make the weights the call starts from its rollback point."""
         if self.config.reference == "refresh" and self.calls > 0 and self.reference is not None:
-            self.reference.load_state_dict(self.model.state_dict())
+            if isinstance(self.reference, AdapterReference):
+                self.reference.refresh()
+            else:
+                self.reference.load_state_dict(self.model.state_dict())
         if self._good is not None:
             # These weights passed the previous call's final check (or are the starting ones). Taking
             # them as the rollback point, rather than whatever the previous call last copied, also
@@ -167,6 +243,11 @@ class TrainablePolicy:
         from transformers import AutoModelForCausalLM
 
         if self.reference is None:
+            return
+        if isinstance(self.reference, AdapterReference):
+            # The reference is the base with the adapter off: the base this policy was built on.
+            self.reference_source = source or Path(model_path).resolve().as_uri()
+            self._reference_fingerprint = None
             return
         other = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         self.reference.load_state_dict(other.state_dict())
@@ -255,20 +336,42 @@ class TrainablePolicy:
     # -- output -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights for redeploy: CPU tensors under Hugging Face names; never unhealthy weights."""
+        """Weights for redeploy: CPU tensors under Hugging Face names; never unhealthy weights.
+
+        With LoRA, the adapter alone (``engines.lora.adapter_tensors``: ``<layer>.lora_A.weight`` and
+        ``<layer>.lora_B.weight`` with the alpha/rank scale folded into B)."""
         if not self.healthy:
             raise RuntimeError(
                 "the policy has no healthy weights to hand out (rollback is off and training broke)"
             )
+        if self.peft is not None:
+            from orchestrator.engines.lora import adapter_tensors
+
+            scale = self.config.lora.alpha / self.config.lora.rank  # type: ignore[union-attr]
+            return adapter_tensors(dict(self.model.named_parameters()), "default", scale)
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Put back what ``state_dict()`` handed out (the full weights, or the adapter with LoRA)."""
+        if self.peft is not None:
+            self.load_adapter(state_dict)
+        else:
+            self.model.load_state_dict(state_dict)
+
     def save(self, path: str | Path) -> Path:
-        """Write the model and tokenizer as a Hugging Face directory."""
+        """Write the model and tokenizer as a Hugging Face directory; with LoRA the adapter, a
+        config.json and the tokenizer, naming the base model (``engines.lora.write_adapter``)."""
         if not self.healthy:
             raise RuntimeError("refusing to save unhealthy weights")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out, safe_serialization=True)
+        if self.peft is not None:
+            from orchestrator.engines.lora import write_adapter
+
+            base = _path_of(self.reference_source) if self.config.reference == "fixed" else None
+            write_adapter(out, self.state_dict(), base or self.base_path, self.model.config)
+        else:
+            self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         return out
 
@@ -325,6 +428,80 @@ class TrainablePolicy:
         set_rng_state(state["rng"])
         if ref.get("source"):
             self.reference_source = ref["source"]
+
+
+def _path_of(uri: str | None) -> Path | None:
+    """The local path of a ``file://`` URI (None for anything else)."""
+    if uri and uri.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    return None
+
+
+class AdapterReference(torch.nn.Module):
+    """A LoRA policy's reference without a second copy of the weights.
+
+    ``packed_logprobs(reference, batch)`` runs the policy's own model with the adapter off
+    (``fixed``: the base model, the run's start) or, for ``refresh``, with a second, frozen adapter
+    ("reference") that ``refresh()`` copies from the trained one at each ``train()`` start.
+    """
+
+    def __init__(self, policy: TrainablePolicy, refresh: bool) -> None:
+        super().__init__()
+        self._policy = [policy]  # a list: not registered as a submodule (its parameters are the policy's)
+        self.refresh_mode = refresh
+        self.base_model_prefix = "decoder"
+        if refresh:
+            policy.peft.add_adapter("reference", policy.peft.peft_config["default"])
+            policy.peft.set_adapter("default")  # add_adapter leaves the active adapter; keep training "default"
+            self.refresh()
+
+    @property
+    def decoder(self):
+        policy = self._policy[0]
+        inner = getattr(policy.model, policy.model.base_model_prefix)
+
+        def run(**kwargs):
+            peft = policy.peft
+            if self.refresh_mode:
+                # Switch the active adapter by hand: peft's set_adapter also flips requires_grad.
+                layers = [m for m in policy.model.modules() if hasattr(m, "_active_adapter") and hasattr(m, "lora_A")]
+                for m in layers:
+                    m._active_adapter = ["reference"]
+                try:
+                    return inner(**kwargs)
+                finally:
+                    for m in layers:
+                        m._active_adapter = ["default"]
+            with peft.disable_adapter():
+                return inner(**kwargs)
+
+        return run
+
+    def get_output_embeddings(self):
+        return self._policy[0].model.get_output_embeddings()
+
+    def parameters(self, recurse: bool = True):
+        return self._policy[0].model.parameters(recurse)
+
+    def refresh(self) -> None:
+        """Make the reference adapter a copy of the trained one."""
+        params = dict(self._policy[0].model.named_parameters())
+        with torch.no_grad():
+            for name, p in params.items():
+                if ".default." in name and "lora_" in name:
+                    params[name.replace(".default.", ".reference.")].copy_(p)
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        """What the reference computes with: the base weights (and the reference adapter, if any)."""
+        out = {}
+        for name, p in self._policy[0].model.named_parameters():
+            if "lora_" not in name:
+                out[name.replace(".base_layer.", ".")] = p.detach()
+            elif self.refresh_mode and ".reference." in name:
+                out[name] = p.detach()
+        return out
 
 
 def _to_cpu(value: Any) -> Any:

@@ -1,0 +1,175 @@
+"""LoRA learners (peft) and adapter redeploy, on the session's BPE Qwen2 model.
+
+Only the adapter trains; the reference is the same model with the adapter off (fixed) or on a
+frozen adapter copy (refresh), never a second copy of the weights; the optimizer, the redeploy
+payload and the checkpoints hold the adapter alone; an engine given the adapter (in place, or as a
+checkpoint directory) computes what the learner's model computes; resuming from an adapter
+checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orchestrator.engines import make_engine
+from orchestrator.engines.lora import adapter_base, is_adapter
+from orchestrator.learners.dpo import DPOLearner
+from orchestrator.learners.trainable import LoRAConfig
+from orchestrator.weights import from_payload, to_payload
+from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
+
+LORA = LoRAConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+
+def _pairs(n: int = 8, offset: int = 0) -> list[PairRecord]:
+    out = []
+    for i in range(offset, offset + n):
+        a, b = 10 + i, 20 + 2 * i
+        out.append(PairRecord(prompt=f"{a}+{b}\n", chosen=f"{a}+{b}={a + b}\n", rejected=f"{a}+{b}={a + b + 7}\n",
+                              source="mcts", info={"final": True}))
+    return out
+
+
+def _base(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _learner(model_dir, **kw):
+    args = dict(lora=LORA, num_threads=1, lr=5e-3, batch_size=4, loss_type="sigmoid", nll_weight=0.0)
+    args.update(kw)
+    return DPOLearner(model_dir, **args)
+
+
+def test_only_the_adapter_trains(bpe_model_dir):
+    learner = _learner(bpe_model_dir)
+    policy = learner.policy
+    assert policy.params and all("lora_" in n for n, p in policy.model.named_parameters() if p.requires_grad)
+    assert {id(p) for p in policy.params} == {id(p) for group in policy.optimizer.param_groups for p in group["params"]}
+    m = learner.train(_pairs())
+    assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-5)  # B = 0: policy = reference at the start
+    assert m["updates"] >= 2 and learner.evaluate(_pairs())["reward_margin"] > 0
+    base = _base(bpe_model_dir)
+    for name, p in policy.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p.detach(), base[name.replace(".base_layer.", ".")]), name
+    sd = learner.state_dict()
+    assert is_adapter(sd) and len(sd) == 2 * 4 * 2  # A and B, 4 layer kinds, 2 blocks
+    assert all(torch.count_nonzero(v) > 0 for k, v in sd.items() if k.endswith("lora_B.weight"))
+    # The optimizer's state is the adapter's: one moment pair per adapter tensor, nothing else.
+    assert len(policy.optimizer.state) == len(policy.params) == len(sd)
+
+
+def test_reference_is_the_base_with_the_adapter_off(bpe_model_dir):
+    from orchestrator.learners.logprobs import Group, pack, packed_logprobs
+    from orchestrator.learners.trainable import AdapterReference
+
+    learner = _learner(bpe_model_dir, reference="fixed")
+    learner.train(_pairs())
+    policy = learner.policy
+    assert isinstance(policy.reference, AdapterReference)
+    # No second copy of the weights: the reference's parameters are the policy's own tensors.
+    assert {p.data_ptr() for p in policy.reference.parameters()} == {p.data_ptr() for p in policy.model.parameters()}
+    tok = policy.tokenizer
+    group = Group(tok("12+3\n")["input_ids"], [tok("12+3=15\n", add_special_tokens=False)["input_ids"]])
+    batch = pack([group], tok.pad_token_id)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(bpe_model_dir)
+    with torch.no_grad():
+        ref = packed_logprobs(policy.reference, batch).values
+        want = packed_logprobs(base, batch).values
+        mine = packed_logprobs(policy.model, batch).values
+    assert ref.tolist() == pytest.approx(want.tolist(), abs=1e-5)
+    assert mine.tolist() != pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_refresh_reference_is_a_frozen_adapter_copy(bpe_model_dir):
+    learner = _learner(bpe_model_dir, reference="refresh")
+    learner.train(_pairs())
+    m = learner.train(_pairs())  # the reference is now the adapter as the first call left it
+    assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    params = dict(learner.policy.model.named_parameters())
+    trained = [n for n in params if ".default." in n]
+    assert trained and all(not params[n.replace(".default.", ".reference.")].requires_grad for n in trained)
+
+
+@pytest.mark.parametrize("via", ["load_weights", "checkpoint"])
+def test_engine_serves_the_adapter(bpe_model_dir, tmp_path, via):
+    """Redeploy sends only the adapter; the HF engine (peft) then scores like the learner's model,
+    whether it got the adapter in place or was built from an adapter checkpoint."""
+    from orchestrator.learners.logprobs import unshared_logprobs
+
+    learner = _learner(bpe_model_dir)
+    learner.train(_pairs())
+    payload = to_payload(3, learner.state_dict())
+    full = sum(v.numel() * 4 for v in _base(bpe_model_dir).values())
+    assert payload.nbytes < full / 10
+    if via == "load_weights":
+        engine = make_engine("hf", bpe_model_dir, num_threads=1)
+        before = engine.score(["12+3\n"], ["12+3=15\n"])[0].total
+        engine.load_weights(payload.version, from_payload(payload))
+        assert engine.version == 3
+        assert engine.score(["12+3\n"], ["12+3=15\n"])[0].total != pytest.approx(before, abs=1e-4)
+    else:
+        ckpt = learner.save_checkpoint(tmp_path / "v0003")
+        assert not (ckpt / "model.safetensors").exists() and adapter_base(ckpt) == bpe_model_dir.resolve()
+        engine = make_engine("hf", ckpt, num_threads=1)
+    tok = learner.policy.tokenizer
+    prompt, cont = tok("12+3\n")["input_ids"], tok("12+3=15\n", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = unshared_logprobs(learner.policy.model, prompt, cont)
+    got = engine.score(["12+3\n"], ["12+3=15\n"])[0].token_logprobs
+    assert got == pytest.approx(want.tolist(), abs=1e-4)
+    # A second version is copied into the same adapter tensors (no new wrapping).
+    learner.train(_pairs(offset=8))
+    engine.load_weights(4, learner.state_dict())
+    with torch.no_grad():
+        want = unshared_logprobs(learner.policy.model, prompt, cont)
+    assert engine.score(["12+3\n"], ["12+3=15\n"])[0].token_logprobs == pytest.approx(want.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="adapter of rank"):
+        other = {k: torch.zeros(8, v.shape[1]) if k.endswith("lora_A.weight") else torch.zeros(v.shape[0], 8)
+                 for k, v in learner.state_dict().items()}
+        engine.load_weights(5, other)
+    engine.close()
+
+
+def test_adapter_checkpoint_resumes_exactly(bpe_model_dir, tmp_path):
+    a = _learner(bpe_model_dir, reference="fixed", warmup_steps=3)
+    a.train(_pairs())
+    ckpt = a.save_checkpoint(tmp_path / "ckpt")
+    files = {f.name for f in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer"} <= files and "model.safetensors" not in files
+    b = _learner(ckpt, reference="fixed", warmup_steps=3)
+    assert b.restore_checkpoint(ckpt)
+    ma, mb = a.train(_pairs(offset=8)), b.train(_pairs(offset=8))
+    assert mb["loss"] == pytest.approx(ma["loss"], abs=1e-6) and mb["updates"] == ma["updates"]
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-6), k
+
+
+def test_lora_errors_are_one_line(bpe_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="not layers of this model"):
+        DPOLearner(bpe_model_dir, lora=LoRAConfig(target_modules=["c_attn"]), num_threads=1)
+    ckpt = _learner(bpe_model_dir).save_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="LoRA checkpoint"):
+        DPOLearner(ckpt, num_threads=1)
+
+
+def test_tpo_and_slhf_train_adapters(bpe_model_dir):
+    from orchestrator.learners.slhf import SLHFLearner
+    from orchestrator.learners.tpo import TPOLearner
+
+    lists = [RankedListRecord(prompt=p.prompt, items=[RankedItem(p.chosen, 1.0), RankedItem(p.rejected, -1.0),
+                                                        RankedItem(p.prompt.strip() + "=0\n", -0.5)],
+                              source="mcts") for p in _pairs()]
+    tpo = TPOLearner(bpe_model_dir, lora=LORA, num_threads=1, lr=5e-3, batch_size=4)
+    assert tpo.train(PreferenceData(ranked_lists=lists))["updates"] >= 1
+    assert is_adapter(tpo.state_dict())
+    slhf = SLHFLearner(bpe_model_dir, lambda prompt, a, b: 1.0 if len(a) < len(b) else 0.0, lora=LORA,
+                       num_threads=1, max_new_tokens=6, batch_size=2)
+    assert slhf.train([p.prompt for p in _pairs(4)], steps=2)["updates"] >= 1
+    assert is_adapter(slhf.state_dict())
