@@ -36,13 +36,22 @@ class _Strict(BaseModel):
 
 
 class TinyModelConfig(_Strict):
-    """A random-init Llama with the char tokenizer, built on the spot when ``model.path`` is unset."""
+    """A random-init model built on the spot when ``model.path`` is unset: a Llama with the char
+    tokenizer (the demo), or a Qwen2/Llama with a byte-level BPE tokenizer trained on the
+    environments' text (``tokenizer: bpe``, orchestrator/engines/bpe.py; configs/real.yaml)."""
 
+    tokenizer: Literal["char", "bpe"] = Field("char", description="char: one token per character; bpe: "
+                                               "byte-level BPE trained here, merges across lines, ChatML.")
+    arch: Literal["llama", "qwen2"] | None = Field(None, description="bpe only (char is always llama); "
+                                                    "None: qwen2.")
     hidden_size: int = Field(128, ge=16, description="Model width.")
     num_layers: int = Field(4, ge=1, description="Transformer blocks.")
     num_heads: int = Field(4, ge=1, description="Attention heads.")
-    max_positions: int = Field(128, ge=32, description="Context length in characters.")
-    seed: int = Field(0, description="Seed of the random init.")
+    num_kv_heads: int | None = Field(None, ge=1, description="bpe: key/value heads (GQA); None: half the heads.")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP width; None: the builder's default.")
+    vocab_size: int = Field(4096, ge=300, description="bpe: vocabulary size the tokenizer is trained to.")
+    max_positions: int = Field(128, ge=32, description="Context length (characters with char, tokens with bpe).")
+    seed: int = Field(0, description="Seed of the random init (and of the tokenizer's corpus).")
 
 
 class ModelConfig(_Strict):
