@@ -21,7 +21,9 @@ import functools
 import json
 import random
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +88,15 @@ def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float],
     from orchestrator.warmstart import supervised_warm_start
 
     t = cfg.model.tiny
-    path = build_tiny_model(run_dir / "model-v0", t.hidden_size, t.num_layers, t.num_heads,
-                            max_positions=t.max_positions, seed=t.seed)
+    if t.tokenizer == "bpe":
+        from orchestrator.engines.bpe import DEFAULT_ENVIRONMENTS, build_bpe_model, environment_corpus
+
+        corpus = environment_corpus([(cfg.env.name, cfg.env.kwargs), *DEFAULT_ENVIRONMENTS], seed=t.seed)
+        path = build_bpe_model(run_dir / "model-v0", t.arch or "qwen2", t.hidden_size, t.num_layers, t.num_heads,
+                               t.num_kv_heads, t.intermediate_size, t.max_positions, t.vocab_size, t.seed, corpus)
+    else:
+        path = build_tiny_model(run_dir / "model-v0", t.hidden_size, t.num_layers, t.num_heads,
+                                intermediate_size=t.intermediate_size, max_positions=t.max_positions, seed=t.seed)
     info: dict[str, float] = {}
     ws = cfg.warm_start
     if ws.enabled and ws.steps > 0:
@@ -103,10 +112,13 @@ def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float],
 
 # -------------------------------------------------------------------------------------------- loop
 class Loop:
-    """One run's iterations as steps: rollout (writing each chunk), learn, redeploy, evaluate.
+    """One run's iterations as steps: rollout (chunks written as they come back), learn, redeploy,
+    evaluate.
 
     The actors are the ``Fleet``'s (orchestrator/workers.py); this class decides what they run
-    and writes what comes back to the store.
+    and writes what comes back to the store. Writes happen on a thread of their own, in the order
+    the chunks came back, so neither the workers nor the driver wait for the database; ``flush``
+    waits for an iteration's writes (the learner reads only after it).
     """
 
     def __init__(self, cfg: RunConfig, store: Store, run_id: int, model: Path, version: int,
@@ -120,10 +132,15 @@ class Loop:
         # Absolute on the driver: the learner resolves paths on its own node and working directory.
         self.run_dir = (Path(cfg.output_dir) / cfg.name).resolve()
         self.fleet = Fleet(cfg, model, version, run_id, reference, reference_uri)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="treeplay-store")
+        self._writes: dict[int, list[Future]] = defaultdict(list)
+        self.store_s: dict[int, float] = defaultdict(float)  # seconds the writer spent per iteration
+        self.data_versions: dict[int, Counter] = defaultdict(Counter)  # iteration -> {version: tasks}
+        self.learning = ""  # what the learner is busy with (a pipelined run's progress line says it)
 
     @property
     def version(self) -> int:
-        """The weights version the workers serve (or will, after ``redeploy``)."""
+        """The newest weights version (served by the workers, or picked up before their next chunk)."""
         return self.fleet.version
 
     @property
@@ -138,9 +155,14 @@ class Loop:
     def weights_ref(self) -> Any:
         return self.fleet.weights_ref
 
-    # -- rollouts ---------------------------------------------------------------------------------
-    def rollout(self, index: int, tasks: Sequence[Task], progress: Progress | None = None) -> dict[str, float]:
-        """Run ``tasks`` over the workers, writing each chunk's results as it finishes."""
+    # -- rollouts and store -----------------------------------------------------------------------
+    def rollout(self, index: int, tasks: Sequence[Task], progress: Progress | None = None, flush: bool = True,
+                check: Callable[[], None] | None = None) -> dict[str, float]:
+        """Run ``tasks`` over the workers; each chunk's results go to the store as it comes back.
+
+        ``flush``: return only once every result is written (else ``flush(index)`` waits for it).
+        ``check`` is called after each chunk (the pipeline stops here if the learner's side failed).
+        """
         from orchestrator.rollouts import rollout_summary
 
         done = queries.completed_task_ids(self.store, self.run_id, index)
@@ -151,38 +173,62 @@ class Loop:
         # same seed gives the remaining tasks the results the uninterrupted run got.
         chunks = [(c, list(tasks[i : i + size])) for c, i in enumerate(range(0, len(tasks), size))]
         pending = [(c, ts, chunk_seed(self.cfg.seed, index, c)) for c, ts in chunks if any(t.id not in done for t in ts)]
+        if done:
+            self.data_versions[index]["kept"] += len(done)  # written before a resume
         bar = progress.add_task(f"iter {index} rollouts", total=len(tasks), completed=len(done)) if progress else None
         tally = {"chunk_reruns": 0.0, "weights_reapplied": 0.0}
-        stats, write_s = [], 0.0
+        stats, versions = [], []
         t_roll = time.perf_counter()
         for chunk in self.fleet.stream(pending, index, tally, say=lambda m: console.print(f"[yellow]{m}[/]")):
-            t0 = time.perf_counter()
             # Chunks are disjoint and a failed chunk wrote nothing, so `done` (read once, for resume)
             # plus what this loop wrote is the whole truth; the store rejects a double write anyway.
             fresh = [r for r in chunk.results if r.task_id not in done]
-            queries.write_task_results(self.store, self.run_id, index, fresh)
             done.update(r.task_id for r in fresh)
-            write_s += time.perf_counter() - t0
+            self._writes[index].append(self._writer.submit(self._write, index, fresh))
+            self.data_versions[index][chunk.version] += len(fresh)
             stats.append(chunk.stats)
+            versions.append(chunk.version)
             if progress is not None:
-                progress.update(bar, advance=len(fresh), description=_live_line(index, stats, time.perf_counter() - t_roll))
+                line = _live_line(index, stats, time.perf_counter() - t_roll, self.fleet.worker_versions(), self.learning)
+                progress.update(bar, advance=len(fresh), description=line)
+            if check is not None:
+                check()
         out = rollout_summary(stats)
         out["chunk_reruns"] = tally["chunk_reruns"]  # chunks whose worker died under them, run again
         out["weights_reapplied"] = tally["weights_reapplied"]  # restarted workers brought back to the served version
-        out["store_s"] = write_s
+        if versions:  # the weights versions this iteration's chunks ran on
+            out["version_min"], out["version_max"] = float(min(versions)), float(max(versions))
+        if flush:
+            self.flush(index)
         return out
+
+    def _write(self, index: int, results: list) -> None:
+        t0 = time.perf_counter()
+        queries.write_task_results(self.store, self.run_id, index, results)
+        self.store_s[index] += time.perf_counter() - t0
+
+    def flush(self, index: int) -> float:
+        """Wait until every chunk of iteration ``index`` handed to the writer is in the store; a
+        failed write raises here. Returns the seconds waited."""
+        t0 = time.perf_counter()
+        for f in self._writes.pop(index, []):
+            f.result()
+        return time.perf_counter() - t0
 
     # -- learning and redeploy ------------------------------------------------------------------
     def learn(self, index: int, tasks: Sequence[Task] | None = None) -> tuple[dict[str, Any], bool]:
-        """Train on the store's data; on success the new weights become the ones to serve. Without an
-        update the metrics say why (``no_update_reason``). ``tasks``: those of this iteration and
-        its replay window, for SLHF's oracle."""
+        """Train on the store's data (once this iteration's writes are in); on success the new
+        weights become the ones to serve. Without an update the metrics say why
+        (``no_update_reason``). ``tasks``: those of this iteration and its replay window, for
+        SLHF's oracle."""
+        self.flush(index)
         ckpt_dir = str(self.run_dir / "checkpoints")
         slhf_tasks = list(tasks) if tasks is not None and self.cfg.learner.algorithm == "slhf" else None
         return self.fleet.train(index, ckpt_dir, slhf_tasks)
 
     def redeploy(self) -> float:
-        """Every worker loads the new weights in place; refuses to go on with mixed versions."""
+        """Deploy the new weights: to every worker now (synchronous; mixed versions are refused), or
+        to the evaluator now and to each worker before its next chunk (pipelined)."""
         return self.fleet.redeploy()
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -193,15 +239,56 @@ class Loop:
         return sum(flat) / len(flat)
 
     def shutdown(self) -> None:
+        self._writer.shutdown(wait=True)  # what came back is written before the actors go
         self.fleet.shutdown()
 
 
-def _live_line(index: int, stats: list[dict[str, float]], seconds: float) -> str:
-    """The progress bar's text while chunks stream in: what the rollouts have found so far."""
+class Lane:
+    """Runs the second half of each iteration (learn, redeploy, evaluate, record) in iteration order:
+    inline when ``background`` is False (a synchronous run), otherwise on one thread of its own,
+    so that the driver goes on with the next iteration's rollouts meanwhile.
+    """
+
+    def __init__(self, background: bool) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="treeplay-learner") if background else None
+        self.futures: dict[int, Future] = {}
+
+    def submit(self, index: int, work: Callable[[], None]) -> None:
+        if self.executor is None:
+            work()
+        else:
+            self.futures[index] = self.executor.submit(work)
+
+    def wait_for(self, index: int) -> float:
+        """Block until the second halves of iterations up to ``index`` are done (re-raising the
+        first error); returns the seconds waited."""
+        t0 = time.perf_counter()
+        for i in sorted(self.futures):
+            if i <= index:
+                self.futures.pop(i).result()
+        return time.perf_counter() - t0
+
+    def check(self) -> None:
+        """Raise now if a second half already failed (rather than after the current rollouts)."""
+        for f in list(self.futures.values()):
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _live_line(index: int, stats: list[dict[str, float]], seconds: float,
+               workers: Sequence[int | None] = (), learning: str = "") -> str:
+    """The progress bar's text while chunks stream in: what the rollouts have found so far, the
+    version each worker serves and, in a pipelined run, what the learner is doing."""
     from orchestrator.rollouts import rollout_summary
 
     s = rollout_summary(stats)
     parts = [f"iter {index} rollouts"]
+    if workers:
+        parts.append("workers " + " ".join(f"v{v}" for v in workers))
     if "solved" in s:
         parts.append(f"solved {s['solved']:.0%}")
     if "reward" in s:
@@ -210,16 +297,19 @@ def _live_line(index: int, stats: list[dict[str, float]], seconds: float) -> str
     if s.get("nodes"):
         parts.append(f"{s['nodes'] / max(seconds, 1e-9):.0f} nodes/s")
     parts.append(f"{s.get('tasks', 0) / max(seconds, 1e-9):.0f} tasks/s")
+    if learning:
+        parts.append(learning)
     return " | ".join(parts)
 
 
 def _print_iteration(rep: IterationReport) -> None:
     m = rep.metrics
+    staleness = f", data staleness <= {int(m['learn/staleness_max'])}" if m.get("learn/staleness_max") else ""
     console.print(
         f"[bold]iteration {rep.index}[/] v{rep.version}: greedy acc {m.get('eval/accuracy_before', 0):.3f} -> "
         f"[bold green]{m.get('eval/accuracy_greedy', 0):.3f}[/], sample acc {m.get('eval/accuracy_sample', 0):.3f}, "
-        f"pairs {int(m.get('rollout/pairs', 0))}, loss {m.get('learn/loss', float('nan')):.3f}, "
-        f"{sum(rep.timings.values()):.1f}s"
+        f"pairs {int(m.get('rollout/pairs', 0))}, loss {m.get('learn/loss', float('nan')):.3f}{staleness}, "
+        f"{rep.timings.get('wall_s', sum(rep.timings.values())):.1f}s"
     )
 
 
@@ -262,16 +352,33 @@ def _records_stop(run: Callable[..., RunReport]) -> Callable[..., RunReport]:
     return wrapper
 
 
+@dataclass
+class RunState:
+    """What the iterations of one run pass on to each other (in iteration order, on the lane)."""
+
+    acc: float  # held-out greedy accuracy of the newest evaluated version
+    acc_sample: float
+    resume_checkpoint: Any = None  # the newest checkpoint when the run (re)started
+    reports: list[IterationReport] = field(default_factory=list)
+    last_record: float = field(default_factory=time.perf_counter)  # when the previous iteration was recorded
+
+
 @_records_stop
 def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_version: int = 0,
              t_start: float | None = None, reference: Path | None = None,
              reference_uri: str | None = None) -> RunReport:
-    """Run (or continue) the iterations of a run whose model is ready (``Loop`` for the rest)."""
+    """Run (or continue) the iterations of a run whose model is ready (``run_iteration`` for one).
+
+    With ``rollout.max_staleness`` k > 0 the iterations overlap: iteration i's rollouts start as
+    soon as iteration i-1's are in and iteration i-1-k has learned and deployed its weights, while
+    the learner, the redeploy and the evaluation of earlier iterations run on the lane's thread.
+    So the workers' weights are never more than k versions behind the learner's.
+    """
     t_start = t_start or time.perf_counter()
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
     held_out = env.tasks(cfg.eval.split, cfg.eval.tasks, seed=cfg.seed)
     loop = Loop(cfg, store, run_id, model, start_version, reference, reference_uri)
-    reports: list[IterationReport] = []
+    lane = Lane(background=cfg.rollout.max_staleness > 0)
     finished = set(queries.finished_iterations(store, run_id))
     try:
         acc = loop.evaluate(held_out, 0.0)
@@ -282,80 +389,123 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
             # Iteration -1 holds the warm-started policy's figures (the first point of the curve).
             queries.log_metrics(store, run_id, -1, {"eval/accuracy_greedy": acc, "eval/accuracy_sample": acc_sample})
         console.print(f"held-out greedy accuracy at v{loop.version}: [bold]{acc:.3f}[/] (T={cfg.eval.sample_temperature} samples: {acc_sample:.3f})")
+        run = RunState(acc, acc_sample, queries.latest_checkpoint(store, run_id))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
             for index in range(cfg.iterations):
                 if index in finished:
                     continue
-                rep = run_iteration(cfg, loop, env, held_out, index, acc, progress)
-                acc, acc_sample = rep.metrics["eval/accuracy_greedy"], rep.metrics["eval/accuracy_sample"]
-                reports.append(rep)
-                _print_iteration(rep)
+                # The staleness bound: these rollouts may start once iteration index-1-k has learned
+                # and deployed (k = 0: the previous iteration is wholly done).
+                waited = lane.wait_for(index - 1 - cfg.rollout.max_staleness)
+                run_iteration(cfg, loop, lane, env, held_out, index, run, progress, waited)
+            lane.wait_for(cfg.iterations)
     finally:
+        lane.close()
         loop.shutdown()
     queries.finish_run(store, run_id, "done")
     plot = plot_learning_curve(store, run_id, Path(cfg.output_dir) / cfg.name / "learning_curve.png", cfg.name)
-    return RunReport(run_id, cfg.name, acc_before_run, acc, sample_before_run, acc_sample,
-                     time.perf_counter() - t_start, reports, plot)
+    return RunReport(run_id, cfg.name, acc_before_run, run.acc, sample_before_run, run.acc_sample,
+                     time.perf_counter() - t_start, run.reports, plot)
 
 
-def run_iteration(cfg: RunConfig, loop: Loop, env: Any, held_out: Sequence[Task], index: int, acc: float,
-                  progress: Progress | None = None) -> IterationReport:
+def run_iteration(cfg: RunConfig, loop: Loop, lane: Lane, env: Any, held_out: Sequence[Task], index: int,
+                  run: RunState, progress: Progress | None = None, waited: float = 0.0) -> None:
     """One iteration, top to bottom: rollout, store, learn, redeploy, evaluate, record.
 
-    ``acc`` is the held-out greedy accuracy before it (the previous iteration's, or the warm start's).
+    Rollout and store happen here; the rest (``learn_and_record``) goes to the lane, which runs it
+    at once in a synchronous run, or on its own thread in a pipelined one while the driver starts
+    the next iteration's rollouts. ``waited``: seconds the rollouts waited for the staleness bound.
     """
-    store, run_id = loop.store, loop.run_id
-    timings: dict[str, float] = {}
-    queries.start_iteration(store, run_id, index, loop.version)
+    timings = {"wait_s": waited}
+    queries.start_iteration(loop.store, loop.run_id, index, loop.version)
     tasks = iteration_tasks(cfg, env, index)
-
-    ckpt = queries.latest_checkpoint(store, run_id)
+    ckpt = run.resume_checkpoint
     if ckpt is not None and ckpt.iteration == index:
-        # Resumed after this iteration's update was saved (rollouts were all written before
-        # learning began): only evaluation and bookkeeping are left. The learner's metrics were
-        # saved with the checkpoint; the accuracy "before" is the previous version's, not that of
-        # the checkpoint being served now.
-        roll, updated = {}, False
-        learn = {**(ckpt.metrics or {}), "resumed_after_learn": 1.0}
-        acc = _accuracy_before(store, run_id, index, acc)
-    else:
-        # Rollout and store: each chunk's results are written as it comes back.
-        t = time.perf_counter()
-        roll = loop.rollout(index, tasks, progress)
-        timings["rollout_s"] = time.perf_counter() - t - roll.get("store_s", 0.0)
-        timings["store_s"] = roll.pop("store_s", 0.0)
+        # Resumed after this iteration's update was saved (rollouts were all written before learning
+        # began): only evaluation and bookkeeping are left.
+        lane.submit(index, functools.partial(learn_and_record, cfg, loop, env, held_out, index, tasks, {}, timings,
+                                             run, ckpt))
+        return
 
-        # Learn on this iteration's data (plus the replay window).
-        t = time.perf_counter()
+    # Rollout and store: chunks stream back from the workers and are written as they come (in the
+    # background; the learner waits for the last write).
+    t = time.perf_counter()
+    roll = loop.rollout(index, tasks, progress, flush=False, check=lane.check)
+    timings["rollout_s"] = time.perf_counter() - t
+
+    # Learn, redeploy, evaluate, record.
+    lane.submit(index, functools.partial(learn_and_record, cfg, loop, env, held_out, index, tasks, roll, timings, run))
+
+
+def learn_and_record(cfg: RunConfig, loop: Loop, env: Any, held_out: Sequence[Task], index: int,
+                     tasks: Sequence[Task], roll: dict[str, float], timings: dict[str, float], run: RunState,
+                     resumed: Any = None) -> None:
+    """The second half of iteration ``index``: learn on its data, deploy the new weights, evaluate
+    them, record the iteration. ``resumed``: the checkpoint this iteration's update was saved in
+    before the run stopped (then only evaluation and bookkeeping are left)."""
+    store, run_id = loop.store, loop.run_id
+    before = run.acc
+    if resumed is not None:
+        # The learner's metrics were saved with the checkpoint; the accuracy "before" is the
+        # previous version's, not that of the checkpoint being served now.
+        learn, updated = {**(resumed.metrics or {}), "resumed_after_learn": 1.0}, False
+        before = _accuracy_before(store, run_id, index, before)
+    else:
+        # Learn on this iteration's data (plus the replay window), once all of it is in the store.
+        timings["store_wait_s"] = loop.flush(index)
+        timings["store_s"] = loop.store_s.pop(index, 0.0)
         window = [tasks]
         if cfg.learner.algorithm == "slhf":  # the oracle must know the replayed data's tasks too
             window = [iteration_tasks(cfg, env, i) for i in range(max(0, index - cfg.learner.replay), index)] + window
-        learn, updated = loop.learn(index, [t for ts in window for t in ts])
+        versions = [v for v in loop.data_versions.get(index, {}) if v != "kept"]
+        if versions:
+            loop.learning = (f"learner: iter {index} at v{loop.version} on data from v{min(versions)}"
+                             + (f"-v{max(versions)}" if max(versions) != min(versions) else ""))
+        t = time.perf_counter()
+        learn, updated = loop.learn(index, [task for ts in window for task in ts])
         timings["learn_s"] = time.perf_counter() - t
 
-    # Redeploy the new weights (if any) to every worker.
+    # Redeploy the new weights (if any).
+    loop.learning = f"learner: evaluating v{loop.version}" if loop.fleet.pipelined else ""
     timings["redeploy_s"] = loop.redeploy() if updated else 0.0
-    if not updated and "resumed_after_learn" not in learn:
+    if not updated and resumed is None:
         console.print(f"[yellow]iteration {index}: no update deployed ({_why_not(learn)}); keeping v{loop.version}[/]")
 
-    # Evaluate the policy now served on the held-out tasks.
+    # Evaluate the newest policy on the held-out tasks.
     t = time.perf_counter()
-    before = acc
     acc = loop.evaluate(held_out, 0.0)
     acc_sample = loop.evaluate(held_out, cfg.eval.sample_temperature)
     timings["eval_s"] = time.perf_counter() - t
+    loop.learning = ""
 
-    # Record: metrics, then the iteration row (which also says, in words, why nothing was deployed).
+    # Record: metrics, then the iteration row (which also says, in words, why nothing was deployed,
+    # and which weights versions its data came from).
+    now = time.perf_counter()
+    timings["wall_s"] = now - run.last_record  # wall-clock since the previous iteration was recorded
+    run.last_record = now
     metrics = {f"rollout/{k}": float(v) for k, v in roll.items()}
     metrics.update({f"learn/{k}": float(v) for k, v in learn.items() if isinstance(v, (int, float))})
     metrics.update({"eval/accuracy_before": before, "eval/accuracy_greedy": acc,
                     "eval/accuracy_sample": acc_sample, "policy_version": float(loop.version)})
     metrics.update({f"time/{k}": v for k, v in timings.items()})
     queries.log_metrics(store, run_id, index, metrics)
-    row = {**metrics, "learn/no_update_reason": _why_not(learn)} if not updated and "resumed_after_learn" not in learn else metrics
+    row: dict[str, Any] = dict(metrics)
+    if not updated and resumed is None:
+        row["learn/no_update_reason"] = _why_not(learn)
+    if index in loop.data_versions:
+        counts = loop.data_versions.pop(index)
+        row[DATA_VERSIONS] = {str(v): counts[v] for v in sorted(counts, key=lambda v: (isinstance(v, str), v))}
     queries.finish_iteration(store, run_id, index, metrics=row, timings=timings)
-    return IterationReport(index, loop.version, metrics, timings)
+    run.acc, run.acc_sample = acc, acc_sample
+    rep = IterationReport(index, loop.version, metrics, timings)
+    run.reports.append(rep)
+    _print_iteration(rep)
+
+
+# The iteration row's record of where its data came from: {weights version: tasks rolled out on it},
+# plus "kept": tasks written before a resume (their versions are on their trees, trajectories and pairs).
+DATA_VERSIONS = "rollout/data_versions"
 
 
 def _why_not(learn: dict[str, Any]) -> str:

@@ -2,8 +2,8 @@
 
 Self-improvement needs a policy that already solves some tasks (the demo aims for a warm start at
 20–55% held-out accuracy, see docs/tiny-models.md). This is plain next-token cross-entropy on the completion
-tokens of (prompt, completion) pairs, prompt tokens masked, with the same tokenization the engines
-use (prompt and completion tokenized separately, then concatenated).
+tokens of (prompt, completion) pairs, prompt tokens masked, with the tokenization search prompts
+the policy with (the prompt, then each line of the completion, each tokenized on its own).
 
     python -m orchestrator.warmstart MODEL_DIR --steps 600   # on arithmetic demonstrations
 """
@@ -20,9 +20,16 @@ import torch
 
 
 def _encode(tok, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[list[int], int]]:
+    # Each line of a completion is tokenized on its own: that is how search's token-in, token-out
+    # contexts hold the steps (a BPE merge never spans two steps there), so the warm start teaches
+    # the tokens the policy will be prompted with. With the char tokenizer it changes nothing.
     p_ids = tok(list(prompts), add_special_tokens=False).input_ids
-    c_ids = tok(list(completions), add_special_tokens=False).input_ids
-    return [(p + c, len(p)) for p, c in zip(p_ids, c_ids, strict=True)]
+    out = []
+    for p, completion in zip(p_ids, completions, strict=True):
+        lines = completion.splitlines(keepends=True)
+        c = [t for ids in (tok(lines, add_special_tokens=False).input_ids if lines else []) for t in ids]
+        out.append((p + c, len(p)))
+    return out
 
 
 def supervised_warm_start(

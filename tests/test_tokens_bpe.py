@@ -237,3 +237,21 @@ def test_regression_nul_step_does_not_break_the_store_write(tmp_path):
     for t in found:
         queries.write_task_result(store, run, 0, tree_result(t, filter_incorrect=False))
     store.close()
+
+
+@pytest.mark.slow
+def test_run_builds_a_bpe_model_from_the_config(tmp_path):
+    """``model.tiny.tokenizer: bpe`` builds the tokenizer on the run's environment and warm-starts the
+    model with each demonstration line tokenized on its own (as search's contexts hold them)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from orchestrator.config import load_config
+    from orchestrator.loop import prepare_model
+
+    cfg = load_config(None, ["model.tiny.tokenizer=bpe", "model.tiny.hidden_size=64", "model.tiny.num_layers=1",
+                             "model.tiny.num_heads=2", "model.tiny.vocab_size=400", "warm_start.steps=3",
+                             "warm_start.examples=50", "warm_start.batch_size=4"])
+    path, info = prepare_model(cfg, tmp_path)
+    assert AutoConfig.from_pretrained(path).model_type == "qwen2" and info["loss"] > 0
+    tok = AutoTokenizer.from_pretrained(path)
+    assert len(tok) == 400 and tok.chat_template and tok.bos_token is None

@@ -45,13 +45,16 @@ CHAT_TEMPLATE = (
 ARCHITECTURES = ("qwen2", "llama")
 
 
+DEFAULT_ENVIRONMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("arithmetic", {"ops": 1, "digits": 2}),
+    ("arithmetic", {"ops": 2, "digits": 2}),
+    ("arithmetic", {"ops": 3, "digits": 3}),
+    ("toolqa", {}),
+)
+
+
 def environment_corpus(
-    environments: Sequence[tuple[str, dict[str, Any]]] = (
-        ("arithmetic", {"ops": 1, "digits": 2}),
-        ("arithmetic", {"ops": 2, "digits": 2}),
-        ("arithmetic", {"ops": 3, "digits": 3}),
-        ("toolqa", {}),
-    ),
+    environments: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_ENVIRONMENTS,
     tasks_per_env: int = 2000,
     seed: int = 0,
 ) -> list[str]:
