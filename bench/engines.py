@@ -106,6 +106,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model", help="a model directory to measure instead of the tiny char model "
+                    "(e.g. one built by orchestrator.engines.bpe, or a real checkpoint on a GPU box)")
     args = ap.parse_args()
 
     import torch
@@ -115,11 +117,12 @@ def main() -> None:
     from orchestrator.engines.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
-    model_dir = build_tiny_model(work / "model", hidden_size=256, num_layers=4, max_positions=512)
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        model_dir = build_tiny_model(work / "model", hidden_size=256, num_layers=4, max_positions=512)
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-    print(
-        f"model: hidden 256, 4 layers, {params / 1e6:.2f}M params; {torch.get_num_threads()} torch threads by default"
-    )
+    print(f"model: {model_dir}, {params / 1e6:.2f}M params; {torch.get_num_threads()} torch threads by default")
     prompts, tree = sampling_prompts(), tree_prompts()
     result: dict = {"tokens_per_s": {}, "seconds": {}, "model_params": params}
     tps = result["tokens_per_s"]
