@@ -111,6 +111,11 @@ class RolloutConfig(_Strict):
     tasks_per_iteration: int = Field(1024, ge=1)
     chunk_size: int = Field(128, ge=1, description="Tasks sent to a worker at a time (streamed back).")
     num_workers: int = Field(1, ge=1, description="Rollout worker actors.")
+    max_staleness: int = Field(
+        0, ge=0, description="How many weights versions the learner's data may lag behind it. 0: synchronous "
+        "(rollout, learn, evaluate in turn). k > 0: pipelined; the rollouts of iteration i+1 start while the "
+        "learner trains on iteration i's, workers take new weights between chunks, evaluation runs on an "
+        "actor of its own, and the learner refuses data more than k versions old (docs/architecture.md).")
     samples_per_task: int = Field(8, ge=1, description="'sample' mode: completions per task.")
     max_steps: int = Field(8, ge=1, description="Agent modes: step limit per episode.")
     max_step_tokens: int = Field(24, ge=1)
@@ -183,6 +188,11 @@ class RayConfig(_Strict):
     worker_num_gpus: float = Field(0.0, ge=0)
     learner_num_cpus: float = Field(1.0, ge=0)
     learner_num_gpus: float = Field(0.0, ge=0)
+    evaluator_num_cpus: float = Field(
+        0.0, ge=0, description="Pipelined runs: the evaluator actor's CPUs. It takes turns with the learner "
+        "(evaluate after each update), so by default it asks for none and shares the learner's.")
+    evaluator_num_gpus: float = Field(0.0, ge=0, description="Pipelined runs: the evaluator actor's GPUs "
+                                      "(a vLLM or GPU engine needs some; it sits in the learner's bundle).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Actors must be up within this (model load included).")
 
 

@@ -8,7 +8,7 @@ One machine (a single Ray node): every actor just asks for its configured CPUs/G
 reserved, nothing changes.
 
 A cluster (two or more nodes): one placement group with strategy SPREAD holds bundle 0 for the learner
-and bundle 1 + i for rollout worker i. The group is gang-scheduled, so a run starts only once every
+(and a pipelined run's evaluator) and bundle 1 + i for rollout worker i. The group is gang-scheduled, so a run starts only once every
 actor has a place (an autoscaling cluster sees the whole demand at once and adds nodes for it), and
 the learner's resources are reserved apart from the rollouts'. SPREAD puts the rollout bundles on
 different nodes while there are nodes to spare, and, being soft, lets Ray re-place the bundle of a
@@ -48,6 +48,7 @@ class Placement:
     workers: list[dict[str, Any]]
     group: PlacementGroup | None = None
     bundles: list[dict[str, float]] = field(default_factory=list)
+    evaluator: dict[str, Any] | None = None  # pipelined runs only
 
     def worker(self, index: int) -> dict[str, Any]:
         return self.workers[index]
@@ -79,8 +80,10 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def place_actors(cfg: RayConfig, num_workers: int, timeout_s: float = 1800.0) -> Placement:
-    """Reserve resources for the learner and ``num_workers`` rollout workers (Ray must be initialised).
+def place_actors(cfg: RayConfig, num_workers: int, timeout_s: float = 1800.0, evaluator: bool = False) -> Placement:
+    """Reserve resources for the learner and ``num_workers`` rollout workers (Ray must be initialised),
+    and with ``evaluator`` for the evaluator actor of a pipelined run, which goes with the learner
+    (the two take turns: evaluate after each update). On a cluster bundle 0 then holds both.
 
     Raises:
         TimeoutError: the cluster could not host every actor within ``timeout_s`` (the message lists
@@ -89,10 +92,14 @@ def place_actors(cfg: RayConfig, num_workers: int, timeout_s: float = 1800.0) ->
     have = ray.cluster_resources()
     learner_b = _bundle(cfg.learner_num_cpus, cfg.learner_num_gpus, LEARNER_RESOURCE if LEARNER_RESOURCE in have else None)
     worker_b = _bundle(cfg.worker_num_cpus, cfg.worker_num_gpus, ROLLOUT_RESOURCE if ROLLOUT_RESOURCE in have else None)
+    evaluator_b = _bundle(cfg.evaluator_num_cpus, cfg.evaluator_num_gpus, None) if evaluator else None
     bundles = [learner_b] + [dict(worker_b) for _ in range(num_workers)]
     if len(alive_nodes()) < 2 or not all(bundles):
         # One machine (or actors that ask for nothing, which a bundle cannot hold): plain requests.
-        return Placement(_options(learner_b), [_options(worker_b) for _ in range(num_workers)])
+        return Placement(_options(learner_b), [_options(worker_b) for _ in range(num_workers)],
+                         evaluator=None if evaluator_b is None else _options(evaluator_b))
+    if evaluator_b:
+        bundles[0] = {k: bundles[0].get(k, 0.0) + evaluator_b.get(k, 0.0) for k in {*bundles[0], *evaluator_b}}
 
     group = placement_group(bundles, strategy="SPREAD", name="")
     started, next_note = time.monotonic(), 30.0
@@ -111,8 +118,9 @@ def place_actors(cfg: RayConfig, num_workers: int, timeout_s: float = 1800.0) ->
                   f"({waited:.0f}s)", file=sys.stderr, flush=True)
             next_note += 30.0
 
-    def in_bundle(i: int) -> dict[str, Any]:
-        return {**_options(bundles[i]), "scheduling_strategy": PlacementGroupSchedulingStrategy(
+    def in_bundle(i: int, ask: dict[str, float] | None = None) -> dict[str, Any]:
+        return {**_options(bundles[i] if ask is None else ask), "scheduling_strategy": PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=i, placement_group_capture_child_tasks=False)}
 
-    return Placement(in_bundle(0), [in_bundle(1 + i) for i in range(num_workers)], group, bundles)
+    return Placement(in_bundle(0, learner_b), [in_bundle(1 + i) for i in range(num_workers)], group, bundles,
+                     evaluator=None if evaluator_b is None else in_bundle(0, evaluator_b))

@@ -11,8 +11,10 @@ Modes (``rollout.mode``):
 - ``react``, ``panel``, ``multi_agent``: the agents package (rubric-guided ReAct, a panel of peers,
   several agents with a credit critic).
 
-Every result is a ``store.records.TaskResult`` that the loop writes in one transaction per task. No
-Ray here: workers call these functions, and tests call them directly.
+Every result is a ``store.records.TaskResult`` that the loop writes whole or not at all (a savepoint
+per task); its pairs and ranked lists say in ``info["policy_version"]`` which weights made them
+(``stamp_version``), as its trees and trajectories do in their own column. No Ray here: workers call
+these functions, and tests call them directly.
 """
 
 from __future__ import annotations
@@ -60,7 +62,22 @@ def run_rollouts(
     counted = TokenCounter(policy)
     results, stats = mode(cfg, tasks, counted, env_factory, seed)
     stats["generated_tokens"] = float(counted.generated_tokens)
+    stamp_version(results, int(getattr(policy, "version", 0) or 0))
     return results, stats
+
+
+POLICY_VERSION = "policy_version"  # the info key of pairs and ranked lists that says which weights made them
+
+
+def stamp_version(results: Sequence[TaskResult], version: int) -> None:
+    """Record in each pair's and ranked list's ``info`` the weights version that produced it.
+
+    Trees and trajectories carry the version in a column of their own; pairs and lists get it here,
+    so that a learner can measure how stale its data is (``orchestrator.workers.within_staleness``).
+    """
+    for r in results:
+        for rec in [*r.pairs, *r.ranked_lists]:
+            rec.info = {**(rec.info or {}), POLICY_VERSION: version}
 
 
 class TokenCounter:

@@ -72,9 +72,9 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
-class RolloutWorker:
-    """Holds one policy engine and runs rollouts and evaluations with it.
+class PolicyHost:
+    """Holds one policy engine and runs rollouts and evaluations with it (the body of the
+    ``RolloutWorker`` and ``Evaluator`` actors).
 
     Made with the run config and its index only; ``load_model`` gives it the model (again after
     every restart, see the module docstring).
@@ -134,7 +134,11 @@ class RolloutWorker:
         return self.engine.version
 
     def rollout(self, tasks: list, iteration: int, version: int, seed: int) -> tuple[list, dict[str, float]]:
-        """Run the configured rollout mode on ``tasks``; refuses to run on the wrong weights."""
+        """Run the configured rollout mode on ``tasks``; refuses to run on the wrong weights.
+
+        The whole chunk runs on one version: weights are loaded by ``apply_weights``, a separate
+        call, and an actor runs one call at a time, so new weights can only arrive between chunks.
+        """
         from orchestrator.rollouts import run_rollouts
 
         engine = self._engine()
@@ -149,6 +153,18 @@ class RolloutWorker:
         from orchestrator.rollouts import evaluate
 
         return evaluate(self.cfg, tasks, self._engine(), self.env_factory, temperature=temperature)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class RolloutWorker(PolicyHost):
+    """A rollout worker: runs chunks of rollouts (and, in a synchronous run, its share of the
+    held-out evaluation)."""
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class Evaluator(PolicyHost):
+    """Held-out evaluation of each new weights version in a pipelined run, apart from the rollout
+    workers so that evaluating never holds up rollouts (its own process title, ``ray::Evaluator``)."""
 
 
 def shuffled_control(data: Any, seed: int) -> Any:
@@ -234,6 +250,48 @@ def usable_data(algorithm: str, data: Any) -> tuple[Any, str | None]:
     if len(data) == 0:
         return data, "no preference data (no pairs or ranked lists to take prompts from)"
     return data, None
+
+
+def within_staleness(data: Any, iteration: int, learner_version: int, max_staleness: int) -> tuple[Any, dict[str, float]]:
+    """The part of ``data`` the staleness bound lets the learner train on, and what it measured.
+
+    A pair's or ranked list's staleness is the learner's weights version minus the version that
+    produced it (``info["policy_version"]``, ``orchestrator.rollouts.stamp_version``). Rows of
+    ``iteration`` staler than ``max_staleness`` are refused and counted. Rows of earlier iterations
+    are the replay window the config asked for (``learner.replay``), old by design, and are kept;
+    so are rows without a recorded version (written by an older treeplay).
+
+    Returns:
+        The data without the refused rows, and ``stale_refused`` (rows refused) plus, over this
+        iteration's kept rows with a version, ``staleness_max``, ``staleness_mean``,
+        ``data_version_min`` and ``data_version_max``.
+    """
+    import dataclasses
+
+    from orchestrator.rollouts import POLICY_VERSION
+
+    kept_ages: list[int] = []
+    refused = 0
+
+    def keep(rec: Any) -> bool:
+        nonlocal refused
+        version = (rec.info or {}).get(POLICY_VERSION) if isinstance(rec.info, dict) else None
+        if rec.iteration != iteration or not isinstance(version, int):
+            return True
+        if learner_version - version > max_staleness:
+            refused += 1
+            return False
+        kept_ages.append(learner_version - version)
+        return True
+
+    out = dataclasses.replace(data, pairs=[p for p in data.pairs if keep(p)],
+                              ranked_lists=[r for r in data.ranked_lists if keep(r)])
+    counts = {"stale_refused": float(refused)}
+    if kept_ages:
+        counts.update(staleness_max=float(max(kept_ages)), staleness_mean=sum(kept_ages) / len(kept_ages),
+                      data_version_min=float(learner_version - max(kept_ages)),
+                      data_version_max=float(learner_version - min(kept_ages)))
+    return out, counts
 
 
 def update_is_deployable(metrics: dict[str, Any], applied: float, healthy: bool) -> bool:
@@ -335,15 +393,22 @@ class LearnerActor:
             self.oracle.add_tasks(tasks)
         t0 = time.perf_counter()
         data = queries.preference_data(self.store, self.run_id, iteration, replay=self.cfg.learner.replay)
+        # The staleness bound (rollout.max_staleness): this iteration's data may be at most that many
+        # versions behind the weights being trained; older rows are refused and counted.
+        data, staleness = within_staleness(data, iteration, self.version, self.cfg.rollout.max_staleness)
+        staleness["learner_version"] = float(self.version)
         data, reason = usable_data(self.cfg.learner.algorithm, canonical_order(data))
         if reason is not None:
+            if staleness["stale_refused"]:
+                reason += f"; {int(staleness['stale_refused'])} rows refused as older than the staleness bound"
             return {"learn_s": time.perf_counter() - t0, "pairs": 0.0, "rejected_update": 0.0,
-                    "no_update_reason": reason}, None
+                    "no_update_reason": reason, **staleness}, None
         if self.cfg.learner.control == "shuffle":
             data = shuffled_control(data, seed=self.cfg.seed * 7919 + iteration)
         self.oracle.reset_counts()
         metrics, deployable = train_guarded(self.learner, data)
         metrics.update(self.oracle.counts())
+        metrics.update(staleness)
         metrics["learn_s"] = time.perf_counter() - t0
         metrics["pairs"] = float(len(data.pairs) + len(data.ranked_lists))
         if not deployable:
@@ -393,21 +458,29 @@ def _stderr(message: str) -> None:
 # ------------------------------------------------------------------------------------------- fleet
 @dataclass
 class ChunkDone:
-    """A chunk of rollouts that came back: which chunk, its results and stats, which worker ran it."""
+    """A chunk of rollouts that came back: which chunk, its results and stats, which worker ran it
+    and on which weights version (one version for the whole chunk)."""
 
     chunk: int
     tasks: list
     results: list
     stats: dict[str, float]
     worker: int
+    version: int
+
+
+EVALUATOR = "evaluator"  # the evaluator's key among the actors whose served version the fleet tracks
 
 
 class Fleet:
     """The Ray side of one run: places and starts the actors, streams rollout chunks to the workers,
-    trains, redeploys, evaluates, and stops them all.
+    trains, deploys weights, evaluates, and stops them all.
 
     The loop (``orchestrator/loop.py``) decides what to run and writes what comes back; it never
-    touches Ray itself.
+    touches Ray itself. ``pipelined`` (``rollout.max_staleness > 0``) changes two things: new weights
+    are not pushed to every worker at once but picked up by each worker before its next chunk
+    (``ensure_version``), and held-out evaluation runs on an ``Evaluator`` actor of its own. The loop
+    may then call ``train``/``redeploy``/``evaluate`` from one thread while ``stream`` runs in another.
     """
 
     def __init__(self, cfg: Any, model: Path, version: int, run_id: int,
@@ -420,10 +493,13 @@ class Fleet:
         from orchestrator.learners.trainable import TRAINER_DIR
         from orchestrator.placement import place_actors
 
-        self.cfg, self.version = cfg, version
+        self.cfg = cfg
+        self.pipelined = cfg.rollout.max_staleness > 0
         # A local cluster gets at least the CPUs its actors ask for (Ray's CPUs are logical: the OS
         # shares the cores); otherwise the learner would wait forever for a free CPU.
         wanted = cfg.rollout.num_workers * cfg.ray.worker_num_cpus + cfg.ray.learner_num_cpus
+        if self.pipelined:
+            wanted += cfg.ray.evaluator_num_cpus
         local_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
         init_ray(cfg.ray.address, local_cpus)
         # The model travels through the object store once (no shared paths between nodes). Held for
@@ -436,18 +512,23 @@ class Fleet:
         cfg_dict = cfg.model_dump(mode="json")
         # On a cluster: learner and rollout workers in their own bundles, spread over nodes
         # (orchestrator/placement.py); on one machine: plain CPU/GPU requests.
-        self.placement = place_actors(cfg.ray, cfg.rollout.num_workers)
+        self.placement = place_actors(cfg.ray, cfg.rollout.num_workers, evaluator=self.pipelined)
         self.workers = [
             # No model in the constructor: Ray re-runs it on restart, so it would have to keep the
             # blob pinned as a constructor argument (and logs an error saying so); load_model instead.
             RolloutWorker.options(**self.placement.worker(i)).remote(cfg_dict, i)
             for i in range(cfg.rollout.num_workers)
         ]
+        self.evaluator = (Evaluator.options(**self.placement.evaluator).remote(cfg_dict, cfg.rollout.num_workers)
+                          if self.pipelined else None)
         self.learner = LearnerActor.options(**self.placement.learner).remote(
             cfg_dict, learner_model, run_id, version, reference_ref, reference_uri)
-        self.weights_ref = None  # the payload every worker must serve (None: the initial model)
+        # The weights to serve: (version, payload ref; None = the initial model). One tuple, replaced
+        # whole, so a thread that reads it never sees one version's number with another's payload.
+        self._served: tuple[int, Any] = (version, None)
         self.model_version = version  # the version model_ref holds, sent again to restarted workers
-        refs = [w.load_model.remote(model_ref, version) for w in self.workers] + [self.learner.ping.remote()]
+        hosts = [*self.workers, *([self.evaluator] if self.evaluator is not None else [])]
+        refs = [h.load_model.remote(model_ref, version) for h in hosts] + [self.learner.ping.remote()]
         ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=cfg.ray.startup_timeout_s)
         if waiting:
             raise RuntimeError(
@@ -455,41 +536,85 @@ class Fleet:
                 f"cluster has {ray.available_resources()} free and the run asks for {cfg.rollout.num_workers} "
                 f"workers x {{CPU: {cfg.ray.worker_num_cpus}, GPU: {cfg.ray.worker_num_gpus}}} + a learner "
                 f"{{CPU: {cfg.ray.learner_num_cpus}, GPU: {cfg.ray.learner_num_gpus}}}")
-        self.worker_info = ray.get(refs)[:-1]
+        self.worker_info = ray.get(refs)[: len(self.workers)]
+        # The version each actor serves, as the driver last made it (a restart shows as a mismatch).
+        self.known: dict[Any, int | None] = {i: version for i in range(len(self.workers))}
+        self.known[EVALUATOR] = version
+
+    @property
+    def version(self) -> int:
+        """The newest weights version (what workers serve, or pick up before their next chunk)."""
+        return self._served[0]
+
+    @property
+    def weights_ref(self) -> Any:
+        """The newest weights payload in the object store (None while the initial model is served)."""
+        return self._served[1]
+
+    def worker_versions(self) -> list[int | None]:
+        """The version each rollout worker serves, as the driver last saw it."""
+        return [self.known[i] for i in range(len(self.workers))]
+
+    # -- weights ----------------------------------------------------------------------------------
+    def ensure_version(self, key: Any) -> tuple[int, bool]:
+        """Bring rollout worker ``key`` (or the evaluator, ``EVALUATOR``) to the newest weights before
+        its next call, and check what it reports.
+
+        Returns:
+            The version it serves now, and whether Ray had restarted it since the driver last looked
+            (it came back without a model: it gets the starting one, then the newest weights).
+
+        Raises:
+            RuntimeError: The actor reports another version than the one it was just given.
+        """
+        actor = self.evaluator if key == EVALUATOR else self.workers[key]
+        version, ref = self._served
+        served = ray.get(actor.info.remote())["version"]
+        restarted = served != self.known[key]
+        if served == version:
+            self.known[key] = served
+            return version, restarted
+        if served is None:
+            ray.get(actor.load_model.remote(self.model_ref, self.model_version))
+            served = self.model_version
+        if ref is not None and served != version:
+            served = ray.get(actor.apply_weights.remote(ref))
+        if served != version:
+            raise RuntimeError(f"{'the evaluator' if key == EVALUATOR else f'worker {key}'} reports weights "
+                               f"version {served} after being given version {version}")
+        self.known[key] = served
+        return version, restarted
 
     # -- rollouts ---------------------------------------------------------------------------------
-    def ensure_version(self, worker: Any) -> bool:
-        """Bring a worker to the served version; True if it had to. Only a worker that Ray restarted
-        is ever behind: it comes back without a model, gets the starting one, then the served weights."""
-        served = ray.get(worker.info.remote())["version"]
-        if served is not None and (self.weights_ref is None or served == self.version):
-            return False
-        if served is None:
-            ray.get(worker.load_model.remote(self.model_ref, self.model_version))
-        if self.weights_ref is not None:
-            ray.get(worker.apply_weights.remote(self.weights_ref))
-        return True
-
     def stream(self, chunks: list[tuple[int, list, int]], iteration: int, tally: dict[str, float],
                say: Callable[[str], None] | None = None) -> Iterator[ChunkDone]:
         """Run ``chunks`` ((chunk index, tasks, seed) each) over the workers and yield each as it
         comes back (``ray.wait``), in whatever order they finish.
 
+        Before each chunk its worker is brought to the newest weights (``ensure_version``); the chunk
+        then runs on that one version, which ``ChunkDone.version`` names. A worker gets its next chunk
+        before the last one is handed to the caller, so it does not wait while the caller writes.
         A chunk whose worker died under it is run again, on the worker Ray restarted (after it got
-        the model and the served weights back): ``tally`` counts ``chunk_reruns`` and
+        the model and the newest weights back): ``tally`` counts ``chunk_reruns`` and
         ``weights_reapplied``, and ``say`` is told. Nothing of a dead worker's chunk is ever yielded.
         """
         pending = list(chunks)
-        in_flight: dict[Any, tuple[int, list, int, int]] = {}
+        in_flight: dict[Any, tuple[int, list, int, int, int]] = {}
         idle = list(range(len(self.workers)))
-        while pending or in_flight:
+
+        def dispatch() -> None:
             while pending and idle:
                 w = idle.pop(0)
                 c, ts, seed = pending.pop(0)
-                tally["weights_reapplied"] = tally.get("weights_reapplied", 0.0) + self.ensure_version(self.workers[w])
-                in_flight[self.workers[w].rollout.remote(ts, iteration, self.version, seed)] = (c, ts, seed, w)
+                version, restarted = self.ensure_version(w)
+                tally["weights_reapplied"] = tally.get("weights_reapplied", 0.0) + restarted
+                in_flight[self.workers[w].rollout.remote(ts, iteration, version, seed)] = (c, ts, seed, w, version)
+
+        dispatch()
+        while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            c, ts, seed, w = in_flight.pop(ready[0])
+            c, ts, seed, w, version = in_flight.pop(ready[0])
+            idle.append(w)
             try:
                 results, stats = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
@@ -497,47 +622,57 @@ class Fleet:
                 tally["chunk_reruns"] = tally.get("chunk_reruns", 0.0) + 1
                 (say or _stderr)(f"worker {w} died ({type(e).__name__}); re-running chunk {c}")
                 pending.insert(0, (c, ts, seed))
-                idle.append(w)
+                dispatch()
                 continue
-            idle.append(w)
-            yield ChunkDone(c, ts, results, stats, w)
+            dispatch()
+            yield ChunkDone(c, ts, results, stats, w, version)
 
-    # -- learning and redeploy ------------------------------------------------------------------
+    # -- learning and weights -------------------------------------------------------------------
     def train(self, index: int, checkpoint_dir: str, tasks: list | None) -> tuple[dict[str, Any], bool]:
-        """The learner trains on iteration ``index``'s data; on success its weights become the ones
-        to serve (``weights_ref``, version + 1). Without an update the metrics say why."""
+        """The learner trains on iteration ``index``'s data; on success its weights become the newest
+        (``weights_ref``, version + 1). Without an update the metrics say why."""
         metrics_ref, weights_ref = self.learner.train.remote(index, checkpoint_dir, tasks)
         metrics = ray.get(metrics_ref)
         if metrics.get("no_update_reason"):
             return metrics, False
-        self.weights_ref = weights_ref  # stays in the object store: one copy for every worker
-        self.version += 1
+        # The payload stays in the object store: one copy for every worker.
+        self._served = (self._served[0] + 1, weights_ref)
         return metrics, True
 
     def redeploy(self) -> float:
-        """Every worker loads ``weights_ref`` in place; refuses to go on with mixed versions."""
+        """Deploy the newest weights. Synchronous: every worker loads them in place now, and mixed
+        versions are refused. Pipelined: the evaluator loads them now; each rollout worker does
+        before its next chunk (``stream``), so no chunk is cut in two."""
         t0 = time.perf_counter()
-        versions = ray.get([w.apply_weights.remote(self.weights_ref) for w in self.workers])
+        if self.pipelined:
+            self.ensure_version(EVALUATOR)
+            return time.perf_counter() - t0
+        version, ref = self._served
+        versions = ray.get([w.apply_weights.remote(ref) for w in self.workers])
         for i, v in enumerate(versions):
             if v is None:  # restarted by Ray since we last looked: no model yet to load weights into
-                self.ensure_version(self.workers[i])
-                versions[i] = ray.get(self.workers[i].info.remote())["version"]
-        if len(set(versions)) != 1 or versions[0] != self.version:
-            raise RuntimeError(f"workers report mixed weight versions {versions}, expected {self.version}")
+                versions[i], _ = self.ensure_version(i)
+            self.known[i] = versions[i]
+        if len(set(versions)) != 1 or versions[0] != version:
+            raise RuntimeError(f"workers report mixed weight versions {versions}, expected {version}")
         return time.perf_counter() - t0
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, tasks: list, temperature: float) -> list[float]:
-        """One outcome per held-out task, the tasks split across the workers."""
+        """One outcome per held-out task on the newest weights: on the evaluator (pipelined), or split
+        across the rollout workers."""
+        if self.evaluator is not None:
+            self.ensure_version(EVALUATOR)
+            return ray.get(self.evaluator.evaluate.remote(list(tasks), temperature))
         n = len(self.workers)
         parts = [list(tasks[i::n]) for i in range(n)]
-        for w in self.workers:
-            self.ensure_version(w)
+        for i in range(n):
+            self.ensure_version(i)
         scores = ray.get([w.evaluate.remote(p, temperature) for w, p in zip(self.workers, parts, strict=True) if p])
         return [s for part in scores for s in part]
 
     def shutdown(self) -> None:
-        for a in [*self.workers, self.learner]:
+        for a in [*self.workers, self.learner, *([self.evaluator] if self.evaluator is not None else [])]:
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - best effort on the way out

@@ -255,10 +255,27 @@ def test_bad_trees_are_rejected_with_nothing_written(store, run, nodes, message)
     with pytest.raises(StoreError, match=message):
         q.write_task_result(store, run, 0, _tree_result(nodes))
     assert q.counts(store, run) == before
-    # A batch stops at the bad task; the tasks before it stay written, each in its own transaction.
+    # In a batch the bad task is left out and the good one is written.
     with pytest.raises(StoreError):
         q.write_task_results(store, run, 0, [good, _tree_result(nodes)])
     assert q.completed_task_ids(store, run, 0) == {"good"}
+
+
+def test_a_chunk_shares_one_transaction_and_a_failed_task_is_rolled_back_alone(store, run):
+    """write_task_results: one transaction, a savepoint per task. A task that is already written
+    (found only inside the transaction) or bad (found before it) is left out whole; the tasks
+    around it are written whole; the first failure is raised afterwards, naming its task."""
+    zero = q.counts(store, run)
+    q.write_task_result(store, run, 0, make_result("old"))
+    per_task = {k: v - zero[k] for k, v in q.counts(store, run).items()}
+    bad = make_result("bad")
+    bad.pairs[0].margin = math.nan
+    with pytest.raises(StoreError, match="task 'old' was already written"):
+        q.write_task_results(store, run, 0, [make_result("a"), make_result("old"), bad, make_result("b")])
+    assert q.completed_task_ids(store, run, 0) == {"old", "a", "b"}
+    # Three whole tasks and nothing of the two that failed: every table holds 3x one task's rows.
+    assert q.counts(store, run) == {k: zero[k] + 3 * n for k, n in per_task.items()}
+    assert q.write_task_results(store, run, 0, []) == []
 
 
 @pytest.mark.parametrize(
