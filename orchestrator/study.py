@@ -358,31 +358,44 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> str | None:
-    """Held-out accuracy per iteration (greedy and T=1), a line per cell and a min–max band over seeds."""
+    """Change of held-out accuracy from the warm start per iteration (greedy and T=1), in points: a
+    line per cell (mean over seeds) and a min–max band over seeds.
+
+    Seeds start from different warm-started models (their accuracy differs by tens of points), so
+    each run is drawn relative to its own start; the table has the absolute figures.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    last = max((len(r.get("greedy_curve") or []) for c in results["cells"] for r in c["runs"]), default=1) - 1
     for ax, key, title in ((axes[0], "greedy_curve", "greedy"), (axes[1], "sample_curve", "T=1 samples")):
         for c in results["cells"]:
             curves = [r[key] for r in c["runs"] if r.get("status") == "done" and r.get(key)]
             if not curves:
                 continue
-            xs = sorted({i for cur in curves for i, _ in cur})
-            by_x = {x: [v for cur in curves for i, v in cur if i == x] for x in xs}
-            mean = [statistics.fmean(by_x[x]) for x in xs]
-            line, = ax.plot([x + 1 for x in xs], mean, marker="o", ms=3, label=f"{c['method']} ({c['task']})" if c["task"] else c["method"])
+            label = f"{c['method']} ({c['task']})" if c["task"] else c["method"]
+            gains = [[(i + 1, 100 * (v - cur[0][1])) for i, v in cur] for cur in curves]
+            xs = sorted({x for g in gains for x, _ in g})
+            if xs == [0]:  # no update: the warm start all along
+                ax.plot([0, max(last, 1)], [0, 0], ls="--", color="grey", label=label)
+                continue
+            by_x = {x: [v for g in gains for i, v in g if i == x] for x in xs}
+            (line,) = ax.plot(xs, [statistics.fmean(by_x[x]) for x in xs], marker="o", ms=3, label=label)
             if len(curves) > 1:
-                ax.fill_between([x + 1 for x in xs], [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs],
-                                color=line.get_color(), alpha=0.15)
-        ax.set_title(f"held-out accuracy, {title}")
+                ax.fill_between(xs, [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs],
+                                color=line.get_color(), alpha=0.12)
+        ax.set_title(f"held-out accuracy, {title}: change from the warm start")
         ax.set_xlabel("policy version (0 = warm start)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axhline(0, color="black", lw=0.5)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
+    axes[0].set_ylabel("points")
     axes[1].legend(fontsize=8, loc="best")
-    fig.suptitle(f"study {results['study']}: mean over seeds {results['seeds']}, band = min–max")
+    fig.suptitle(f"study {results['study']}: mean over seeds {results['seeds']}, band = min–max over seeds")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
