@@ -12,7 +12,7 @@ hidden 512, 8 layers, 8 heads / 4 KV heads, vocabulary 4096: ~26M parameters), f
   ``--vllm``); medians of ``--repeats``. ``lora_redeploy_speedup`` = full / adapter.
 - **Learner memory and speed**: each learner runs in its own process (so peak RSS is its own):
   build, one DPO ``train()`` over ``--pairs`` pairs (batch 8, sigmoid + NLL, fixed reference);
-  ``peak_rss_mb`` is that process's ``ru_maxrss``, ``pairs_per_s`` the learner's figure. Full
+  ``peak_rss_mb`` is that process's peak RSS (VmHWM), ``pairs_per_s`` the learner's figure. Full
   fine-tuning holds a second copy of the weights as its reference and AdamW moments for every
   weight; LoRA holds neither.
 
@@ -53,8 +53,6 @@ def make_pairs(n: int):
 
 def learner_job(model_dir: str, pairs: int, lora: dict | None, queue) -> None:
     """One learner in its own process: build, train once, report pairs/s and peak RSS."""
-    import resource
-
     import torch
 
     torch.set_num_threads(1)
@@ -65,8 +63,18 @@ def learner_job(model_dir: str, pairs: int, lora: dict | None, queue) -> None:
                          lora=LoRAConfig(**lora) if lora else None)
     m = learner.train(make_pairs(pairs))
     trainable = sum(p.numel() for p in learner.policy.params)
-    queue.put({"pairs_per_s": m["pairs_per_s"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    queue.put({"pairs_per_s": m["pairs_per_s"], "peak_rss_mb": _peak_rss_mb(),
                "trainable_params": trainable, "loss": m["loss"]})
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across the exec that
+    starts a spawned child, so it would report the parent's size at the fork."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run_learner(model_dir: Path, pairs: int, lora: dict | None) -> dict:

@@ -71,7 +71,7 @@ def to_module_tensors(tensors: Mapping[str, Any], adapter: str, scale: float) ->
         layer, part = name.rsplit(".lora_", 1)
         part = "lora_" + part.removesuffix(".weight")
         value = torch.as_tensor(t)
-        out[f"{layer}.{part}.{adapter}.weight"] = value / scale if part == "lora_B" else value
+        out[f"{layer}.{part}.{adapter}.weight"] = value / scale if part == "lora_B" and scale != 1.0 else value
     return out
 
 
