@@ -368,8 +368,12 @@ class TrainablePolicy:
         if self.peft is not None:
             from orchestrator.engines.lora import write_adapter
 
-            base = _path_of(self.reference_source) if self.config.reference == "fixed" else None
-            write_adapter(out, self.state_dict(), base or self.base_path, self.model.config)
+            # The base is named by its origin when that is a plain model directory: a learner actor
+            # loads from a temporary copy, which a resumed run would not find.
+            origin = _path_of(self.reference_source)
+            base = origin if origin is not None and (origin / "config.json").is_file() and not (
+                origin / "adapter_config.json").is_file() else self.base_path
+            write_adapter(out, self.state_dict(), base, self.model.config)
             self.model.generation_config.save_pretrained(out)
         else:
             self.model.save_pretrained(out, safe_serialization=True)
