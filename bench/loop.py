@@ -1,15 +1,22 @@
-"""One iteration of the demo config with 1 and with 2 rollout workers: where the time goes.
+"""Pipelined vs synchronous iterations of the demo config, measured in one process.
 
-    .venv/bin/python bench/loop.py [--tasks N] [--warm-steps 300]
+    .venv/bin/python bench/loop.py [--iterations 4] [--seeds 0 1] [--tasks N] [--eval-tasks 300]
+                                   [--warm-steps 500] [--workers 1] [--max-staleness 1]
 
-Builds the demo's tiny model, warm-starts it briefly (accuracy does not matter for speed, only that
-some answers are right so there are pairs), then runs one full iteration (rollout -> store -> learn ->
-redeploy -> eval) on a fresh local Ray cluster per worker count. The split comes from the loop's own
-timings. Judging is part of the rollout in MCTS mode (the environment's verifier scores terminal
-nodes inside the search), so it has no separate line.
+Builds the demo's tiny model and gives it the demo's warm start (once), then, for each seed, runs the
+demo config twice on a fresh local Ray cluster with the same tasks and the same number of
+iterations: ``rollout.max_staleness=0`` (synchronous: rollout, store, learn, redeploy, evaluate in
+turn) and ``rollout.max_staleness=1`` (pipelined: the next iteration's rollouts run while the learner
+trains and the evaluator evaluates). Time per iteration is the loop's own wall clock between
+iteration records (``time/wall_s``), summed over the iterations and divided by their number, so
+actor start-up and the first held-out evaluation are left out of both. Use at least 4 iterations:
+the pipeline needs one to fill.
 
-Last stdout line: one JSON object with iteration_s and the split per worker count, redeploy_s and the
-redeploy share of the iteration (target < 5%), and the 2-vs-1 worker speed-up measured in this process.
+Last stdout line: one JSON object with ``sync_s_per_iter``, ``async_s_per_iter``,
+``pipelined_speedup`` (their ratio), each run's final held-out accuracy (greedy and T=1; mean over
+the seeds, and per seed), ``accuracy_gap`` (pipelined minus synchronous, in points), and the last
+iteration's phase split of each mode (in the pipelined run the phases overlap, so they add up to
+more than its wall clock).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -25,69 +33,102 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_once(model: Path, tmp: Path, seed: int, staleness: int, args: argparse.Namespace) -> dict:
+    import ray
+
+    from orchestrator.config import load_config
+    from orchestrator.loop import run_loop
+    from store import queries
+    from store.database import open_store
+
+    name = f"bench-s{seed}-k{staleness}"
+    overrides = [
+        f"model.path={model}", f"output_dir={tmp}", f"store.url=sqlite:///{tmp}/{name}.db", f"name={name}",
+        f"seed={seed}", f"iterations={args.iterations}", f"rollout.num_workers={args.workers}",
+        f"rollout.max_staleness={staleness}", f"eval.tasks={args.eval_tasks}",
+    ]
+    if args.tasks:
+        overrides.append(f"rollout.tasks_per_iteration={args.tasks}")
+    cfg = load_config(None, overrides)
+    store = open_store(cfg.store.url)
+    run_id = queries.start_run(store, cfg.name, cfg.model_dump(mode="json"))
+    try:
+        report = run_loop(cfg, run_id, store, Path(model))
+    finally:
+        ray.shutdown()
+    walls = [it.timings["wall_s"] for it in report.iterations]
+    last = report.iterations[-1]
+    return {
+        "s_per_iter": sum(walls) / len(walls),
+        "wall_s": [round(w, 2) for w in walls],
+        "accuracy_greedy": report.accuracy_after,
+        "accuracy_sample": report.sample_accuracy_after,
+        "split": {k: round(v, 3) for k, v in last.timings.items()},
+        "staleness_max": max((it.metrics.get("learn/staleness_max", 0.0) for it in report.iterations), default=0.0),
+        "version": last.version,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--tasks", type=int, default=None, help="tasks per iteration (default: the demo's)")
-    ap.add_argument("--warm-steps", type=int, default=300)
     ap.add_argument("--eval-tasks", type=int, default=300)
+    ap.add_argument("--warm-steps", type=int, default=None, help="warm-start steps (default: the demo's)")
+    ap.add_argument("--workers", type=int, default=1, help="rollout workers")
+    ap.add_argument("--max-staleness", type=int, default=1, help="the pipelined run's bound")
     args = ap.parse_args()
+    if args.max_staleness < 1:
+        ap.error("--max-staleness must be at least 1 (0 is the synchronous baseline, always run)")
 
-    import ray
-
-    from agents.registry import make_environment
     from orchestrator.config import load_config
-    from orchestrator.engines.tiny import build_tiny_model
-    from orchestrator.loop import run_loop
-    from orchestrator.warmstart import supervised_warm_start
-    from store import queries
-    from store.database import open_store
+    from orchestrator.loop import prepare_model
 
     tmp = Path(tempfile.mkdtemp(prefix="treeplay-bench-loop-"))
-    base = load_config(None)
-    args.tasks = args.tasks or base.rollout.tasks_per_iteration
-    model = build_tiny_model(tmp / "model", base.model.tiny.hidden_size, base.model.tiny.num_layers,
-                             base.model.tiny.num_heads, max_positions=base.model.tiny.max_positions)
-    env = make_environment(base.env.name, **base.env.kwargs)
+    demo = load_config(None, [f"warm_start.steps={args.warm_steps}"] if args.warm_steps is not None else [])
     t0 = time.perf_counter()
-    supervised_warm_start(model, env.demonstrations(env.tasks("train", 8000, seed=1)), steps=args.warm_steps,
-                          num_threads=1)
-    print(f"warm start {args.warm_steps} steps: {time.perf_counter() - t0:.1f}s", flush=True)
+    model, _ = prepare_model(demo, tmp / "warm")
+    print(f"warm start {demo.warm_start.steps} steps: {time.perf_counter() - t0:.1f}s; {os.cpu_count()} cores", flush=True)
 
-    results = {}
-    for workers in (1, 2):
-        cfg = load_config(None, [
-            f"model.path={model}", f"output_dir={tmp}", f"store.url=sqlite:///{tmp}/bench-{workers}.db",
-            "iterations=1", f"rollout.num_workers={workers}", f"rollout.tasks_per_iteration={args.tasks}",
-            f"eval.tasks={args.eval_tasks}", f"name=bench-{workers}",
-        ])
-        store = open_store(cfg.store.url)
-        run_id = queries.start_run(store, cfg.name, cfg.model_dump(mode="json"))
-        report = run_loop(cfg, run_id, store, Path(model))
-        ray.shutdown()
-        it = report.iterations[0]
-        split = {k: round(v, 3) for k, v in it.timings.items()}
-        total = sum(it.timings.values())
-        results[workers] = {"iteration_s": round(total, 3), "split": split,
-                            "pairs": it.metrics.get("rollout/pairs", 0.0)}
-        print(f"{workers} worker(s): iteration {total:.2f}s  " + "  ".join(f"{k}={v:.2f}" for k, v in split.items()),
-              flush=True)
+    runs: dict[str, dict[int, dict]] = {"sync": {}, "async": {}}
+    for seed in args.seeds:
+        for mode, staleness in (("sync", 0), ("async", args.max_staleness)):
+            r = runs[mode][seed] = run_once(model, tmp, seed, staleness, args)
+            print(f"seed {seed} {mode:5s} (max_staleness={staleness}): {r['s_per_iter']:.2f}s/iteration "
+                  f"{r['wall_s']}, accuracy greedy {r['accuracy_greedy']:.3f} T=1 {r['accuracy_sample']:.3f}, "
+                  f"v{r['version']}, data staleness <= {r['staleness_max']:.0f}", flush=True)
 
-    one, two = results[1], results[2]
-    redeploy = max(one["split"].get("redeploy_s", 0.0), two["split"].get("redeploy_s", 0.0))
-    share = max(one["split"].get("redeploy_s", 0.0) / one["iteration_s"],
-                two["split"].get("redeploy_s", 0.0) / two["iteration_s"])
-    print(json.dumps({
+    def mean(mode: str, key: str) -> float:
+        return statistics.fmean(r[key] for r in runs[mode].values())
+
+    sync_s, async_s = mean("sync", "s_per_iter"), mean("async", "s_per_iter")
+    out = {
         "bench": "loop",
-        "tasks": args.tasks,
-        "iteration_s": {"1": one["iteration_s"], "2": two["iteration_s"]},
-        "split": {"1": one["split"], "2": two["split"]},
-        "redeploy_s": round(redeploy, 4),
-        "redeploy_fraction": round(share, 4),
-        "speedup_2_vs_1_workers": round(one["iteration_s"] / two["iteration_s"], 3),
+        "iterations": args.iterations,
+        "seeds": args.seeds,
+        "workers": args.workers,
+        "max_staleness": args.max_staleness,
+        "sync_s_per_iter": round(sync_s, 3),
+        "async_s_per_iter": round(async_s, 3),
+        "pipelined_speedup": round(sync_s / async_s, 3),
+        "sync_accuracy_greedy": round(mean("sync", "accuracy_greedy"), 4),
+        "async_accuracy_greedy": round(mean("async", "accuracy_greedy"), 4),
+        "sync_accuracy_sample": round(mean("sync", "accuracy_sample"), 4),
+        "async_accuracy_sample": round(mean("async", "accuracy_sample"), 4),
+        "accuracy_gap_points": {
+            "greedy": round(100 * (mean("async", "accuracy_greedy") - mean("sync", "accuracy_greedy")), 2),
+            "sample": round(100 * (mean("async", "accuracy_sample") - mean("sync", "accuracy_sample")), 2),
+        },
+        "per_seed": {str(s): {mode: {k: runs[mode][s][k] for k in ("s_per_iter", "accuracy_greedy", "accuracy_sample")}
+                              for mode in runs} for s in args.seeds},
+        "split": {mode: runs[mode][args.seeds[-1]]["split"] for mode in runs},
         "cpus": os.cpu_count(),
-    }))
+    }
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
-"""Store write benchmark: trees of ~50 nodes through ``write_task_result`` vs. naive ORM adds.
+"""Store write benchmark: trees of ~50 nodes through the store API vs. naive ORM adds, and vs. the floor.
 
-    python bench/store.py [--trees 2000] [--naive-trees 300] [--nodes 50] [--pairs 3] [--no-postgres]
+    python bench/store.py [--trees 2000] [--naive-trees 300] [--nodes 50] [--pairs 3] [--chunk 128] [--no-postgres]
 
 For each backend (a temp SQLite file; PostgreSQL when a throwaway server can be started with
-``tests/postgres_server.py``) it writes ``--trees`` tasks, each one tree plus a few preference pairs,
-with the store API (one transaction per task, bulk inserts), and, as the baseline in the same
-process, ``--naive-trees`` tasks the naive way: one ORM ``session.add`` per row and a commit per tree.
+``tests/postgres_server.py``) it writes ``--trees`` tasks, each one tree plus a few preference pairs:
+
+- with ``write_task_result``, one transaction per task (what the loop did before it wrote chunks);
+- with ``write_task_results``, ``--chunk`` tasks per transaction and a savepoint per task (what the
+  loop's writer thread does with each chunk that comes back);
+- the naive way, as the baseline: ``--naive-trees`` tasks, one ORM ``session.add`` per row and a
+  commit per tree;
+- the floor: exactly the rows the API wrote (read back), inserted into an empty database of the same
+  schema through a bare DBAPI connection, one ``executemany`` per table in one transaction, ids and
+  JSON text prepared beforehand. ``fraction_of_raw`` is the chunked API's throughput as a fraction of
+  this (target >= 0.5); ``per_task_fraction_of_raw`` the same for one transaction per task.
+
 It prints human-readable lines; the LAST stdout line is one JSON object with the SQLite figures and
 the PostgreSQL ones nested under "postgres".
 """
@@ -70,6 +79,71 @@ def write_with_api(store: Store, run_id: int, tasks: list[TaskResult]) -> tuple[
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def write_chunked(store: Store, run_id: int, tasks: list[TaskResult], chunk: int) -> tuple[float, float]:
+    """Write ``chunk`` tasks per call (one transaction, a savepoint per task); (wall s, CPU s)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(tasks), chunk):
+        queries.write_task_results(store, run_id, 0, tasks[i : i + chunk])
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+FLOOR_TABLES = ("tasks", "rollouts", "trees", "tree_nodes", "preference_pairs")
+
+
+def rows_of_run(store: Store, run_id: int) -> dict[str, tuple[list[str], list[tuple]]]:
+    """Every row the API wrote for a run, per table, as the driver would take them (JSON as text)."""
+    from sqlalchemy import JSON, Text, cast, select
+
+    tables = schema.Base.metadata.tables
+    out = {}
+    with store.read() as conn:
+        for name in FLOOR_TABLES:
+            t = tables[name]
+            cols = [cast(c, Text).label(c.name) if isinstance(c.type, JSON) else c for c in t.columns]
+            if name == "tree_nodes":
+                trees = tables["trees"]
+                where = t.c.tree_id.in_(select(trees.c.id).where(trees.c.run_id == run_id))
+            else:
+                where = t.c.run_id == run_id
+            rows = conn.execute(select(*cols).where(where).order_by(t.c.id)).all()
+            out[name] = ([c.name for c in t.columns], [tuple(r) for r in rows])
+    return out
+
+
+def write_raw(url: str, rows: dict[str, tuple[list[str], list[tuple]]], run_id: int) -> float:
+    """The floor: ``rows`` into an empty store through a bare DBAPI connection, one ``executemany``
+    per table in one transaction; returns wall seconds."""
+    with open_store(url) as store:
+        target = queries.start_run(store, "bench-raw", {})
+        queries.start_iteration(store, target, 0, 0)
+        prepared = {}
+        for name, (cols, values) in rows.items():
+            if "run_id" in cols:  # the same rows, under the empty store's run
+                k = cols.index("run_id")
+                values = [(*v[:k], target, *v[k + 1 :]) for v in values]
+            mark = "?" if store.dialect == "sqlite" else "%s"
+            sql = f"INSERT INTO {name} ({', '.join(chr(34) + c + chr(34) for c in cols)}) VALUES ({', '.join([mark] * len(cols))})"
+            prepared[name] = (sql, values)
+        raw = store.engine.raw_connection()
+        try:
+            dbapi = raw.driver_connection
+            start = time.perf_counter()
+            cur = dbapi.cursor()
+            if store.dialect == "sqlite":
+                cur.execute("BEGIN IMMEDIATE")
+            for sql, values in prepared.values():
+                cur.executemany(sql, values)
+            if store.dialect == "sqlite":
+                cur.execute("COMMIT")
+            else:
+                dbapi.commit()
+            seconds = time.perf_counter() - start
+        finally:
+            raw.close()
+        assert queries.counts(store, target)["tree_nodes"] == len(rows["tree_nodes"][1])
+    return seconds
+
+
 def write_naively(store: Store, run_id: int, tasks: list[TaskResult]) -> float:
     """The baseline: ORM objects added one at a time, relationships resolved by flush, a commit per tree."""
     start = time.perf_counter()
@@ -115,25 +189,42 @@ def write_naively(store: Store, run_id: int, tasks: list[TaskResult]) -> float:
     return time.perf_counter() - start
 
 
-def bench_backend(url: str, args: argparse.Namespace) -> dict:
+def bench_backend(url: str, floor_url: str, args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     api_tasks = [make_task(rng, f"api-{i}", args.nodes, args.pairs) for i in range(args.trees)]
+    chunk_tasks = [make_task(rng, f"chunk-{i}", args.nodes, args.pairs) for i in range(args.trees)]
     naive_tasks = [make_task(rng, f"naive-{i}", args.nodes, args.pairs) for i in range(args.naive_trees)]
+    warm = max(1, args.trees // 20)
     with open_store(url) as store:
         run_api = queries.start_run(store, "bench-api", {})
+        run_chunk = queries.start_run(store, "bench-chunked", {})
         run_naive = queries.start_run(store, "bench-naive", {})
-        for run in (run_api, run_naive):
+        for run in (run_api, run_chunk, run_naive):
             queries.start_iteration(store, run, 0, 0)
-        write_with_api(store, run_api, api_tasks[: max(1, args.trees // 20)])  # warm-up, not timed
-        api_s, api_cpu_s = write_with_api(store, run_api, api_tasks[max(1, args.trees // 20) :])
+        write_with_api(store, run_api, api_tasks[:warm])  # warm-up, not timed
+        api_s, api_cpu_s = write_with_api(store, run_api, api_tasks[warm:])
+        write_chunked(store, run_chunk, chunk_tasks[:warm], args.chunk)  # warm-up, not timed
+        chunk_s, chunk_cpu_s = write_chunked(store, run_chunk, chunk_tasks[warm:], args.chunk)
         naive_s = write_naively(store, run_naive, naive_tasks)
-        timed = len(api_tasks) - max(1, args.trees // 20)
+        timed = len(api_tasks) - warm
         api_nodes = timed * args.nodes
         naive_nodes = len(naive_tasks) * args.nodes
         assert queries.counts(store, run_api)["tree_nodes"] == len(api_tasks) * args.nodes
+        assert queries.counts(store, run_chunk)["tree_nodes"] == len(chunk_tasks) * args.nodes
         assert queries.counts(store, run_naive)["tree_nodes"] == naive_nodes
-    api_rate, naive_rate = api_nodes / api_s, naive_nodes / naive_s
+        floor_rows = rows_of_run(store, run_chunk)
+    raw_s = write_raw(floor_url, floor_rows, run_chunk)
+    raw_rate = len(chunk_tasks) * args.nodes / raw_s  # the floor wrote every task, warm-up included
+    api_rate, chunk_rate, naive_rate = api_nodes / api_s, api_nodes / chunk_s, naive_nodes / naive_s
     return {
+        "chunk": args.chunk,
+        "chunked_nodes_per_s": round(chunk_rate),
+        "chunked_cpu_nodes_per_s": round(api_nodes / chunk_cpu_s),
+        "raw_nodes_per_s": round(raw_rate),
+        "fraction_of_raw": round(chunk_rate / raw_rate, 3),
+        "per_task_fraction_of_raw": round(api_rate / raw_rate, 3),
+        "chunked_vs_per_task": round(chunk_rate / api_rate, 2),
+        "chunked_ratio_vs_naive": round(chunk_rate / naive_rate, 2),
         "trees": timed,
         "nodes_per_tree": args.nodes,
         "pairs_per_tree": args.pairs,
@@ -152,7 +243,11 @@ def report(backend: str, figures: dict) -> None:
     print(
         f"{backend:10s} store API: {figures['nodes_per_s']:>9,} nodes/s ({figures['trees_per_s']:,} trees/s, "
         f"{figures['trees']} trees)   naive ORM: {figures['naive_nodes_per_s']:>8,} nodes/s   "
-        f"ratio {figures['ratio_vs_naive']}x   ({figures['cpu_nodes_per_s']:,} nodes per CPU-second)"
+        f"ratio {figures['ratio_vs_naive']}x   ({figures['cpu_nodes_per_s']:,} nodes per CPU-second)\n"
+        f"{'':10s} chunks of {figures['chunk']}: {figures['chunked_nodes_per_s']:>9,} nodes/s "
+        f"({figures['chunked_vs_per_task']}x per-task transactions, {figures['chunked_ratio_vs_naive']}x naive)   "
+        f"raw executemany floor: {figures['raw_nodes_per_s']:,} nodes/s   fraction_of_raw "
+        f"{figures['fraction_of_raw']} (per task: {figures['per_task_fraction_of_raw']})"
     )
 
 
@@ -162,6 +257,7 @@ def main() -> None:
     parser.add_argument("--naive-trees", type=int, default=300)
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=128, help="tasks per write_task_results call")
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
 
@@ -174,14 +270,15 @@ def main() -> None:
 
         try:
             with PostgresServer() as server:
-                postgres = bench_backend(server.create_database("bench_store"), args)
+                postgres = bench_backend(server.create_database("bench_store"),
+                                         server.create_database("bench_store_floor"), args)
             report("postgresql", postgres)
         except PostgresUnavailable as e:
             postgres = {"skipped": str(e)}
             print(f"postgresql skipped: {e}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        sqlite = bench_backend(f"sqlite:///{tmp}/bench.db", args)
+        sqlite = bench_backend(f"sqlite:///{tmp}/bench.db", f"sqlite:///{tmp}/floor.db", args)
     report("sqlite", sqlite)
     print(json.dumps({"bench": "store", "backend": "sqlite", **sqlite, "postgres": postgres}))
 

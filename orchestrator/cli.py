@@ -214,17 +214,20 @@ def status(
         its = queries.list_iterations(store, info.id)
     except StoreError as e:
         raise _fail(e) from None
+    from orchestrator.inspector import data_versions, data_versions_text
+
     rows = [{"iteration": i.index, "status": i.status, "policy_version": i.policy_version,
+             "data_versions": data_versions(i), "data": data_versions_text(i),
              "accuracy": (i.metrics or {}).get("eval/accuracy_greedy"),
              "sample_accuracy": (i.metrics or {}).get("eval/accuracy_sample"),
              "pairs": (i.metrics or {}).get("rollout/pairs"), "loss": (i.metrics or {}).get("learn/loss")}
             for i in its]
     if as_json:
         typer.echo(json.dumps({"run": info.name, "id": info.id, "status": info.status, "reason": info.reason,
-                               "iterations": rows}))
+                               "iterations": [{k: v for k, v in r.items() if k != "data"} for r in rows]}))
         return
     state = escape(f"{info.status}: {info.reason}") if info.reason else info.status
-    t = Table("iter", "status", "version", "greedy acc", "T=1 acc", "pairs", "loss",
+    t = Table("iter", "status", "version", "data from", "greedy acc", "T=1 acc", "pairs", "loss",
               title=f"run {info.name} ({state})")
     def fmt(v: object) -> str:
         if v is None:
@@ -234,7 +237,8 @@ def status(
         return str(v)
 
     for r in rows:
-        t.add_row(*(fmt(r[k]) for k in ("iteration", "status", "policy_version", "accuracy", "sample_accuracy", "pairs", "loss")))
+        t.add_row(*(fmt(r[k]) for k in ("iteration", "status", "policy_version", "data", "accuracy", "sample_accuracy",
+                                        "pairs", "loss")))
     Console().print(t)
 
 

@@ -102,13 +102,34 @@ def list_runs(store: Store) -> list[dict[str, Any]]:
     return out
 
 
+# Where the loop records, in a finished iteration's row, which weights versions its data came from:
+# {"<version>": tasks rolled out on it, "kept": tasks written before a resume} (orchestrator/loop.py).
+DATA_VERSIONS = "rollout/data_versions"
+
+
+def data_versions(it: queries.IterationInfo) -> dict[str, int]:
+    """The weights versions an iteration's data came from, with their task counts ({} until the
+    iteration is finished, or for a run written by an older treeplay)."""
+    found = (it.metrics or {}).get(DATA_VERSIONS)
+    return dict(found) if isinstance(found, dict) else {}
+
+
+def data_versions_text(it: queries.IterationInfo) -> str:
+    """``data_versions`` in a few characters: "v3", or "v3:80 v4:48" when the data is mixed."""
+    found = data_versions(it)
+    if len(found) == 1 and "kept" not in found:
+        return f"v{next(iter(found))}"
+    return " ".join(f"{'' if k == 'kept' else 'v'}{k}:{n}" for k, n in found.items())
+
+
 def iteration_row(it: queries.IterationInfo) -> dict[str, Any]:
-    """An iteration with its metrics and timings."""
+    """An iteration with its metrics and timings, and the weights versions its data came from."""
     return jsonable(
         {
             "index": it.index,
             "status": it.status,
             "policy_version": it.policy_version,
+            "data_versions": data_versions(it),
             "tasks": it.n_tasks,
             "started": it.started,
             "finished": it.finished,

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from agents.base import Task
 from agents.registry import make_environment
 from orchestrator.config import RunConfig, resume_config
+from orchestrator.inspector import DATA_VERSIONS
 from orchestrator.rollouts import chunk_seed
 from store import queries
 from store.database import Store, open_store
@@ -424,6 +425,7 @@ def run_iteration(cfg: RunConfig, loop: Loop, lane: Lane, env: Any, held_out: Se
     if ckpt is not None and ckpt.iteration == index:
         # Resumed after this iteration's update was saved (rollouts were all written before learning
         # began): only evaluation and bookkeeping are left.
+        loop.data_versions[index]["kept"] = len(queries.completed_task_ids(loop.store, loop.run_id, index))
         lane.submit(index, functools.partial(learn_and_record, cfg, loop, env, held_out, index, tasks, {}, timings,
                                              run, ckpt))
         return
@@ -493,7 +495,7 @@ def learn_and_record(cfg: RunConfig, loop: Loop, env: Any, held_out: Sequence[Ta
     row: dict[str, Any] = dict(metrics)
     if not updated and resumed is None:
         row["learn/no_update_reason"] = _why_not(learn)
-    if index in loop.data_versions:
+    if index in loop.data_versions:  # {version: tasks rolled out on it, "kept": tasks from before a resume}
         counts = loop.data_versions.pop(index)
         row[DATA_VERSIONS] = {str(v): counts[v] for v in sorted(counts, key=lambda v: (isinstance(v, str), v))}
     queries.finish_iteration(store, run_id, index, metrics=row, timings=timings)
@@ -501,11 +503,6 @@ def learn_and_record(cfg: RunConfig, loop: Loop, env: Any, held_out: Sequence[Ta
     rep = IterationReport(index, loop.version, metrics, timings)
     run.reports.append(rep)
     _print_iteration(rep)
-
-
-# The iteration row's record of where its data came from: {weights version: tasks rolled out on it},
-# plus "kept": tasks written before a resume (their versions are on their trees, trajectories and pairs).
-DATA_VERSIONS = "rollout/data_versions"
 
 
 def _why_not(learn: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@
 This module gathers the API in one place; the code lives in the modules named below, and every
 caller imports it from here (``from store import queries``).
 
-Writes (``store.writes`` and ``store.runs``):
+Writes (``store.writes``, ``store.chunks`` and ``store.runs``):
 
 - ``start_run`` (the config is stored without credentials: ``store.redact``) / ``finish_run`` /
   ``reopen_run``, ``start_iteration`` / ``finish_iteration``;
@@ -13,6 +13,8 @@ Writes (``store.writes`` and ``store.runs``):
   assigns database ids up front (SQLite: after the table's largest id, under the write lock;
   PostgreSQL: from the table's sequence) so parents, children and pairs are linked without reading
   rows back. A task is written at most once per iteration (a unique ``rollouts`` row).
+- ``write_task_results`` (``store.chunks``): a chunk of tasks in one transaction, one statement per
+  table for the whole chunk, each task still whole or not at all.
 - ``record_checkpoint``, ``log_metrics``.
 
 Reads (``store.runs`` for runs, iterations, checkpoints, metrics and counts; ``store.reads`` for
@@ -35,6 +37,7 @@ offending field, before anything is written (the checks are in ``store.checks``)
 from __future__ import annotations
 
 from store.checks import DONE, INT_MAX, INT_MIN, JUDGMENT_TARGETS, RUNNING
+from store.chunks import write_task_results
 from store.database import Store, StoreError, first_line
 from store.reads import (
     child_nodes,
@@ -93,7 +96,7 @@ from store.runs import (
     start_iteration,
     start_run,
 )
-from store.writes import write_task_result, write_task_results
+from store.writes import write_task_result
 
 __all__ = [
     # constants

@@ -1,12 +1,11 @@
-"""Writing one task's results: ``write_task_result`` and ``write_task_results``.
+"""Writing one task's results: ``write_task_result`` (a chunk of them: ``store.chunks``).
 
 Everything one task produced in an iteration (trees with their nodes, trajectories with their steps,
 pairs, ranked lists, judgments) is checked and coerced first (``_plan``, ``_Rows``), then written in
 ONE transaction with bulk inserts (one ``executemany`` per table). Records refer to each other by
 local keys; the store assigns database ids up front (SQLite: after the table's largest id, under the
 write lock; PostgreSQL: from the table's sequence) so parents, children and pairs are linked without
-reading rows back. A task is written at most once per iteration (a unique ``rollouts`` row). A chunk
-of tasks (``write_task_results``) shares one transaction, with a savepoint per task.
+reading rows back. A task is written at most once per iteration (a unique ``rollouts`` row).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,40 +183,6 @@ def write_task_result(store: Store, run_id: int, iteration: int, result: TaskRes
     with _db_errors(f"cannot write task {result.task_id!r} for iteration {iteration} of run {run_id}"):
         with store.write() as conn:
             return rows.write(conn, _int(run_id, "run_id"), _int(iteration, "iteration"))
-
-
-def write_task_results(
-    store: Store, run_id: int, iteration: int, results: Sequence[TaskResult]
-) -> list[WriteReceipt]:
-    """Write several tasks' results (a chunk) in ONE transaction, with a savepoint per task.
-
-    Each task is still written whole or not at all: a task that fails (bad input, already written)
-    is rolled back to its savepoint alone, the others are committed, then the first failure is
-    raised (``StoreError``, naming the task). One commit per chunk instead of one per task is what
-    makes this cheaper than ``write_task_result`` in a loop (bench/store.py).
-    """
-    run_id, iteration = _int(run_id, "run_id"), _int(iteration, "iteration")
-    planned: list[_Rows | StoreError] = []
-    for r in results:
-        try:
-            planned.append(_Rows(r, _plan(r)))  # coercion and checks, before the transaction
-        except StoreError as e:
-            planned.append(e)
-    receipts, failure = [], None
-    with _db_errors(f"cannot write {len(results)} tasks for iteration {iteration} of run {run_id}"):
-        with store.write() as conn:
-            for rows in planned:
-                if isinstance(rows, StoreError):
-                    failure = failure or rows
-                    continue
-                try:
-                    with conn.begin_nested():
-                        receipts.append(rows.write(conn, run_id, iteration))
-                except StoreError as e:
-                    failure = failure or e
-    if failure is not None:
-        raise failure
-    return receipts
 
 
 class _Rows:
@@ -472,11 +436,21 @@ class _Rows:
             raise StoreError(
                 f"task {result.task_id!r} was already written for iteration {iteration} of run {run_id}"
             ) from None
-        common = {"rollout_id": rollout_id, "run_id": run_id, "iteration": iteration, "task_id": task_db_id}
-        receipt = WriteReceipt(rollout_id=rollout_id, task_db_id=task_db_id)
-
         # Every id up front, in one query, so parents, children, pairs and judgments link directly.
-        tables = {
+        ids = _allocate_ids(conn, self.wanted())
+        rows: dict[Table, list[dict[str, Any]]] = {t: [] for t in ROW_TABLES}
+        receipt = self.fill(
+            {"rollout_id": rollout_id, "run_id": run_id, "iteration": iteration, "task_id": task_db_id},
+            {t: iter(v) for t, v in ids.items()},
+            rows,
+        )
+        for table in ROW_TABLES:
+            _insert_many(conn, table, rows[table])
+        return receipt
+
+    def wanted(self) -> dict[Table, int]:
+        """How many rows (ids) this task needs per table."""
+        return {
             db.Tree.__table__: len(self.trees),
             db.TreeNode.__table__: sum(len(n) for n in self.nodes),
             db.Trajectory.__table__: len(self.trajectories),
@@ -486,16 +460,21 @@ class _Rows:
             db.RankedItem.__table__: sum(len(items) for _, items in self.lists),
             db.Judgment.__table__: len(self.judgments),
         }
-        ids = _allocate_ids(conn, tables)
-        tree_ids, node_ids, traj_ids, step_ids, pair_ids, list_ids, item_ids, judgment_ids = (
-            ids.get(t, []) for t in tables
-        )
+
+    def fill(
+        self, common: dict[str, int], ids: dict[Table, Any], out: dict[Table, list[dict[str, Any]]]
+    ) -> WriteReceipt:
+        """Give this task's rows their ids (drawn from ``ids``), link them, and append them to ``out``
+        (per table, in insertion order). ``common``: rollout_id, run_id, iteration, task_id."""
+        none: Any = iter(())
+        receipt = WriteReceipt(rollout_id=common["rollout_id"], task_db_id=common["task_id"])
 
         # Trees, then nodes with parents before children (the foreign key is checked per row).
-        node_rows: list[dict[str, Any]] = []
-        next_node = iter(node_ids)
-        for tree_id, row, nodes in zip(tree_ids, self.trees, self.nodes, strict=True):
+        next_node = ids.get(db.TreeNode.__table__, none)
+        for row, nodes in zip(self.trees, self.nodes, strict=True):
+            tree_id = next(ids[db.Tree.__table__])
             row.update(common, id=tree_id)
+            receipt.tree_ids.append(tree_id)
             key_to_id: dict[int, int] = {}
             for node in nodes:
                 node_id = key_to_id[node["key"]] = next(next_node)
@@ -503,65 +482,59 @@ class _Rows:
                 node["id"] = node_id
                 node["tree_id"] = tree_id
                 node["parent_id"] = None if parent is None else key_to_id[parent]
-                node_rows.append(node)
+                out[db.TreeNode.__table__].append(node)
             receipt.node_ids.append(key_to_id)
-        receipt.tree_ids = tree_ids
-        _insert_many(conn, db.Tree.__table__, self.trees)
-        _insert_many(conn, db.TreeNode.__table__, node_rows)
+        out[db.Tree.__table__].extend(self.trees)
 
         def node_ref(ref: tuple[int, int] | None) -> int | None:
             return None if ref is None else receipt.node_ids[ref[0]][ref[1]]
 
         # Trajectories and their steps.
-        step_rows = []
-        next_step = iter(step_ids)
-        for traj_id, row, steps in zip(traj_ids, self.trajectories, self.steps, strict=True):
+        next_step = ids.get(db.Step.__table__, none)
+        for row, steps in zip(self.trajectories, self.steps, strict=True):
+            traj_id = next(ids[db.Trajectory.__table__])
             row.update(common, id=traj_id)
+            receipt.trajectory_ids.append(traj_id)
             for step in steps:
                 step["id"] = next(next_step)
                 step["trajectory_id"] = traj_id
-                step_rows.append(step)
+                out[db.Step.__table__].append(step)
             receipt.step_ids.append([step["id"] for step in steps])
-        receipt.trajectory_ids = traj_ids
-        _insert_many(conn, db.Trajectory.__table__, self.trajectories)
-        _insert_many(conn, db.Step.__table__, step_rows)
+        out[db.Trajectory.__table__].extend(self.trajectories)
 
         # Pairs.
-        for pair_id, row in zip(pair_ids, self.pairs, strict=True):
-            row.update(common, id=pair_id)
+        for row in self.pairs:
+            row.update(common, id=next(ids[db.PreferencePair.__table__]))
             row["chosen_node_id"] = node_ref(row["chosen_node_id"])
             row["rejected_node_id"] = node_ref(row["rejected_node_id"])
-        receipt.pair_ids = pair_ids
-        _insert_many(conn, db.PreferencePair.__table__, self.pairs)
+            receipt.pair_ids.append(row["id"])
+        out[db.PreferencePair.__table__].extend(self.pairs)
 
         # Ranked lists and their items.
-        list_rows, item_rows = [], []
-        next_item = iter(item_ids)
-        for list_id, (row, items) in zip(list_ids, self.lists, strict=True):
-            row.update(common, id=list_id)
-            list_rows.append(row)
+        next_item = ids.get(db.RankedItem.__table__, none)
+        for row, items in self.lists:
+            row.update(common, id=next(ids[db.RankedList.__table__]))
+            receipt.ranked_list_ids.append(row["id"])
+            out[db.RankedList.__table__].append(row)
             for item in items:
                 item["id"] = next(next_item)
-                item["list_id"] = list_id
+                item["list_id"] = row["id"]
                 item["node_id"] = node_ref(item["node_id"])
-                item_rows.append(item)
-        receipt.ranked_list_ids = list_ids
-        _insert_many(conn, db.RankedList.__table__, list_rows)
-        _insert_many(conn, db.RankedItem.__table__, item_rows)
+                out[db.RankedItem.__table__].append(item)
 
         # Judgments, their targets mapped to database ids.
-        flat_steps = step_ids
-        for judgment_id, row in zip(judgment_ids, self.judgments, strict=True):
-            row.update(common, id=judgment_id)
+        flat_steps = [i for step_ids in receipt.step_ids for i in step_ids]
+        for row in self.judgments:
+            row.update(common, id=next(ids[db.Judgment.__table__]))
             kind, target = row["target_kind"], row["target_id"]
             if kind == "node":
                 row["target_id"] = node_ref(target)
             elif kind == "trajectory":
-                row["target_id"] = traj_ids[target]
+                row["target_id"] = receipt.trajectory_ids[target]
             elif kind == "step":
                 row["target_id"] = flat_steps[target]
-        receipt.judgment_ids = judgment_ids
-        _insert_many(conn, db.Judgment.__table__, self.judgments)
+            receipt.judgment_ids.append(row["id"])
+        out[db.Judgment.__table__].extend(self.judgments)
         return receipt
 
     def _insert_task(self, conn: Connection, task: dict[str, Any]) -> int:
@@ -598,3 +571,9 @@ def _prebuilt_statements() -> tuple[Any, ...]:
 
 
 _ITERATION_AND_TASK, _TASK_ID, _INSERT_TASK, _INSERT_TASK_PG, _INSERT_ROLLOUT = _prebuilt_statements()
+
+# The tables a task's rows go to, parents before children (foreign keys are checked per row).
+ROW_TABLES = [
+    db.Tree.__table__, db.TreeNode.__table__, db.Trajectory.__table__, db.Step.__table__,
+    db.PreferencePair.__table__, db.RankedList.__table__, db.RankedItem.__table__, db.Judgment.__table__,
+]  # fmt: skip

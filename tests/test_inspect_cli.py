@@ -232,3 +232,23 @@ def test_serve_rejects_a_bad_token_or_allowed_host(data):
     assert result.stderr.strip().startswith("error: --token must be at least 16 characters")
     result = cli("serve", "--db", data.url, "--allow-host", "http://x/", code=2)
     assert result.stderr.strip() == "error: --allow-host 'http://x/' is not a host name (give a name or address, no scheme or path)"
+
+
+def test_status_shows_which_weights_versions_each_iterations_data_came_from(tmp_path):
+    """A pipelined run's iterations train on data from more than one version; ``treeplay status``
+    (table and JSON) and the inspector's iteration rows say which, with their task counts."""
+    from orchestrator import inspector
+
+    url = f"sqlite:///{tmp_path}/store.db"
+    with open_store(url) as store:
+        run_id = queries.start_run(store, "piped", {})
+        for index, versions in enumerate([{"0": 48}, {"0": 40, "1": 8}, {"1": 30, "2": 2, "kept": 16}]):
+            queries.start_iteration(store, run_id, index, index)
+            queries.finish_iteration(store, run_id, index, metrics={"rollout/data_versions": versions})
+        queries.start_iteration(store, run_id, 3, 2)  # still running: nothing to say yet
+        rows = [inspector.iteration_row(it) for it in queries.list_iterations(store, run_id)]
+    assert [r["data_versions"] for r in rows] == [{"0": 48}, {"0": 40, "1": 8}, {"1": 30, "2": 2, "kept": 16}, {}]
+    shown = json.loads(cli("status", "piped", "--db", url, "--json").stdout)
+    assert [it["data_versions"] for it in shown["iterations"]] == [r["data_versions"] for r in rows]
+    table = cli("status", "piped", "--db", url).stdout
+    assert "data from" in table and "v0:40 v1:8" in table and "v1:30 v2:2 kept:16" in table

@@ -141,3 +141,46 @@ def test_a_nan_learning_rate_update_is_rejected_and_weights_stay(warm_model_dir)
     learner.policy.optimizer.state.clear()
     metrics, deployable = train_guarded(learner, PreferenceData(pairs=pairs))
     assert deployable and fingerprint(learner.state_dict()) != before
+
+
+def test_the_learner_refuses_this_iterations_data_older_than_the_staleness_bound():
+    """rollout.max_staleness: rows of the iteration being learned that are more than k versions
+    behind the learner are refused and counted; replayed rows (older by design) and rows without a
+    recorded version are kept."""
+    from orchestrator.rollouts import POLICY_VERSION
+    from orchestrator.workers import within_staleness
+    from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
+
+    def pair(iteration, version):
+        info = None if version is None else {POLICY_VERSION: version, "other": 1}
+        return PairRecord(prompt="q\n", chosen="a\n", rejected="b\n", iteration=iteration, info=info)
+
+    pairs = [pair(5, 7), pair(5, 6), pair(5, 5), pair(5, 4), pair(5, None), pair(4, 2)]
+    lists = [RankedListRecord(prompt="q\n", items=[RankedItem("a\n", 1.0)], iteration=5, info={POLICY_VERSION: 3})]
+    data, counts = within_staleness(PreferenceData(pairs=pairs, ranked_lists=lists), 5, learner_version=7,
+                                    max_staleness=1)
+    assert [(p.iteration, (p.info or {}).get(POLICY_VERSION)) for p in data.pairs] == [(5, 7), (5, 6), (5, None), (4, 2)]
+    assert data.ranked_lists == []
+    assert counts == {"stale_refused": 3.0, "staleness_max": 1.0, "staleness_mean": 0.5,
+                      "data_version_min": 6.0, "data_version_max": 7.0}
+    # Synchronous (k = 0): only data made by the learner's own version.
+    data, counts = within_staleness(PreferenceData(pairs=pairs), 5, learner_version=7, max_staleness=0)
+    assert counts["stale_refused"] == 3.0 and counts["staleness_max"] == 0.0
+
+
+def test_pairs_and_lists_say_which_weights_made_them(tiny_model_dir):
+    """run_rollouts stamps the policy's version on every pair and ranked list it returns."""
+    from agents.registry import environment_factory, make_environment
+    from orchestrator.config import load_config
+    from orchestrator.engines import make_engine
+    from orchestrator.rollouts import POLICY_VERSION, run_rollouts
+
+    cfg = load_config(None, ["rollout.mode=sample", "rollout.samples_per_task=4"])
+    engine = make_engine("hf", str(tiny_model_dir), seed=0)
+    engine.version = 3
+    env = make_environment(cfg.env.name, **cfg.env.kwargs)
+    results, _ = run_rollouts(cfg, env.tasks("train", 4, seed=1), engine,
+                              environment_factory(cfg.env.name, **cfg.env.kwargs))
+    stamped = [rec.info[POLICY_VERSION] for r in results for rec in [*r.pairs, *r.ranked_lists]]
+    assert stamped and set(stamped) == {3}
+    assert all(t.policy_version == 3 for r in results for t in r.trajectories)

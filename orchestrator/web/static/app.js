@@ -226,10 +226,17 @@ const ITERATION_COLUMNS = [
   ["nodes", "rollout/nodes"], ["pairs", "rollout/pairs"], ["loss", "learn/loss"], ["reward margin", "learn/reward_margin"],
 ];
 
+// The weights versions an iteration's data came from: "v3", or "v3:80 v4:48" (a pipelined run).
+function dataVersions(it) {
+  const found = Object.entries(it.data_versions || {});
+  if (found.length === 1 && found[0][0] !== "kept") return `v${found[0][0]}`;
+  return found.map(([v, n]) => `${v === "kept" ? "" : "v"}${v}:${n}`).join(" ");
+}
+
 function iterationsTable(run) {
   return h("section", {}, h("h2", {}, "Iterations"),
-    table(["iter", "status", "version", "tasks", ...ITERATION_COLUMNS.map((c) => c[0]), "seconds", ""],
-      run.iterations.map((it) => [String(it.index), it.status, String(it.policy_version), String(it.tasks),
+    table(["iter", "status", "version", "data from", "tasks", ...ITERATION_COLUMNS.map((c) => c[0]), "seconds", ""],
+      run.iterations.map((it) => [String(it.index), it.status, String(it.policy_version), dataVersions(it), String(it.tasks),
         ...ITERATION_COLUMNS.map((c) => fmt(it.metrics[c[1]])), fmt(it.seconds, 1),
         h("a", { href: `#/run/${run.id}/pairs?iteration=${it.index}` }, "pairs")]),
       "iterations"));
