@@ -336,7 +336,7 @@ def train_guarded(learner: Any, data: Any) -> tuple[dict[str, Any], bool]:
     applied = float(learner.policy.updates) - updates_before
     deployable = update_is_deployable(metrics, applied, learner.healthy)
     if not deployable:
-        learner.policy.model.load_state_dict(before)
+        learner.policy.load_weights(before)  # the full weights, or the adapter of a LoRA learner
         # The reference cannot have changed in a way that matters: a fixed one never does, a
         # refreshed one is rebuilt from the policy at the next call.
         learner.load_training_state(state_before, check_reference=False)
