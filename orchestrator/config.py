@@ -254,9 +254,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def with_defaults(default: BaseModel, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with every key it leaves out taken from ``default`` (RunConfig's documented values).
+
+    A section written partly (``learner: {dpo: {lr: 3.0e-5}}``, or the override ``learner.dpo.lr=3e-5``
+    with no config file) keeps the rest of that section as documented here (the demo's MCTS-DPO
+    settings), not the section class's own defaults, which differ (a plain sigmoid DPO). Free-form
+    mappings (``env.kwargs``, ``engine.kwargs``) are never filled in: they belong to what the section
+    names (an environment's constructor arguments are its own).
+    """
+    out = dict(given)
+    for name in type(default).model_fields:
+        value = getattr(default, name)
+        if name in given:
+            if isinstance(value, BaseModel) and isinstance(given[name], dict):
+                out[name] = with_defaults(value, given[name])
+        elif isinstance(value, BaseModel):
+            out[name] = value.model_dump(mode="python")
+        elif not isinstance(value, dict):
+            out[name] = copy.deepcopy(value)
+    return out
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(with_defaults(RunConfig(), data))
     except ValidationError as e:
         raise ConfigError(_first_error(e)) from None
 

@@ -85,3 +85,21 @@ def test_cli_reports_a_bad_key_in_one_line_and_exits_2(tmp_path):
 def test_apply_overrides_keeps_other_keys():
     data = {"a": {"b": 1, "c": 2}}
     assert apply_overrides(data, ["a.b=5"]) == {"a": {"b": 5, "c": 2}}
+
+
+def test_regression_partial_section_keeps_the_documented_defaults(tmp_path):
+    """`treeplay demo learner.dpo.lr=3e-5` used to turn the demo's MCTS-DPO into plain sigmoid DPO with
+    a fixed reference and no warm-up (the section was rebuilt from DPOConfig's own defaults)."""
+    from orchestrator.config import RunConfig, load_config
+
+    demo = RunConfig().learner.dpo
+    by_override = load_config(None, ["learner.dpo.lr=3e-5"]).learner.dpo
+    path = tmp_path / "partial.yaml"
+    path.write_text("learner: {dpo: {lr: 3.0e-5}}\nsearch: {iterations: 4}\n")
+    from_file = load_config(path, [])
+    for dpo in (by_override, from_file.learner.dpo):
+        assert dpo.lr == 3e-5
+        assert (dpo.loss_type, dpo.reference, dpo.warmup_steps) == (demo.loss_type, demo.reference, demo.warmup_steps)
+    assert from_file.search.iterations == 4 and from_file.search.root_width == RunConfig().search.root_width
+    # Free-form mappings are not filled in: another environment gets none of arithmetic's arguments.
+    assert load_config(None, ["env.name=toolqa"]).env.kwargs == {}
