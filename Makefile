@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast system-deps lint bench clean
+.PHONY: demo test test-default test-heavy test-fast system-deps lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,16 @@ demo: $(VENV)/.installed
 system-deps:
 	@bash scripts/system-deps.sh
 
-test: $(VENV)/.installed system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# What CI runs (.ci/run): the default suite, then the heavy whole-run suites.
+test: test-default test-heavy
+
+# The default suite (under 15 minutes on 2 cores): everything but the heavy whole-run suites.
+test-default: $(VENV)/.installed system-deps
+	$(BIN)/python -m pytest -m "not heavy" $(PYTEST_ARGS)
+
+# Whole runs on real local Ray (fault injection, resume, pipelining, studies): tens of minutes.
+test-heavy: $(VENV)/.installed system-deps
+	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not slow and not postgres and not vllm and not cluster and not browser" $(PYTEST_ARGS)

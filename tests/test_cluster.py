@@ -27,7 +27,7 @@ from orchestrator.config import load_config
 from store import queries
 from store.database import open_store
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = 256

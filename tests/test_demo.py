@@ -20,7 +20,7 @@ from orchestrator.loop import launch_run
 from store import queries
 from store.database import open_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def test_small_demo_learns_from_its_own_trees(tmp_path, warm_model_dir):

@@ -27,7 +27,7 @@ from orchestrator.config import load_config
 from store import queries
 from store.database import open_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def _small(tmp_path: Path, model: Path, *extra: str):

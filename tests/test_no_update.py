@@ -19,7 +19,7 @@ from orchestrator.config import load_config
 from store import queries
 from store.database import open_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 TESTS = Path(__file__).resolve().parent
 

@@ -34,7 +34,7 @@ from store import queries
 from store.database import open_store
 
 # Each test runs whole Ray runs (and may build the session's warm-started model first).
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(1800)]
 
 
 def _pipelined(tmp_path: Path, model: Path, *extra: str):

@@ -159,6 +159,7 @@ def _series(store, run_id: int) -> dict[str, dict[int, float]]:
     return {k: dict(v) for k, v in queries.metric_series(store, run_id).items() if k in SERIES}
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_regression_resume_reproduces_losses(tmp_path, warm_model_dir):
     """A resumed run used to restart Adam and the warm-up and to take the checkpoint it resumed

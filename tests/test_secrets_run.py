@@ -22,7 +22,7 @@ from orchestrator.cli import app
 from store import queries
 from store.database import StoreError, open_store
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.postgres]
 
 PASSWORD = "Pg7SecretOfTreeplayTests"
 

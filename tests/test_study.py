@@ -56,6 +56,7 @@ def _treeplay(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_study_runs_every_cell_writes_results_and_resumes(tmp_path):
     study = _study(tmp_path)
