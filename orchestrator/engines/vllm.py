@@ -321,10 +321,15 @@ class VLLMEngine(TokenMethods):
             self.version = int(version)
             self.last_load_seconds = time.perf_counter() - t0
             return
-        tensors = {
-            k.removeprefix("module."): torch.as_tensor(v).detach().cpu().contiguous()
-            for k, v in state_dict.items()
-        }
+        tensors: dict[str, Any] = {}
+        storages: set[int] = set()
+        for k, v in state_dict.items():
+            t = torch.as_tensor(v).detach().cpu().contiguous()
+            # A tied model's lm_head.weight is embed_tokens.weight: safetensors refuses two names on
+            # one storage, so the second name gets its own copy (vLLM ties them again on load).
+            ptr = t.untyped_storage().data_ptr()
+            tensors[k.removeprefix("module.")] = t.clone() if ptr in storages else t
+            storages.add(ptr)
         self._call(self._llm.collective_rpc, _reload_from_bytes, args=(save(tensors),))
         self._call(self._llm.reset_prefix_cache)
         self.version = int(version)
