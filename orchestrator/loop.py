@@ -463,7 +463,8 @@ def learn_and_record(cfg: RunConfig, loop: Loop, env: Any, held_out: Sequence[Ta
         versions = [v for v in loop.data_versions.get(index, {}) if v != "kept"]
         if versions:
             loop.learning = (f"learner: iter {index} at v{loop.version} on data from v{min(versions)}"
-                             + (f"-v{max(versions)}" if max(versions) != min(versions) else ""))
+                             + (f"-v{max(versions)}" if max(versions) != min(versions) else "")
+                             + f" (staleness <= {loop.version - min(versions)})")
         t = time.perf_counter()
         learn, updated = loop.learn(index, [task for ts in window for task in ts])
         timings["learn_s"] = time.perf_counter() - t
