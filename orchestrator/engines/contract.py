@@ -121,6 +121,29 @@ def encode_continuation(
     return ids, mask if spans is not None else None
 
 
+def encode_score_request(
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    continuations: Sequence[Any],
+    action_spans: Sequence[Sequence[tuple[int, int]] | None] | None,
+) -> tuple[list[list[int]], list[list[int]], list[list[bool] | None]]:
+    """Both engines' ``score`` inputs: prompt ids, continuation ids and policy masks, checked.
+
+    Raises:
+        ValueError: Lengths that do not match, or a bad prompt or continuation.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"score() got {len(prompts)} prompts but {len(continuations)} continuations")
+    if action_spans is not None and len(action_spans) != len(continuations):
+        raise ValueError(f"score() got {len(action_spans)} action spans for {len(continuations)} continuations")
+    p_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    encoded = [
+        encode_continuation(tokenizer, c, None if action_spans is None else action_spans[i])
+        for i, c in enumerate(continuations)
+    ]
+    return p_ids, [ids for ids, _ in encoded], [mask for _, mask in encoded]
+
+
 def action_token_mask(
     tokenizer: Any, text: str, spans: Sequence[tuple[int, int]] | None
 ) -> tuple[list[int], list[bool]]:

@@ -46,7 +46,7 @@ from orchestrator.engines.contract import (
     check_request,
     cut_at_stop,
     decode,
-    encode_continuation,
+    encode_score_request,
     eos_token_ids,
     prompt_token_ids,
 )
@@ -183,19 +183,9 @@ class HFEngine(TokenMethods):
             One ``Scored`` per pair: the sum and the per-token log-probs of the continuation tokens.
         """
         self._check_open()
-        if len(prompts) != len(continuations):
-            raise ValueError(f"score() got {len(prompts)} prompts but {len(continuations)} continuations")
+        p_ids, c_ids, masks = encode_score_request(self.tokenizer, prompts, continuations, action_spans)
         if not prompts:
             return []
-        p_ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
-        if action_spans is not None and len(action_spans) != len(continuations):
-            raise ValueError(f"score() got {len(action_spans)} action spans for {len(continuations)} continuations")
-        encoded = [
-            encode_continuation(self.tokenizer, c, None if action_spans is None else action_spans[i])
-            for i, c in enumerate(continuations)
-        ]
-        c_ids = [ids for ids, _ in encoded]
-        masks = [mask for _, mask in encoded]
         check_context(p_ids, [len(c) for c in c_ids], self.max_len, "continuation")
         out: list[Scored | None] = [None] * len(prompts)
         # Similar lengths together, so padding stays small.

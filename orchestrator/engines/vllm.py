@@ -45,7 +45,7 @@ from orchestrator.engines.contract import (
     check_request,
     cut_at_stop,
     decode,
-    encode_continuation,
+    encode_score_request,
     eos_token_ids,
     prompt_token_ids,
 )
@@ -272,17 +272,7 @@ class VLLMEngine(TokenMethods):
         from vllm.inputs import TokensPrompt
 
         self._check_open()
-        if len(prompts) != len(continuations):
-            raise ValueError(f"score() got {len(prompts)} prompts but {len(continuations)} continuations")
-        p_ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
-        if action_spans is not None and len(action_spans) != len(continuations):
-            raise ValueError(f"score() got {len(action_spans)} action spans for {len(continuations)} continuations")
-        encoded = [
-            encode_continuation(self.tokenizer, c, None if action_spans is None else action_spans[i])
-            for i, c in enumerate(continuations)
-        ]
-        c_ids = [ids for ids, _ in encoded]
-        masks = [mask for _, mask in encoded]
+        p_ids, c_ids, masks = encode_score_request(self.tokenizer, prompts, continuations, action_spans)
         # vLLM needs room for the one token it samples after the scored text.
         check_context(p_ids, [len(c) + 1 for c in c_ids], self.max_len, "continuation")
         out: list[Scored] = [_scored([], masks[i]) for i in range(len(prompts))]
