@@ -569,21 +569,26 @@ class Fleet:
         """
         actor = self.evaluator if key == EVALUATOR else self.workers[key]
         version, ref = self._served
-        served = ray.get(actor.info.remote())["version"]
-        restarted = served != self.known[key]
-        if served == version:
-            self.known[key] = served
-            return version, restarted
-        if served is None:
-            ray.get(actor.load_model.remote(self.model_ref, self.model_version))
-            served = self.model_version
-        if ref is not None and served != version:
-            served = ray.get(actor.apply_weights.remote(ref))
-        if served != version:
-            raise RuntimeError(f"{'the evaluator' if key == EVALUATOR else f'worker {key}'} reports weights "
-                               f"version {served} after being given version {version}")
-        self.known[key] = served
-        return version, restarted
+        restarted = False
+        # A few rounds: the actor may die again while it loads (``apply_weights`` then answers None
+        # from the restarted process, which has no model yet), and must then start from the model.
+        for _ in range(3):
+            served = ray.get(actor.info.remote())["version"]
+            restarted = restarted or served != self.known[key]
+            if served is None:
+                ray.get(actor.load_model.remote(self.model_ref, self.model_version))
+                served = self.model_version
+            if ref is not None and served != version:
+                served = ray.get(actor.apply_weights.remote(ref))
+            if served == version:
+                self.known[key] = served
+                return version, restarted
+            if served is not None:
+                raise RuntimeError(f"{'the evaluator' if key == EVALUATOR else f'worker {key}'} reports weights "
+                                   f"version {served} after being given version {version}")
+            restarted = True  # died while loading: round again
+        raise RuntimeError(f"{'the evaluator' if key == EVALUATOR else f'worker {key}'} died 3 times in a row "
+                           f"while loading weights version {version}")
 
     # -- rollouts ---------------------------------------------------------------------------------
     def stream(self, chunks: list[tuple[int, list, int]], iteration: int, tally: dict[str, float],

@@ -97,16 +97,20 @@ def test_pipelined_run_survives_a_killed_worker_and_writes_every_task_once(tmp_p
             if runs and queries.completed_task_ids(store, runs[0].id, 1):
                 break
             time.sleep(0.02)
-        while time.monotonic() < deadline:  # mid-chunk, not in a gap between two chunks
+        # Mid-chunk, not between two chunks nor while loading weights: Ray titles a worker's process
+        # "ray::RolloutWorker.rollout" while that method runs (a kill chosen by CPU use alone once
+        # landed after a chunk had returned, and no chunk needed re-running).
+        while time.monotonic() < deadline:
             for p in _rollout_workers():
                 try:
-                    if p.cpu_percent(interval=0.05) > 50:
+                    if p.cmdline()[0].startswith("ray::RolloutWorker.rollout"):
                         killed["finished_before"] = queries.finished_iterations(store, queries.list_runs(store)[0].id)
                         os.kill(p.pid, signal.SIGKILL)
                         killed["pid"] = p.pid
                         return
                 except psutil.Error:
                     pass
+            time.sleep(0.005)
 
     killer = threading.Thread(target=kill_a_busy_worker_in_iteration_1, daemon=True)
     killer.start()
