@@ -3,7 +3,7 @@
     python bench/store.py [--trees 2000] [--naive-trees 300] [--nodes 50] [--pairs 3] [--chunk 128] [--no-postgres]
 
 For each backend (a temp SQLite file; PostgreSQL when a throwaway server can be started with
-``tests/postgres_server.py``) it writes ``--trees`` tasks, each one tree plus a few preference pairs:
+``tests/helpers/postgres_server.py``) it writes ``--trees`` tasks, each one tree plus a few preference pairs:
 
 - with ``write_task_result``, one transaction per task (what the loop did before it wrote chunks);
 - with ``write_task_results``, ``--chunk`` tasks per transaction and a savepoint per task (what the
@@ -265,8 +265,7 @@ def main() -> None:
     if args.no_postgres:
         postgres = {"skipped": "--no-postgres"}
     else:
-        sys.path.insert(0, str(REPO / "tests"))
-        from postgres_server import PostgresServer, PostgresUnavailable
+        from tests.helpers.postgres_server import PostgresServer, PostgresUnavailable
 
         try:
             with PostgresServer() as server:

@@ -38,7 +38,7 @@ def postgres_server():
 
     Skips, saying what is missing, where PostgreSQL's server binaries are absent or cannot start.
     """
-    from postgres_server import PostgresServer, PostgresUnavailable
+    from tests.helpers.postgres_server import PostgresServer, PostgresUnavailable
 
     try:
         server = PostgresServer().start()

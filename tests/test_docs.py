@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_DOC = ROOT / "docs" / "environments.md"
-EXAMPLE_DIR = ROOT / "tests" / "plugin_example"
+EXAMPLE_DIR = ROOT / "tests" / "helpers" / "plugin_example"
 
 # Names of notes that lived next to the repository while it was written (spelled in pieces so that
 # this file does not match itself). A clone has none of them; docs/algorithms.md and

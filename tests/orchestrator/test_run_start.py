@@ -30,8 +30,8 @@ from orchestrator.config import config_from_dict, load_config
 from store import queries
 from store.database import open_store
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_DIR = ROOT / "tests" / "plugin_example"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_DIR = ROOT / "tests" / "helpers" / "plugin_example"
 
 
 @pytest.fixture

@@ -7,12 +7,13 @@ import json
 import re
 
 import pytest
-from inspect_store import XSS_RATIONALE, XSS_STEP, build_inspect_store
 
 from orchestrator.web.app import STATIC_DIR, create_app, new_token, serve
 from search.tree import PreferenceTree
 from store import queries
 from store.database import StoreError, open_store
+
+from .inspect_store import XSS_RATIONALE, XSS_STEP, build_inspect_store
 
 
 @pytest.fixture(scope="module")

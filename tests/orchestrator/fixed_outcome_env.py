@@ -1,7 +1,7 @@
 """A plug-in environment whose outcome does not depend on the policy: every episode ends after one
 action, solved (``solved=True``) or not. Runs on it yield trees whose alternatives all tie, so
 no preference pair and no informative ranked list: the case of a policy that solves every task
-(or none). Named ``fixed_outcome_env:FixedOutcomeEnv`` with ``tests/`` on the Python path.
+(or none). Named ``fixed_outcome_env:FixedOutcomeEnv`` with ``tests/orchestrator/`` on the Python path.
 """
 
 from __future__ import annotations

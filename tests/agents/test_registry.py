@@ -40,7 +40,7 @@ def test_builtins_and_dotted_path():
         ("nosuchmodule_xyz:Env", "cannot import module"),
         ("agents.envs.arithmetic:Nope", "has no attribute"),
         (":Env", "bad dotted path"),
-        ("test_agents_registry:NotAnEnv", "missing reset, step, score"),
+        ("tests.agents.test_registry:NotAnEnv", "missing reset, step, score"),
     ],
 )
 def test_errors_are_one_line(name, fragment):

@@ -14,8 +14,8 @@ from agents.multi import Agent, run_multi_agent_episodes
 from agents.registry import available_environments, list_environments, make_environment
 from agents.scripted import ScriptedPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "tests" / "plugin_example" / "countdown_env.py"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "tests" / "helpers" / "plugin_example" / "countdown_env.py"
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from inspect_store import build_inspect_store
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+
+from .inspect_store import build_inspect_store
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 def test_small_demo_learns_from_its_own_trees(tmp_path, warm_model_dir):
     import ray
 
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "demo.yaml", [
         f"model.path={warm_model_dir}", f"output_dir={tmp_path}", f"store.url=sqlite:///{tmp_path}/demo.db",
         "iterations=10",
     ])

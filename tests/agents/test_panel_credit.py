@@ -325,7 +325,7 @@ def test_shipped_panel_config_records_judgments_the_tiny_model_cannot_take():
 
     from orchestrator.config import load_config
 
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "panel.yaml")
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "panel.yaml")
     env = ArithmeticEnv(**cfg.env.kwargs)
     tasks = env.tasks("train", 4, seed=0)
     answers = {t.prompt: t.answer for t in tasks}

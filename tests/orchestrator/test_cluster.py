@@ -29,7 +29,7 @@ from store.database import open_store
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.heavy]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = 256
 NODE_MEMORY = {"object_store_memory": 200 * 1024**2}
 

@@ -24,7 +24,7 @@ from orchestrator.cli import app
 from store.database import StoreError, head_revision, open_store, upgrade
 from store.schema import Base
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.config import ConfigError, RunConfig, apply_overrides, load_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
 def test_there_are_shipped_configs():
@@ -30,7 +30,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_demo_yaml_spells_out_the_defaults():
-    assert load_config(Path(__file__).parents[1] / "configs" / "demo.yaml") == RunConfig()
+    assert load_config(Path(__file__).parents[2] / "configs" / "demo.yaml") == RunConfig()
 
 
 def test_overrides_set_nested_keys_with_yaml_values():

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from inspect_store import BIDI_STEP, MARKUP_STEP, XSS_RATIONALE, XSS_STEP, build_inspect_store
+
+from .inspect_store import BIDI_STEP, MARKUP_STEP, XSS_RATIONALE, XSS_STEP, build_inspect_store
 
 pytestmark = pytest.mark.browser
 

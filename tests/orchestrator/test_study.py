@@ -23,7 +23,7 @@ from orchestrator.study import interval, load_study
 from store import queries
 from store.database import open_store
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def _study(tmp_path: Path, **extra) -> Path:

@@ -10,13 +10,14 @@ import time
 
 import networkx as nx
 import pytest
-from inspect_store import BIDI_STEP, ESC_STEP, MARKUP_STEP, XSS_STEP, build_inspect_store
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from search.tree import PreferenceTree
 from store import queries
 from store.database import open_store
+
+from .inspect_store import BIDI_STEP, ESC_STEP, MARKUP_STEP, XSS_STEP, build_inspect_store
 
 
 @pytest.fixture(scope="module")

@@ -345,7 +345,7 @@ def test_shipped_react_config_fits_its_prompts_into_the_tiny_model():
 
     from orchestrator.config import load_config
 
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "react.yaml")
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "react.yaml")
     react = cfg.rollout.react
     longest_answer = max(react.max_tokens, react.rubric_max_tokens, react.verify_max_tokens)
     assert cfg.model.path is None and react.max_prompt_chars + longest_answer <= cfg.model.tiny.max_positions

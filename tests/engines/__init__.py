@@ -1,0 +1,1 @@
+"""Tests of orchestrator.engines: the engine contract suite, BPE tokens."""

@@ -1,0 +1,1 @@
+"""Tests of the inspector (orchestrator.inspector and orchestrator.web): API, CLI, browser, TRL export."""

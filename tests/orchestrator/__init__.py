@@ -1,0 +1,1 @@
+"""Tests of the orchestrator: config, rollouts, workers, the loop, whole runs, studies, clusters."""

@@ -1,0 +1,1 @@
+"""Tests of the search package: MCTS, trees, preference pairs."""

@@ -1,0 +1,1 @@
+"""Tests of the store package, on SQLite and PostgreSQL."""
