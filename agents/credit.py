@@ -14,7 +14,9 @@
    ``max_prompt_chars`` -- only the middle of the earlier steps is ever cut -- is not sent, and its
    proposals keep credit None with the reason in ``info["credit_error"]``); ``StepCheckCritic`` replays the state in a fresh environment and credits 1.0 if
    the environment reports the step correct (``info["step_ok"]``, e.g. arithmetic) -- meaningful
-   even with a tiny model. An executed Step's credit is the mean credit of the proposals equal to it.
+   even with a tiny model. ``OutcomeCredit`` is the baseline without re-assignment (used without
+   clumsy negatives): no critic, every executed step is credited with the episode's outcome.
+   An executed Step's credit is the mean credit of the proposals equal to it.
 3. **Pairs** (``credit_pairs``), per (state, agent), same prompt (the state's transcript): if the
    agent's own proposal has credit >= ``high``, it is chosen over the lowest-credit alternative at
    the state (preferring the agent's own clumsy action); otherwise the best proposal at the state is
@@ -166,6 +168,31 @@ class StepCheckCritic:
 
     def score_states(self, states: Sequence[CreditState]) -> list[list[float | None]]:
         return [[self._check(s, p.action) for p in s.proposals] for s in states]
+
+
+class OutcomeCredit:
+    """Uniform credit, the baseline credit re-assignment is measured against: no critic.
+
+    Every proposal equal to the executed action at a state (after ``normalise_action``) gets the
+    episode's outcome (clipped to [0, 1]), at every step alike, so each executed step, and every
+    agent that voted for it, is credited with the outcome. A proposal the vote passed over gets
+    ``1 - outcome``: the outcome is all this baseline knows, so the road not taken counts as worse
+    than the executed action in an episode that succeeded and as better in one that failed. Within
+    a failed episode a correct first step is therefore blamed with the rest, which is what a critic
+    that scores each step is meant to fix. A failed trajectory (an environment or policy error) has
+    no outcome to share: its proposals keep credit None.
+    """
+
+    def score_states(self, states: Sequence[CreditState]) -> list[list[float | None]]:
+        out: list[list[float | None]] = []
+        for s in states:
+            if s.traj.status != "ok" or s.traj.outcome is None:
+                out.append([None] * len(s.proposals))
+                continue
+            outcome = min(1.0, max(0.0, float(s.traj.outcome)))
+            executed = normalise_action(s.traj.steps[s.index].action)
+            out.append([outcome if normalise_action(p.action) == executed else 1.0 - outcome for p in s.proposals])
+        return out
 
 
 def credit_states(trajectories: Sequence[Trajectory]) -> list[CreditState]:

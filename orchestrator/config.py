@@ -120,8 +120,10 @@ class RolloutConfig(_Strict):
     max_steps: int = Field(8, ge=1, description="Agent modes: step limit per episode.")
     max_step_tokens: int = Field(24, ge=1)
     num_agents: int = Field(3, ge=1, description="multi_agent / panel: agents or peers.")
-    critic: Literal["policy", "step_check"] = Field(
-        "policy", description="multi_agent credit critic: the policy itself, or the env's exact step check.")
+    critic: Literal["policy", "step_check", "uniform"] = Field(
+        "policy", description="multi_agent credit: a critic re-assigns it (the policy itself, or the env's exact "
+        "step check), or 'uniform': no critic and no clumsy negatives, every executed step gets the episode's "
+        "outcome (the baseline re-assignment is measured against; agents/credit.py).")
     temperature: float = Field(1.0, ge=0)
     react: ReActConfig = Field(default_factory=ReActConfig, description="react mode (agents/react.py).")
     panel: PanelConfig = Field(default_factory=PanelConfig, description="panel mode (agents/panel.py).")
@@ -175,6 +177,10 @@ class EvalConfig(_Strict):
     sample_temperature: float = Field(1.0, ge=0, description="Also report accuracy of samples at this T.")
     split: Literal["test", "validation"] = Field(
         "test", description="Held-out split: 'validation' to choose settings, 'test' to report them (once).")
+    refine_rounds: int = Field(
+        0, ge=0, description="SLHF's inference-time refinement: score each held-out answer after this many "
+        "follower rounds (the learner's follower prompt, on the rollout engine, at the evaluation's temperature). "
+        "0: the policy's own answer. Needs learner.algorithm=slhf.")
 
 
 class StoreConfig(_Strict):
@@ -278,9 +284,13 @@ def with_defaults(default: BaseModel, given: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig.model_validate(with_defaults(RunConfig(), data))
+        cfg = RunConfig.model_validate(with_defaults(RunConfig(), data))
     except ValidationError as e:
         raise ConfigError(_first_error(e)) from None
+    if cfg.eval.refine_rounds and cfg.learner.algorithm != "slhf":
+        raise ConfigError(f"config key 'eval.refine_rounds': follower refinement needs learner.algorithm=slhf "
+                          f"(got {cfg.learner.algorithm!r})")
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -23,8 +23,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agents.base import Environment, Policy, Task, Trajectory, action_spans, step_segments
-from agents.episode import run_episodes, task_result
+from agents.base import Environment, Policy, Task, Trajectory, action_spans, step_segments, transcript
+from agents.episode import (
+    action_line,
+    apply_action,
+    finish_episode,
+    generate_guarded,
+    run_episodes,
+    start_episode,
+    task_result,
+)
 from orchestrator.config import RunConfig
 from store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
 
@@ -280,9 +288,11 @@ def _multi_agent(cfg, tasks, policy, env_factory, seed):
     """Several agents propose each step, a vote executes one, a critic re-assigns credit.
 
     ``rollout.critic``: "policy" prompts the policy as the critic (CollabUIAgents' LLM critic);
-    "step_check" uses the environment's exact step check (``info["step_ok"]``, e.g. arithmetic).
+    "step_check" uses the environment's exact step check (``info["step_ok"]``, e.g. arithmetic);
+    both add clumsy negatives. "uniform" is the baseline without re-assignment: no critic, no
+    clumsy negatives, every executed step credited with the episode's outcome (``OutcomeCredit``).
     """
-    from agents.credit import PolicyCritic, StepCheckCritic, assign_credit
+    from agents.credit import OutcomeCredit, PolicyCritic, StepCheckCritic, assign_credit
     from agents.multi import Agent, run_multi_agent_episodes
 
     agents = [Agent(f"agent-{i}", policy) for i in range(cfg.rollout.num_agents)]
@@ -290,21 +300,103 @@ def _multi_agent(cfg, tasks, policy, env_factory, seed):
         env_factory, agents, tasks, max_steps=cfg.rollout.max_steps, max_tokens=cfg.rollout.max_step_tokens,
         temperature=cfg.rollout.temperature, seed=seed,
     )
-    critic = StepCheckCritic(env_factory) if cfg.rollout.critic == "step_check" else PolicyCritic(policy)
-    pairs = _by_task(tasks, assign_credit(trajs, critic, agents, clumsy=True, seed=seed))
+    critics = {"step_check": lambda: StepCheckCritic(env_factory), "policy": lambda: PolicyCritic(policy),
+               "uniform": OutcomeCredit}
+    critic = critics[cfg.rollout.critic]()
+    uniform = cfg.rollout.critic == "uniform"
+    pairs = _by_task(tasks, assign_credit(trajs, critic, agents, clumsy=not uniform, seed=seed))
     results = [task_result(t, [tr], pairs[t.id]) for t, tr in zip(tasks, trajs, strict=True)]
     return results, _agent_stats(tasks, trajs, results)
+
+
+EVAL_SEED_OFFSET = 12345  # held-out episodes are seeded apart from the rollouts: run seed + this
+STEP_TIMEOUT_S = 30.0  # an environment call of a replayed refined answer (run_episodes' default)
 
 
 def evaluate(
     cfg: RunConfig, tasks: Sequence[Task], policy: Policy, env_factory: EnvFactory, temperature: float = 0.0
 ) -> list[float]:
-    """Outcome of one episode per held-out task (greedy at temperature 0)."""
+    """Outcome of one episode per held-out task (greedy at temperature 0).
+
+    With ``eval.refine_rounds = k > 0`` (SLHF) the episode's answer is refined k times by the
+    follower before it is scored (``refine_answers``).
+    """
     trajs = run_episodes(
         env_factory, policy, tasks, max_steps=cfg.rollout.max_steps,
-        max_tokens=cfg.rollout.max_step_tokens, temperature=temperature, seed=cfg.seed + 12345,
+        max_tokens=cfg.rollout.max_step_tokens, temperature=temperature, seed=cfg.seed + EVAL_SEED_OFFSET,
     )
+    if cfg.eval.refine_rounds:
+        trajs = refine_answers(cfg, trajs, policy, env_factory, temperature)
     return [float(t.outcome or 0.0) for t in trajs]
+
+
+def refine_answers(
+    cfg: RunConfig, trajs: Sequence[Trajectory], policy: Policy, env_factory: EnvFactory, temperature: float
+) -> list[Trajectory]:
+    """SLHF's inference-time refinement of finished episodes (``SLHFLearner.refine`` on the engine).
+
+    The leader's answer is the episode as the policy wrote it (its steps rendered as in a
+    transcript). Each of ``eval.refine_rounds`` rounds asks the policy with the follower prompt the
+    SLHF learner trains on (``fill_follower_prompt``, template ``learner.slhf.follower_prompt``),
+    showing only the latest answer, for one completion to EOS of at most ``learner.slhf.max_new_tokens``
+    (fewer where the model's context has less room), at ``temperature``. The last answer is then
+    played as an episode: its non-empty lines are the actions, from ``reset`` until the episode
+    ends or ``rollout.max_steps`` (what the SLHF oracle does with an answer), and scored as any
+    episode. An episode that failed, a follower prompt that does not fit the context, or a failed
+    ``generate`` gives a failed trajectory (outcome 0) with the reason.
+
+    Returns:
+        One trajectory per input, in order: the refined answer's, with ``info["refined_from"]`` the
+        leader's answer and ``info["refinements"]`` every follower answer.
+    """
+    from orchestrator.learners.slhf import fill_follower_prompt, load_follower_template
+
+    template = load_follower_template(cfg.learner.slhf.follower_prompt)
+    answers = [transcript("", t.steps) for t in trajs]
+    chains: list[list[str]] = [[] for _ in trajs]
+    errors: list[str | None] = [(t.error or "the episode failed") if t.status != "ok" else None for t in trajs]
+    for r in range(cfg.eval.refine_rounds):
+        live = [i for i, e in enumerate(errors) if e is None]
+        prompts = {i: fill_follower_prompt(template, trajs[i].task.prompt, answers[i]) for i in live}
+        budgets: dict[int, list[int]] = {}
+        for i, p in prompts.items():
+            budget = _answer_budget(policy, p, cfg.learner.slhf.max_new_tokens)
+            if budget < 1:
+                errors[i] = "the follower prompt leaves no room for an answer in the model's context"
+            else:
+                budgets.setdefault(budget, []).append(i)
+        for budget, idx in sorted(budgets.items()):
+            outs, err = generate_guarded(
+                policy, [prompts[i] for i in idx], 1, max_tokens=budget, temperature=temperature,
+                seed=cfg.seed + EVAL_SEED_OFFSET + 1000 * (r + 1) + budget,
+            )
+            for n, i in enumerate(idx):
+                if outs is None:
+                    errors[i] = f"refinement round {r + 1}: {err}"
+                else:
+                    answers[i] = outs[n][0].text
+                    chains[i].append(answers[i])
+    out = []
+    for t, answer, chain, error in zip(trajs, answers, chains, errors, strict=True):
+        ep = start_episode(env_factory(), t.task, STEP_TIMEOUT_S, policy_version=t.policy_version)
+        if error is not None:
+            ep.fail(error)
+        for line in (line for line in answer.split("\n") if line.strip()):
+            if ep.done or len(ep.traj.steps) >= cfg.rollout.max_steps:
+                break
+            apply_action(ep, action_line(line), STEP_TIMEOUT_S)
+        ep.traj.info.update(refined_from=transcript("", t.steps), refinements=chain)
+        out.append(finish_episode(ep, STEP_TIMEOUT_S))
+    return out
+
+
+def _answer_budget(policy: Policy, prompt: str, limit: int) -> int:
+    """``limit`` new tokens, or fewer where the prompt leaves less room in the engine's context
+    (engines expose ``encode`` and ``max_len``; other policies get ``limit``)."""
+    encode, max_len = getattr(policy, "encode", None), getattr(policy, "max_len", None)
+    if not callable(encode) or not isinstance(max_len, int):
+        return limit
+    return min(limit, max_len - len(encode(prompt, prompt=True)))
 
 
 def rollout_summary(stats: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -154,6 +154,15 @@ def load_follower_template(path: str | Path | None = None) -> str:
     return load_prompt("slhf_follower.txt", "orchestrator.learners")
 
 
+def fill_follower_prompt(template: str, prompt: str, response: str) -> str:
+    """The follower's input: ``template`` with the prompt and the response it refines filled in.
+
+    The one place the follower's text is built: the learner trains on it, and held-out evaluation
+    with ``eval.refine_rounds`` (orchestrator/rollouts.py) asks the rollout engine with it.
+    """
+    return template.replace("{prompt}", prompt).replace("{response}", response)
+
+
 class SLHFConfig(LearnerConfig):
     """SLHF settings (plus everything in LearnerConfig; ``beta`` is the KL weight)."""
 
@@ -202,7 +211,7 @@ class SLHFLearner(LearnerOutput):
 
     def follower_prompt(self, prompt: str, response: str) -> str:
         """The follower's input for a prompt and the response it refines."""
-        return self.template.replace("{prompt}", prompt).replace("{response}", response)
+        return fill_follower_prompt(self.template, prompt, response)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], temperature: float | None = None) -> list[list[int]]:
