@@ -1,14 +1,17 @@
-"""Learners: turn the store's preference data into a better policy (DPO family, TPO, SLHF).
+"""Learners: turn the store's preference data into a better policy (DPO family, TPO, SLHF, RFT).
 
-``make_learner(cfg, model_dir)`` picks the learner a run's config names."""
+``make_learner(cfg, model_dir)`` picks the learner a run's config names; every learner is a
+``Learner`` (``base.py``), and ``guards.py`` holds the rules applied around its ``train``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from orchestrator.learners.base import Learner
 
-def make_learner(cfg: Any, model_dir: str | Path, preference: Any = None) -> Any:
+
+def make_learner(cfg: Any, model_dir: str | Path, preference: Any = None) -> Learner:
     """The learner of ``cfg.learner.algorithm``, starting from the model in ``model_dir``.
 
     ``preference`` is SLHF's oracle ``(prompt, a, b) -> p(a > b)``; the other learners ignore it.

@@ -704,7 +704,8 @@ def evaluate_batches(
 
 
 class LearnerOutput:
-    """What every learner hands the loop: its policy's health, weights and checkpoint.
+    """What every learner hands the loop: its policy's health, counters, weights, reference and
+    checkpoint; everything of the ``Learner`` protocol (``orchestrator.learners.base``) but ``train``.
 
     Learners subclass it and set ``self.policy`` (a ``TrainablePolicy``).
     """
@@ -716,9 +717,34 @@ class LearnerOutput:
         """True when the current weights passed the guard rails (safe to redeploy)."""
         return self.policy.healthy
 
+    @property
+    def updates(self) -> int:
+        """Optimizer updates applied so far (skipped ones not counted)."""
+        return self.policy.updates
+
+    @property
+    def train_calls(self) -> int:
+        """``train()`` calls that started an iteration so far."""
+        return self.policy.calls
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """CPU copies of the weights under Hugging Face names, for redeploy."""
         return self.policy.state_dict()
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Put back what ``state_dict()`` handed out (the full weights, or a LoRA learner's adapter).
+        ``state_dict()`` hands out healthy weights only, so the policy is healthy again."""
+        self.policy.load_weights(state_dict)
+        self.policy.healthy = True
+
+    def use_reference(self, model_path: str | Path | None, source: str | None) -> None:
+        """Load the reference's weights from ``model_path`` (a resumed run's fixed reference is its
+        starting model, not the checkpoint the policy resumes from) and name ``source`` as their
+        origin in checkpoints; with no ``model_path``, only name the origin (when given)."""
+        if model_path is not None:
+            self.policy.load_reference(model_path, source)
+        elif source:
+            self.policy.reference_source = source
 
     def save(self, path: str | Path) -> Path:
         """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""

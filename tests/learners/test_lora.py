@@ -216,7 +216,7 @@ def test_regression_rejected_lora_update_is_undone(bpe_model_dir):
     """The loop undoes an iteration its guard rails reject by loading back the learner's
     ``state_dict()``; for a LoRA learner that is the adapter, which ``model.load_state_dict``
     refused (missing base keys). It now goes through the policy's ``load_weights``."""
-    from orchestrator.workers import train_guarded
+    from orchestrator.learners.guards import train_guarded
 
     learner = _learner(bpe_model_dir, skip_grad_norm=1e-12)  # every update is skipped: not deployable
     before = learner.state_dict()

@@ -182,3 +182,19 @@ def test_generate_with_stops_survives_every_row_ending_in_eos(tiny_model_dir):
     for seed in range(12):
         out = eng.generate([prompt], n=1, seed=seed, max_tokens=16, temperature=0.7, stop=["\n"])
         assert len(out) == 1 and len(out[0]) == 1
+
+
+def test_pairs_and_lists_say_which_weights_made_them(tiny_model_dir):
+    """run_rollouts stamps the policy's version on every pair and ranked list it returns."""
+    from agents.registry import make_environment
+    from orchestrator.rollouts import POLICY_VERSION
+
+    cfg = load_config(None, ["rollout.mode=sample", "rollout.samples_per_task=4"])
+    engine = make_engine("hf", str(tiny_model_dir), seed=0)
+    engine.version = 3
+    env = make_environment(cfg.env.name, **cfg.env.kwargs)
+    results, _ = run_rollouts(cfg, env.tasks("train", 4, seed=1), engine,
+                              environment_factory(cfg.env.name, **cfg.env.kwargs))
+    stamped = [rec.info[POLICY_VERSION] for r in results for rec in [*r.pairs, *r.ranked_lists]]
+    assert stamped and set(stamped) == {3}
+    assert all(t.policy_version == 3 for r in results for t in r.trajectories)

@@ -1,12 +1,15 @@
-"""Plain helpers of the Ray actors: the deploy rule and the shuffled-pairs control."""
+"""The learner's guard rails and data rules (``orchestrator.learners.guards``): the deploy rule, the
+restore of a rejected iteration, the shuffled-pairs control, usable data and the staleness bound."""
 
 from __future__ import annotations
 
-from orchestrator.workers import train_guarded, update_is_deployable
+import pytest
+
+from orchestrator.learners.guards import train_guarded, update_is_deployable
 
 
 def test_shuffled_control_swaps_about_half_the_pairs_consistently():
-    from orchestrator.workers import shuffled_control
+    from orchestrator.learners.guards import shuffled_control
     from store.records import PairRecord, PreferenceData
 
     pairs = [PairRecord(prompt=f"p{i}", chosen=f"good{i}", rejected=f"bad{i}", chosen_node=1, rejected_node=2,
@@ -26,8 +29,8 @@ def test_regression_shuffle_control_keeps_alpha():
     clipped to 0.5, which cancels the preference gradient of every swapped pair."""
     import torch
 
+    from orchestrator.learners.guards import shuffled_control
     from orchestrator.learners.losses import dpo_loss, visit_alpha
-    from orchestrator.workers import shuffled_control
     from store.records import PairRecord, PreferenceData
 
     spans = {"chosen": [[0, 3]], "rejected": [[0, 2]]}
@@ -56,7 +59,7 @@ def test_regression_shuffle_control_keeps_alpha():
 
 
 def test_shuffle_control_permutes_list_texts_but_keeps_scores_in_rank_order():
-    from orchestrator.workers import shuffled_control
+    from orchestrator.learners.guards import shuffled_control
     from store.records import PreferenceData, RankedItem, RankedListRecord
 
     texts = [f"answer {k}\n" for k in range(4)]
@@ -77,7 +80,7 @@ def test_shuffle_control_permutes_list_texts_but_keeps_scores_in_rank_order():
 
 
 def test_usable_data_names_what_each_learner_lacks():
-    from orchestrator.workers import usable_data
+    from orchestrator.learners.guards import usable_data
     from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
     lists = [RankedListRecord(prompt="q\n", items=[RankedItem("a\n", 1.0), RankedItem("b\n", 1.0)])]
@@ -105,7 +108,7 @@ def test_a_learner_with_nothing_to_train_on_makes_no_update(tiny_model_dir):
                                                           RankedItem(f"{a}+1={a + 1}\n", 1.0)]) for a in range(5)]
     metrics, deployable = train_guarded(learner, PreferenceData(ranked_lists=tied))
     assert not deployable and metrics["no_update_reason"].startswith("nothing to train on: TPOLearner")
-    assert learner.policy.calls == 0 and fingerprint(learner.state_dict()) == before
+    assert learner.train_calls == 0 and fingerprint(learner.state_dict()) == before
 
 
 def test_an_iteration_mostly_skipped_by_the_guard_rails_is_not_deployed():
@@ -143,12 +146,51 @@ def test_a_nan_learning_rate_update_is_rejected_and_weights_stay(warm_model_dir)
     assert deployable and fingerprint(learner.state_dict()) != before
 
 
+class ThroughTheProtocol:
+    """A learner seen through the ``Learner`` protocol alone: any other attribute (``policy``) fails."""
+
+    def __init__(self, learner):
+        self._learner = learner
+
+    def __getattr__(self, name):
+        from orchestrator.learners.base import Learner
+
+        if name.startswith("_") or name not in vars(Learner):
+            raise AttributeError(f"{name!r} is not part of the Learner protocol")
+        return getattr(self._learner, name)
+
+
+def test_train_guarded_needs_nothing_but_the_learner_protocol(tiny_model_dir):
+    """A rejected iteration is undone (weights, health, counters) through the protocol's methods.
+
+    Without rollback, lr=1e30 leaves weights that give a non-finite loss: the learner is unhealthy
+    after ``train``, and only ``load_weights`` of the weights from before makes it healthy again."""
+    from orchestrator.learners.base import Learner
+    from orchestrator.learners.dpo import DPOConfig, DPOLearner
+    from orchestrator.weights import fingerprint
+    from store.records import PairRecord, PreferenceData
+
+    learner = DPOLearner(tiny_model_dir, DPOConfig(lr=1e30, rollback=False, batch_size=4, num_threads=1,
+                                                   loss_type="sigmoid"))
+    view = ThroughTheProtocol(learner)
+    assert isinstance(view, Learner)
+    with pytest.raises(AttributeError, match="not part of the Learner protocol"):
+        view.policy  # noqa: B018
+    before = fingerprint(learner.state_dict())
+    pairs = [PairRecord(prompt=f"{a}+{a}\n", chosen=f"{a}+{a}={2 * a}\n", rejected=f"{a}+{a}={2 * a + 1}\n")
+             for a in range(10, 22)]
+    metrics, deployable = train_guarded(view, PreferenceData(pairs=pairs))
+    assert not deployable and metrics["restored"] == 1.0
+    assert fingerprint(learner.state_dict()) == before and learner.healthy
+    assert (learner.updates, learner.train_calls) == (0, 0)  # the training state went back too
+
+
 def test_the_learner_refuses_this_iterations_data_older_than_the_staleness_bound():
     """rollout.max_staleness: rows of the iteration being learned that are more than k versions
     behind the learner are refused and counted; replayed rows (older by design) and rows without a
     recorded version are kept."""
+    from orchestrator.learners.guards import within_staleness
     from orchestrator.rollouts import POLICY_VERSION
-    from orchestrator.workers import within_staleness
     from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
     def pair(iteration, version):
@@ -166,21 +208,3 @@ def test_the_learner_refuses_this_iterations_data_older_than_the_staleness_bound
     # Synchronous (k = 0): only data made by the learner's own version.
     data, counts = within_staleness(PreferenceData(pairs=pairs), 5, learner_version=7, max_staleness=0)
     assert counts["stale_refused"] == 3.0 and counts["staleness_max"] == 0.0
-
-
-def test_pairs_and_lists_say_which_weights_made_them(tiny_model_dir):
-    """run_rollouts stamps the policy's version on every pair and ranked list it returns."""
-    from agents.registry import environment_factory, make_environment
-    from orchestrator.config import load_config
-    from orchestrator.engines import make_engine
-    from orchestrator.rollouts import POLICY_VERSION, run_rollouts
-
-    cfg = load_config(None, ["rollout.mode=sample", "rollout.samples_per_task=4"])
-    engine = make_engine("hf", str(tiny_model_dir), seed=0)
-    engine.version = 3
-    env = make_environment(cfg.env.name, **cfg.env.kwargs)
-    results, _ = run_rollouts(cfg, env.tasks("train", 4, seed=1), engine,
-                              environment_factory(cfg.env.name, **cfg.env.kwargs))
-    stamped = [rec.info[POLICY_VERSION] for r in results for rec in [*r.pairs, *r.ranked_lists]]
-    assert stamped and set(stamped) == {3}
-    assert all(t.policy_version == 3 for r in results for t in r.trajectories)

@@ -1,0 +1,197 @@
+"""The learner's guard rails and data rules, applied around ``Learner.train`` (plain Python, no Ray).
+
+- What a learner may train on: ``within_staleness`` (the staleness bound on this iteration's rows),
+  ``canonical_order`` (an order that does not depend on which chunk finished first) and
+  ``usable_data`` (the part its algorithm uses, or why there is none).
+- The control run's data: ``shuffled_control`` reverses preferences by a seeded coin flip.
+- Whether an iteration's training may be deployed: ``update_is_deployable``, and ``train_guarded``,
+  which puts the learner back to where it was before an iteration that may not be.
+
+``workers.LearnerActor`` calls them in that order on each iteration's data; they use a learner
+through the ``Learner`` protocol only (``orchestrator.learners.base``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.learners.base import Learner
+
+
+def shuffled_control(data: Any, seed: int) -> Any:
+    """The control run's data: the preference direction of each pair reversed by a seeded coin flip,
+    the ranked lists' texts permuted among their ranks; nothing else moves.
+
+    Only what says which text is better changes: a swapped pair's chosen slot holds the old rejected
+    text (with its node and action spans, which describe that text) and vice versa, while weight,
+    margin, label smoothing and the visit counts stay in their slots, so MCTS-DPO's alpha (from the
+    chosen and rejected visits) and the loss's weighting are those of the real run. (Swapping the
+    visits as well would make alpha 1/(N_l/N_w + 1), clipped to 0.5, which cancels the preference
+    gradient: the control would measure NLL on wrong answers, not reversed preferences.) A ranked
+    list keeps its scores and per-step rewards in rank order and gets its texts shuffled.
+    """
+    import dataclasses
+    import random
+
+    rng = random.Random(seed)
+    pairs = [_swap_texts(p) if rng.random() < 0.5 else p for p in data.pairs]
+    lists = [_permute_texts(r, rng) for r in data.ranked_lists]
+    return dataclasses.replace(data, pairs=pairs, ranked_lists=lists)
+
+
+_SPANS = "action_spans"  # the key store.records.ACTION_SPANS names: which characters the policy wrote
+
+
+def _swap_texts(p: Any) -> Any:
+    import dataclasses
+
+    info = dict(p.info) if p.info else p.info
+    if info and isinstance(info.get(_SPANS), dict):
+        spans = info[_SPANS]
+        info[_SPANS] = {**spans, "chosen": spans.get("rejected"), "rejected": spans.get("chosen")}
+    return dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, chosen_node=p.rejected_node,
+                               rejected_node=p.chosen_node, info=info)
+
+
+def _permute_texts(r: Any, rng: Any) -> Any:
+    import dataclasses
+
+    order = list(range(len(r.items)))
+    rng.shuffle(order)
+    items = [dataclasses.replace(item, text=r.items[j].text, node=r.items[j].node)
+             for item, j in zip(r.items, order, strict=True)]
+    info = dict(r.info) if r.info else r.info
+    if info and isinstance(info.get(_SPANS), list) and len(info[_SPANS]) == len(order):
+        info[_SPANS] = [info[_SPANS][j] for j in order]
+    for key in ("end_nodes", "correct"):  # per-item facts about the texts travel with them
+        if info and isinstance(info.get(key), list) and len(info[key]) == len(order):
+            info[key] = [info[key][j] for j in order]
+    return dataclasses.replace(r, items=items, info=info)
+
+
+def canonical_order(data: Any) -> Any:
+    """The data in an order that does not depend on which chunk the store wrote first: by iteration,
+    then task id, each task's records in their written order. With several rollout workers chunks
+    finish in any order, and a resumed iteration writes its remaining chunks after the others; the
+    learner's shuffle must see the same list either way."""
+    import dataclasses
+
+    def key(r: Any) -> tuple[int, str]:
+        return (r.iteration if r.iteration is not None else -1, r.task_id or "")
+
+    return dataclasses.replace(data, pairs=sorted(data.pairs, key=key), ranked_lists=sorted(data.ranked_lists, key=key))
+
+
+def usable_data(algorithm: str, data: Any) -> tuple[Any, str | None]:
+    """The part of ``data`` the learner trains on, or a reason why there is nothing to train on.
+
+    The DPO family trains on pairs, TPO and RFT on ranked lists, SLHF on the prompts of both. Finer checks
+    (TPO drops lists whose items are tied) are the learner's: ``train_guarded`` reports them.
+    """
+    from store.records import PreferenceData
+
+    if algorithm == "dpo":
+        if not data.pairs:
+            return data, f"no preference pairs ({len(data.ranked_lists)} ranked lists, which DPO does not use)"
+        return PreferenceData(pairs=data.pairs), None
+    if algorithm in ("tpo", "rft"):
+        if not data.ranked_lists:
+            return data, f"no ranked lists ({len(data.pairs)} pairs, which {algorithm.upper()} does not use)"
+        return PreferenceData(ranked_lists=data.ranked_lists), None
+    if len(data) == 0:
+        return data, "no preference data (no pairs or ranked lists to take prompts from)"
+    return data, None
+
+
+def within_staleness(data: Any, iteration: int, learner_version: int, max_staleness: int) -> tuple[Any, dict[str, float]]:
+    """The part of ``data`` the staleness bound lets the learner train on, and what it measured.
+
+    A pair's or ranked list's staleness is the learner's weights version minus the version that
+    produced it (``info["policy_version"]``, ``orchestrator.rollouts.stamp_version``). Rows of
+    ``iteration`` staler than ``max_staleness`` are refused and counted. Rows of earlier iterations
+    are the replay window the config asked for (``learner.replay``), old by design, and are kept;
+    so are rows without a recorded version (written by an older treeplay).
+
+    Returns:
+        The data without the refused rows, and ``stale_refused`` (rows refused) plus, over this
+        iteration's kept rows with a version, ``staleness_max``, ``staleness_mean``,
+        ``data_version_min`` and ``data_version_max``.
+    """
+    import dataclasses
+
+    from orchestrator.rollouts import POLICY_VERSION
+
+    kept_ages: list[int] = []
+    refused = 0
+
+    def keep(rec: Any) -> bool:
+        nonlocal refused
+        version = (rec.info or {}).get(POLICY_VERSION) if isinstance(rec.info, dict) else None
+        if rec.iteration != iteration or not isinstance(version, int):
+            return True
+        if learner_version - version > max_staleness:
+            refused += 1
+            return False
+        kept_ages.append(learner_version - version)
+        return True
+
+    out = dataclasses.replace(data, pairs=[p for p in data.pairs if keep(p)],
+                              ranked_lists=[r for r in data.ranked_lists if keep(r)])
+    counts = {"stale_refused": float(refused)}
+    if kept_ages:
+        counts.update(staleness_max=float(max(kept_ages)), staleness_mean=sum(kept_ages) / len(kept_ages),
+                      data_version_min=float(learner_version - max(kept_ages)),
+                      data_version_max=float(learner_version - min(kept_ages)))
+    return out, counts
+
+
+def update_is_deployable(metrics: dict[str, Any], applied: float, healthy: bool) -> bool:
+    """Whether an iteration's training may be redeployed.
+
+    The learner already skips single bad updates and rolls back to its last good weights; an
+    iteration in which at least half of the updates were skipped (NaN/inf loss, exploding gradient)
+    did not train in any meaningful sense, so the loop keeps serving the previous weights.
+    """
+    skipped = float(metrics.get("skipped_updates", 0.0))
+    return healthy and applied > 0 and skipped < applied
+
+
+def train_guarded(learner: Learner, data: Any) -> tuple[dict[str, Any], bool]:
+    """One ``learner.train(data)``; if the iteration may not be deployed, the learner is put back.
+
+    The learner rolls single bad updates back itself, but weights blown up to huge *finite* values
+    can still give finite losses and pass its checks; the loop then refuses to deploy them
+    (``update_is_deployable``) and the next iteration must not start from them either. Nor from
+    the optimizer moments, counters and RNG states the rejected iteration left: the whole training
+    state goes back, so a rejected iteration leaves no trace (and a run resumed from the last
+    checkpoint continues exactly as the uninterrupted one would).
+
+    A learner that finds nothing to train on in ``data`` (e.g. TPO when every list's items are tied)
+    says so with a ValueError before it starts the iteration; that is no update, not a failure.
+
+    Returns:
+        The learner's metrics (plus ``restored`` = 1 when the learner was put back, and
+        ``no_update_reason`` when the update is not deployable) and whether the new weights may be
+        deployed.
+    """
+    before = learner.state_dict()  # CPU copies
+    state_before = learner.training_state()
+    updates_before = float(learner.updates)
+    calls_before = learner.train_calls
+    try:
+        metrics = dict(learner.train(data))
+    except ValueError as e:
+        if learner.train_calls != calls_before:
+            raise  # the iteration had started: a real error
+        return {"no_update_reason": f"nothing to train on: {e}"}, False
+    applied = float(learner.updates) - updates_before
+    deployable = update_is_deployable(metrics, applied, learner.healthy)
+    if not deployable:
+        learner.load_weights(before)  # the full weights, or the adapter of a LoRA learner; healthy again
+        # The reference cannot have changed in a way that matters: a fixed one never does, a
+        # refreshed one is rebuilt from the policy at the next call.
+        learner.load_training_state(state_before, check_reference=False)
+        metrics["restored"] = 1.0
+        metrics["no_update_reason"] = str(
+            metrics.get("last_skip_reason") or "update rejected by the learner's guard rails")
+    return metrics, deployable
