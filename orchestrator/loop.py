@@ -663,7 +663,7 @@ def resume_run(run: str | int, store_url: str, overrides: list[str] | None = Non
 
 def _resume_reference(checkpoint: Path, version: int) -> tuple[Path | None, str | None]:
     """The model a checkpoint's fixed reference is (to load it again) and the reference's origin."""
-    from orchestrator.learners.trainable import read_checkpoint_meta
+    from orchestrator.learners.checkpoints import read_checkpoint_meta
 
     meta = read_checkpoint_meta(checkpoint)
     if meta is None:

@@ -314,7 +314,7 @@ class Fleet:
         reference came from, recorded in checkpoints (default: ``model``'s URI)."""
         import math
 
-        from orchestrator.learners.trainable import TRAINER_DIR
+        from orchestrator.learners.checkpoints import TRAINER_DIR
         from orchestrator.placement import place_actors
 
         self.cfg = cfg

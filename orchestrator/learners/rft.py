@@ -23,6 +23,8 @@ import torch
 from pydantic import Field
 
 from orchestrator.learners import losses
+from orchestrator.learners.base import LearnerOutput
+from orchestrator.learners.epochs import StatsMeter, evaluate_batches, run_epochs
 from orchestrator.learners.logprobs import (
     Group,
     encode_masked_response,
@@ -33,14 +35,7 @@ from orchestrator.learners.logprobs import (
     record_tokens,
     sequence_sums,
 )
-from orchestrator.learners.trainable import (
-    LearnerConfig,
-    LearnerOutput,
-    StatsMeter,
-    TrainablePolicy,
-    evaluate_batches,
-    run_epochs,
-)
+from orchestrator.learners.trainable import LearnerConfig, TrainablePolicy
 from store.records import PreferenceData, RankedListRecord
 
 

@@ -39,6 +39,8 @@ import torch
 from pydantic import Field
 
 from orchestrator.learners import losses
+from orchestrator.learners.base import LearnerOutput
+from orchestrator.learners.epochs import StatsMeter, evaluate_batches, run_epochs
 from orchestrator.learners.logprobs import (
     Group,
     encode_masked_response,
@@ -50,14 +52,7 @@ from orchestrator.learners.logprobs import (
     record_tokens,
     token_offsets,
 )
-from orchestrator.learners.trainable import (
-    LearnerConfig,
-    LearnerOutput,
-    StatsMeter,
-    TrainablePolicy,
-    evaluate_batches,
-    run_epochs,
-)
+from orchestrator.learners.trainable import LearnerConfig, TrainablePolicy
 from store.records import PreferenceData, RankedListRecord
 
 

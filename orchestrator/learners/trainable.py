@@ -1,7 +1,7 @@
 """What every learner shares: a policy being trained, its reference, its optimizer, its guard rails.
 
-A learner (``DPOLearner``, ``TPOLearner``, ``SLHFLearner``) *has* a ``TrainablePolicy``; it does
-not inherit from one. The policy object owns:
+A learner (``DPOLearner``, ``TPOLearner``, ``SLHFLearner``, ``RFTLearner``) *has* a
+``TrainablePolicy``; it does not inherit from one. The policy object owns:
 
 - the model and tokenizer loaded from a Hugging Face directory, on the configured device/dtype
   (``dtype="auto"``: bf16 on a GPU that supports it, fp32 elsewhere);
@@ -16,10 +16,14 @@ not inherit from one. The policy object owns:
 - ``save(path)``: a Hugging Face directory (model + tokenizer) that transformers and vLLM load;
 - ``training_state()`` / ``load_training_state()``: everything besides the weights that continuing
   training needs (optimizer moments, update count = warm-up position, train() calls, RNG states, the
-  reference's identity); a learner's ``save_checkpoint(path)`` writes it with the weights under
-  ``trainer/`` of the directory, atomically, and ``restore_checkpoint(path)`` reads it back.
+  reference's identity); a learner's ``save_checkpoint(path)`` (``LearnerOutput``, base.py) writes
+  it with the weights under ``trainer/`` of the directory, atomically (checkpoints.py), and
+  ``restore_checkpoint(path)`` reads it back.
 
-``run_epochs`` is the shared loop: shuffle, micro-batches, gradient accumulation, metrics.
+This module holds the settings (``LearnerConfig``, ``LoRAConfig``), ``TrainablePolicy`` and
+``AdapterReference``. The shared loop (``run_epochs``: shuffle, micro-batches, gradient
+accumulation, metrics) is in epochs.py, checkpoint I/O in checkpoints.py, ``LearnerOutput`` in
+base.py; all are re-exported here.
 
 LoRA (``LearnerConfig.lora``, with peft): the base weights are frozen and only the adapter trains;
 the reference is the same model with the adapter switched off (``fixed``: the base, i.e. the
@@ -33,30 +37,29 @@ adapter and the training state, and name their base model.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import random
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.learners.losses import LossOutput
-
-T = TypeVar("T")
-
-# Inside a checkpoint directory (a Hugging Face model directory): what resuming training needs
-# besides the weights. A subdirectory, so that engines loading the model never see it.
-TRAINER_DIR = "trainer"
-TRAINER_STATE = "state.pt"  # torch.save of training_state(), read back with weights_only=True
-TRAINER_META = "meta.json"  # the small, human-readable part (counters, reference identity)
-STATE_FORMAT = 1
+# Re-exported: the learners' shared parts lived here before they got modules of their own, and
+# slhf.py and outside code import them from here.
+from orchestrator.learners.base import LearnerOutput  # noqa: F401
+from orchestrator.learners.checkpoints import (  # noqa: F401
+    STATE_FORMAT,
+    TRAINER_DIR,
+    TRAINER_META,
+    TRAINER_STATE,
+    read_checkpoint_meta,
+    rng_state,
+    set_rng_state,
+    to_cpu,
+    write_directory_atomically,
+)
+from orchestrator.learners.epochs import StatsMeter, evaluate_batches, run_epochs  # noqa: F401
 
 
 class LoRAConfig(BaseModel):
@@ -394,7 +397,7 @@ class TrainablePolicy:
         """
         return {
             "format": STATE_FORMAT,
-            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "optimizer": to_cpu(self.optimizer.state_dict()),
             "updates": self.updates,
             "skipped_updates": self.skipped_updates,
             "calls": self.calls,
@@ -507,293 +510,3 @@ class AdapterReference(torch.nn.Module):
             elif self.refresh_mode and ".reference." in name:
                 out[name] = p.detach()
         return out
-
-
-def _to_cpu(value: Any) -> Any:
-    """A copy of a nest of dicts/lists/tuples with every tensor copied to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return copy.deepcopy(value)
-
-
-def rng_state() -> dict[str, Any]:
-    """The process's RNG states (torch CPU, CUDA if in use, Python ``random``, numpy), loadable with
-    ``torch.load(weights_only=True)``."""
-    import numpy as np
-
-    np_state = np.random.get_state(legacy=False)
-    out: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Put back ``rng_state()``'s output."""
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state({
-        "bit_generator": n["bit_generator"],
-        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-        "has_gauss": n["has_gauss"],
-        "gauss": n["gauss"],
-    })
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any] | None:
-    """The ``trainer/meta.json`` of a checkpoint directory, or None when it holds weights only (a
-    run's starting model, or a checkpoint written before training state was saved)."""
-    meta = Path(path) / TRAINER_DIR / TRAINER_META
-    if not meta.is_file():
-        return None
-    return json.loads(meta.read_text(encoding="utf-8"))
-
-
-def write_directory_atomically(path: str | Path, write: Callable[[Path], None], replace: bool = False) -> Path:
-    """Have ``write`` fill a temporary sibling directory, flush it to disk, then rename it to ``path``:
-    a reader (or a resumed run) sees the whole directory or none of it.
-
-    Args:
-        replace: Replace a directory already at ``path`` (a checkpoint left by a crash between
-            writing and recording it); otherwise an existing ``path`` is an error.
-    """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not replace:
-        raise FileExistsError(f"'{out}' already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        write(tmp)
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if out.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale-", dir=out.parent))
-            os.rename(out, stale / out.name)
-            shutil.rmtree(stale)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself
-    finally:
-        os.close(fd)
-    return out
-
-
-class StatsMeter:
-    """Running, example-weighted means of loss statistics over one train() call."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, float] = {}
-
-    def add(self, name: str, value: torch.Tensor | float, count: float = 1.0) -> None:
-        v = float(value.float().mean()) if isinstance(value, torch.Tensor) else float(value)
-        if not math.isfinite(v):
-            return
-        self.sums[name] = self.sums.get(name, 0.0) + v * count
-        self.counts[name] = self.counts.get(name, 0.0) + count
-
-    def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}
-
-
-def run_epochs(
-    policy: TrainablePolicy,
-    examples: Sequence[T],
-    micro_step: Callable[[list[T], StatsMeter], LossOutput],
-    unit: str = "pairs",
-) -> dict[str, Any]:
-    """The shared training loop: shuffle, micro-batch, accumulate, update with guard rails.
-
-    Args:
-        policy: The policy being trained.
-        examples: Prepared examples (already tokenized).
-        micro_step: Computes the loss of one micro-batch (mean over its examples) and records its
-            statistics in the meter; ``run_epochs`` back-propagates it.
-        unit: Name of an example in the throughput metric (``<unit>_per_s``).
-
-    Returns:
-        Metrics: the meter's means plus ``loss``, ``first_loss``, ``updates``, ``skipped_updates``,
-        ``last_skip_reason`` (only when something was skipped), ``grad_norm``, ``seconds``,
-        ``<unit>_per_s``, ``healthy``.
-    """
-    cfg = policy.config
-    rng = random.Random(cfg.seed + 7919 * policy.calls)
-    meter = StatsMeter()
-    skipped_before = policy.skipped_updates
-    first_loss = math.nan
-    t0 = time.perf_counter()
-    seen = 0
-    for _ in range(cfg.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        batches = [
-            [examples[i] for i in order[s : s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)
-        ]
-        for u in range(0, len(batches), cfg.grad_accum):
-            group = batches[u : u + cfg.grad_accum]
-            total = sum(len(b) for b in group)
-            finite = True
-            for batch in group:
-                out = micro_step(batch, meter)
-                value = float(out.loss.detach())
-                if math.isnan(first_loss):
-                    first_loss = value
-                if not math.isfinite(value):
-                    finite = False
-                    continue
-                meter.add("loss", value, len(batch))
-                (out.loss * (len(batch) / total)).backward()
-                seen += len(batch)
-            applied, norm = policy.update(finite)
-            if applied:
-                meter.add("grad_norm", norm)
-    if cfg.verify_at_end and examples:
-        probe = list(examples[: cfg.batch_size])
-        policy.verify(lambda: micro_step(probe, StatsMeter()).loss)
-    seconds = time.perf_counter() - t0
-    metrics: dict[str, Any] = meter.means()
-    metrics.update(
-        first_loss=first_loss,
-        updates=float(policy.updates),
-        skipped_updates=float(policy.skipped_updates - skipped_before),
-        seconds=seconds,
-        healthy=float(policy.healthy),
-    )
-    metrics[f"{unit}_per_s"] = seen / seconds if seconds > 0 else math.nan
-    if policy.skipped_updates > skipped_before and policy.last_skip_reason:
-        metrics["last_skip_reason"] = policy.last_skip_reason
-    return metrics
-
-
-@torch.no_grad()
-def evaluate_batches(
-    examples: Sequence[T], micro_step: Callable[[list[T], StatsMeter], LossOutput], batch_size: int
-) -> dict[str, float]:
-    """Mean loss and statistics of ``micro_step`` over all examples, without gradients or updates."""
-    meter = StatsMeter()
-    for s in range(0, len(examples), batch_size):
-        batch = list(examples[s : s + batch_size])
-        meter.add("loss", micro_step(batch, meter).loss, len(batch))
-    return meter.means()
-
-
-class LearnerOutput:
-    """What every learner hands the loop: its policy's health, counters, weights, reference and
-    checkpoint; everything of the ``Learner`` protocol (``orchestrator.learners.base``) but ``train``.
-
-    Learners subclass it and set ``self.policy`` (a ``TrainablePolicy``).
-    """
-
-    policy: TrainablePolicy
-
-    @property
-    def healthy(self) -> bool:
-        """True when the current weights passed the guard rails (safe to redeploy)."""
-        return self.policy.healthy
-
-    @property
-    def updates(self) -> int:
-        """Optimizer updates applied so far (skipped ones not counted)."""
-        return self.policy.updates
-
-    @property
-    def train_calls(self) -> int:
-        """``train()`` calls that started an iteration so far."""
-        return self.policy.calls
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the weights under Hugging Face names, for redeploy."""
-        return self.policy.state_dict()
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Put back what ``state_dict()`` handed out (the full weights, or a LoRA learner's adapter).
-        ``state_dict()`` hands out healthy weights only, so the policy is healthy again."""
-        self.policy.load_weights(state_dict)
-        self.policy.healthy = True
-
-    def use_reference(self, model_path: str | Path | None, source: str | None) -> None:
-        """Load the reference's weights from ``model_path`` (a resumed run's fixed reference is its
-        starting model, not the checkpoint the policy resumes from) and name ``source`` as their
-        origin in checkpoints; with no ``model_path``, only name the origin (when given)."""
-        if model_path is not None:
-            self.policy.load_reference(model_path, source)
-        elif source:
-            self.policy.reference_source = source
-
-    def save(self, path: str | Path) -> Path:
-        """Write a Hugging Face directory (model + tokenizer) that transformers and vLLM load."""
-        return self.policy.save(path)
-
-    # Learner-level counters a resumed run must carry on from (SLHF: its step count, which says
-    # when the leader updates); saved with the policy's training state.
-    resume_attributes: tuple[str, ...] = ()
-
-    def training_state(self) -> dict[str, Any]:
-        """The policy's ``training_state()`` plus this learner's ``resume_attributes``."""
-        state = self.policy.training_state()
-        state["learner"] = {name: getattr(self, name) for name in self.resume_attributes}
-        return state
-
-    def load_training_state(self, state: dict[str, Any], check_reference: bool = True) -> None:
-        """Continue from ``training_state()``'s output (weights already loaded)."""
-        self.policy.load_training_state(state, check_reference)
-        for name, value in state.get("learner", {}).items():
-            setattr(self, name, value)
-
-    def save_checkpoint(self, path: str | Path, replace: bool = False) -> Path:
-        """Weights and tokenizer (a Hugging Face directory) plus ``trainer/`` (the training state
-        and its readable summary), written under a temporary name and renamed into place."""
-        if not self.healthy:
-            raise RuntimeError("refusing to save unhealthy weights")
-        state = self.training_state()
-
-        def write(tmp: Path) -> None:
-            self.policy.save(tmp)
-            trainer = tmp / TRAINER_DIR
-            trainer.mkdir()
-            torch.save(state, trainer / TRAINER_STATE)
-            meta = {
-                "format": state["format"],
-                "updates": state["updates"],
-                "calls": state["calls"],
-                "reference": state["reference"],
-                "learner": state["learner"],
-            }
-            (trainer / TRAINER_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-
-        return write_directory_atomically(path, write, replace=replace)
-
-    def restore_checkpoint(self, path: str | Path) -> bool:
-        """Load the training state saved with the weights this learner was built from; False (and
-        nothing changes) when the directory holds weights only."""
-        state_file = Path(path) / TRAINER_DIR / TRAINER_STATE
-        if not state_file.is_file():
-            return False
-        self.load_training_state(torch.load(state_file, map_location="cpu", weights_only=True))
-        return True

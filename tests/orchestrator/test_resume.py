@@ -26,10 +26,10 @@ import torch
 import yaml
 
 from orchestrator.config import load_config
+from orchestrator.learners.checkpoints import TRAINER_DIR, read_checkpoint_meta, write_directory_atomically
 from orchestrator.learners.dpo import DPOConfig, DPOLearner
 from orchestrator.learners.guards import train_guarded
 from orchestrator.learners.slhf import SLHFConfig, SLHFLearner
-from orchestrator.learners.trainable import TRAINER_DIR, read_checkpoint_meta, write_directory_atomically
 from orchestrator.weights import fingerprint
 from orchestrator.workers import ModelFiles
 from store import queries
