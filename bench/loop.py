@@ -86,7 +86,7 @@ def main() -> None:
         ap.error("--max-staleness must be at least 1 (0 is the synchronous baseline, always run)")
 
     from orchestrator.config import load_config
-    from orchestrator.loop import prepare_model
+    from orchestrator.run_start import prepare_model
 
     tmp = Path(tempfile.mkdtemp(prefix="treeplay-bench-loop-"))
     demo = load_config(None, [f"warm_start.steps={args.warm_steps}"] if args.warm_steps is not None else [])

@@ -6,6 +6,9 @@
     versions refused) -> held-out evaluation -> metrics -> finish the iteration.
 
 No Ray here: the actors, their placement and the ``ray.wait`` streaming are ``orchestrator.workers.Fleet``.
+What comes before the iterations (the starting model and its warm start, the checks made before a
+run is recorded, resume's reference model) is ``orchestrator/run_start.py``; ``launch_run`` and
+``resume_run``, at the end of this file, call it and then ``run_loop``.
 The store is the record: ``resume`` reads the run's config, the finished iterations and the last
 checkpoint from it, keeps the unfinished iteration's finished tasks, and carries on. A checkpoint holds
 the learner's whole training state (optimizer, warm-up position, RNG states, which reference it
@@ -29,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agents.base import Task
@@ -37,10 +39,17 @@ from agents.registry import make_environment
 from orchestrator.config import RunConfig, resume_config
 from orchestrator.inspector import DATA_VERSIONS
 from orchestrator.rollouts import chunk_seed
+from orchestrator.run_start import (  # noqa: F401 - prepare_model: re-exported for its callers
+    check_startable,
+    console,
+    free_name,
+    prepare_model,
+    resume_reference,
+    uri_to_path,
+    warm_start_model,
+)
 from store import queries
 from store.database import Store, open_store
-
-console = Console(stderr=True)
 
 
 @dataclass
@@ -75,40 +84,6 @@ class RunReport:
             "seconds": round(self.seconds, 1),
             "plot": self.plot,
         }
-
-
-# ------------------------------------------------------------------------------------------- model
-def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float], None] | None = None) -> tuple[Path, dict]:
-    """The starting policy: ``model.path`` as is, or a tiny model built and warm-started here."""
-    if cfg.model.path:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model.path '{path}' is not a Hugging Face model directory (no config.json)")
-        return path, {}
-    from orchestrator.engines.tiny import build_tiny_model
-    from orchestrator.warmstart import supervised_warm_start
-
-    t = cfg.model.tiny
-    if t.tokenizer == "bpe":
-        from orchestrator.engines.bpe import DEFAULT_ENVIRONMENTS, build_bpe_model, environment_corpus
-
-        corpus = environment_corpus([(cfg.env.name, cfg.env.kwargs), *DEFAULT_ENVIRONMENTS], seed=t.seed)
-        path = build_bpe_model(run_dir / "model-v0", t.arch or "qwen2", t.hidden_size, t.num_layers, t.num_heads,
-                               t.num_kv_heads, t.intermediate_size, t.max_positions, t.vocab_size, t.seed, corpus)
-    else:
-        path = build_tiny_model(run_dir / "model-v0", t.hidden_size, t.num_layers, t.num_heads,
-                                intermediate_size=t.intermediate_size, max_positions=t.max_positions, seed=t.seed)
-    info: dict[str, float] = {}
-    ws = cfg.warm_start
-    if ws.enabled and ws.steps > 0:
-        env = make_environment(cfg.env.name, **cfg.env.kwargs)
-        demos = getattr(env, "demonstrations", None)
-        if demos is None:
-            raise ValueError(f"warm_start needs demonstrations, environment '{cfg.env.name}' has none")
-        examples = demos(env.tasks("train", ws.examples, seed=cfg.seed + 99))
-        info = supervised_warm_start(path, examples, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,
-                                     seed=cfg.seed, num_threads=cfg.engine.num_threads, on_step=on_step)
-    return path, info
 
 
 # -------------------------------------------------------------------------------------------- loop
@@ -555,53 +530,6 @@ def plot_learning_curve(store: Store, run_id: int, path: Path, title: str | None
 
 
 # ------------------------------------------------------------------------------------ entry points
-def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
-    """Check what can be checked before a run is recorded, so that a bad config leaves no trace.
-
-    The environment is made (its name resolves, its constructor takes ``env.kwargs``); with
-    ``starting_model`` (a new run, not a resume), ``model.path`` must be a Hugging Face directory and
-    a tiny model's warm start needs the environment's ``demonstrations``. The config itself was
-    validated when it was loaded, the store is opened by the caller.
-
-    Raises:
-        RegistryError: The environment cannot be made (one-line message).
-        ValueError: Anything else (one-line message).
-    """
-    env = make_environment(cfg.env.name, **cfg.env.kwargs)
-    if not starting_model:
-        return
-    if cfg.model.path:
-        if not (Path(cfg.model.path) / "config.json").is_file():
-            raise ValueError(f"model.path '{cfg.model.path}' is not a Hugging Face model directory (no config.json)")
-    elif cfg.warm_start.enabled and cfg.warm_start.steps > 0 and not callable(getattr(env, "demonstrations", None)):
-        raise ValueError(f"warm_start needs demonstrations, environment '{cfg.env.name}' has none: "
-                         "set warm_start.enabled=false or give a trained model.path")
-
-
-# How often a phase with a progress bar says where it is when stderr is not a terminal (CI logs,
-# `| tee`): rich draws no bar there, and a warm start can take minutes.
-PLAIN_PROGRESS_EVERY_S = 5.0
-
-
-def warm_start_model(cfg: RunConfig, run_dir: Path) -> tuple[Path, dict]:
-    """``prepare_model`` with a progress bar on a terminal, or a plain line every few seconds."""
-    total = cfg.warm_start.steps
-    t0 = time.perf_counter()
-    last = [t0]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        bar = progress.add_task("warm start", total=total, loss=float("nan"))
-
-        def on_step(step: int, loss: float) -> None:
-            progress.update(bar, completed=step + 1, loss=loss)
-            now = time.perf_counter()
-            if not console.is_terminal and now - last[0] >= PLAIN_PROGRESS_EVERY_S:
-                last[0] = now
-                console.print(f"warm start: step {step + 1}/{total}, loss {loss:.3f}, {now - t0:.0f}s", highlight=False)
-
-        return prepare_model(cfg, run_dir, on_step=on_step)
-
-
 def launch_run(cfg: RunConfig) -> RunReport:
     """A new run: checks, store row, model (warm start), then the iterations.
 
@@ -610,7 +538,7 @@ def launch_run(cfg: RunConfig) -> RunReport:
     """
     t0 = time.perf_counter()
     store = open_store(cfg.store.url)
-    cfg = cfg.model_copy(update={"name": _free_name(store, cfg.name)})
+    cfg = cfg.model_copy(update={"name": free_name(store, cfg.name)})
     check_startable(cfg)
     run_dir = Path(cfg.output_dir) / cfg.name
     try:
@@ -625,17 +553,6 @@ def launch_run(cfg: RunConfig) -> RunReport:
             queries.log_metrics(store, run_id, None, {"warm_start/loss": ws["loss"], "warm_start/seconds": ws["seconds"]})
         queries.record_checkpoint(store, run_id, -1, 0, Path(model).resolve().as_uri(), ws or None)
         return run_loop(cfg, run_id, store, Path(model), 0, t0)
-
-
-def _free_name(store: Store, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``... if the store already has a run called that."""
-    taken = {r.name for r in queries.list_runs(store)}
-    if name not in taken:
-        return name
-    k = 2
-    while f"{name}-{k}" in taken:
-        k += 1
-    return f"{name}-{k}"
 
 
 def resume_run(run: str | int, store_url: str, overrides: list[str] | None = None) -> RunReport:
@@ -653,43 +570,12 @@ def resume_run(run: str | int, store_url: str, overrides: list[str] | None = Non
     ckpt = queries.latest_checkpoint(store, info.id)
     if ckpt is None:
         raise ValueError(f"run '{info.name}' has no checkpoint to resume from")
-    model = Path(_uri_to_path(ckpt.uri))
+    model = Path(uri_to_path(ckpt.uri))
     if not (model / "config.json").is_file():
         raise ValueError(f"checkpoint v{ckpt.policy_version} of run '{info.name}' is not a model directory: {model}")
     console.print(f"resuming run '{info.name}' at policy v{ckpt.policy_version} from {model}")
-    reference, reference_uri = _resume_reference(model, ckpt.policy_version)
+    reference, reference_uri = resume_reference(model, ckpt.policy_version)
     return run_loop(cfg, info.id, store, model, ckpt.policy_version, t0, reference, reference_uri)
-
-
-def _resume_reference(checkpoint: Path, version: int) -> tuple[Path | None, str | None]:
-    """The model a checkpoint's fixed reference is (to load it again) and the reference's origin."""
-    from orchestrator.learners.checkpoints import read_checkpoint_meta
-
-    meta = read_checkpoint_meta(checkpoint)
-    if meta is None:
-        if version > 0:  # the starting model (v0) has no training state to restore: nothing is lost
-            console.print(f"[yellow]checkpoint v{version} holds weights only (written by an older treeplay): the "
-                          "optimizer, the learning-rate warm-up and the reference start again from it[/]")
-        return None, None
-    ref = meta["reference"]
-    if ref["kind"] != "fixed":
-        return None, ref.get("source")  # a refreshed reference is rebuilt from the policy
-    if not ref.get("source"):
-        raise ValueError(f"checkpoint {checkpoint} does not say which model its fixed reference is")
-    path = Path(_uri_to_path(ref["source"]))
-    if not (path / "config.json").is_file():
-        raise ValueError(f"checkpoint {checkpoint} trains against the reference model {path}, which is not "
-                         "a model directory any more")
-    return path, ref["source"]
-
-
-def _uri_to_path(uri: str) -> str:
-    from urllib.parse import unquote, urlparse
-
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("", "file"):
-        raise ValueError(f"checkpoint URI scheme '{parsed.scheme}' is not supported (only file://)")
-    return unquote(parsed.path)
 
 
 def final_line(report: RunReport) -> str:

@@ -71,7 +71,7 @@ def warm_model_dir(tmp_path_factory):
     """The demo's starting policy: the tiny Llama after the demo's own supervised warm start
     (RunConfig defaults: 500 steps on 2-digit arithmetic; ~50% greedy held-out accuracy)."""
     from orchestrator.config import RunConfig
-    from orchestrator.loop import prepare_model
+    from orchestrator.run_start import prepare_model
 
     path, _ = prepare_model(RunConfig(engine={"num_threads": 1}), tmp_path_factory.mktemp("warm"))
     return path

@@ -246,7 +246,7 @@ def test_run_builds_a_bpe_model_from_the_config(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
     from orchestrator.config import load_config
-    from orchestrator.loop import prepare_model
+    from orchestrator.run_start import prepare_model
 
     cfg = load_config(None, ["model.tiny.tokenizer=bpe", "model.tiny.hidden_size=64", "model.tiny.num_layers=1",
                              "model.tiny.num_heads=2", "model.tiny.vocab_size=400", "warm_start.steps=3",

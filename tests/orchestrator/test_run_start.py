@@ -151,12 +151,12 @@ def test_regression_loop_start_prints_no_ray_restart_warning(tmp_path, tiny_mode
 
 
 def test_regression_warm_start_prints_progress_lines_without_a_terminal(tmp_path, monkeypatch, capsys):
-    from orchestrator import loop
+    from orchestrator import run_start
 
-    monkeypatch.setattr(loop, "PLAIN_PROGRESS_EVERY_S", 0.0)  # every step, instead of every 5 s
+    monkeypatch.setattr(run_start, "PLAIN_PROGRESS_EVERY_S", 0.0)  # every step, instead of every 5 s
     cfg = load_config(None, ["warm_start.steps=3", "warm_start.examples=64", "model.tiny.hidden_size=32",
                              "model.tiny.num_layers=1", f"output_dir={tmp_path}"])
-    path, info = loop.warm_start_model(cfg, tmp_path / "run")
+    path, info = run_start.warm_start_model(cfg, tmp_path / "run")
     assert (path / "config.json").is_file() and info["seconds"] > 0
     lines = [s for s in capsys.readouterr().err.splitlines() if s.startswith("warm start: step")]
     assert [s.split(",")[0] for s in lines] == ["warm start: step 1/3", "warm start: step 2/3", "warm start: step 3/3"]
