@@ -6,7 +6,7 @@ Why not ``model.generate``: we need control over three things it does not give t
    repeated n times, never recomputed.
 2. Prompts that share a long token prefix (tree search: one task prompt, many partial paths) run the
    shared prefix once per group; its K/V stay one copy per group, and a custom attention function
-   (``_shared_prefix_attention``) lets every member row attend to it with one batched matmul per
+   (``hf_kernels.shared_prefix_attention``) lets every member row attend to it with one batched matmul per
    group, so members only run, store and re-read their own suffixes. Explicit position ids and
    per-row masks keep every row's positions exact despite padding.
 3. Per-token log-probs, stop strings and early exit: finished rows are dropped from the batch when
@@ -27,7 +27,6 @@ Usage:
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,10 +34,9 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from agents.base import Completion, Prompt, Scored, TokenIds
-from orchestrator.engines import EngineError
+from orchestrator.engines import EngineError, hf_kernels
 from orchestrator.engines.contract import (
     TokenMethods,
     check_context,
@@ -52,6 +50,13 @@ from orchestrator.engines.contract import (
 )
 from orchestrator.engines.contract import (
     scored as _scored,
+)
+from orchestrator.engines.hf_kernels import (
+    ATTENTION_NAME,
+    AttentionPlan,
+    preallocated_cache,
+    sample_tokens,
+    shared_prefix_attention,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,9 +105,9 @@ class HFEngine(TokenMethods):
         try:
             base = adapter_base(self.model_path)  # a LoRA directory: its base, then the adapter
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            AttentionInterface.register(_ATTENTION, _shared_prefix_attention)
+            AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
             model = AutoModelForCausalLM.from_pretrained(
-                base or self.model_path, dtype=_DTYPES[dtype], attn_implementation=_ATTENTION
+                base or self.model_path, dtype=_DTYPES[dtype], attn_implementation=ATTENTION_NAME
             )
         except Exception as e:  # transformers raises many types; one clear line is what callers need
             raise EngineError(f"could not load a model from {str(self.model_path)!r}: {e}") from e
@@ -325,9 +330,9 @@ class HFEngine(TokenMethods):
 
     # ---------------------------------------------------------------- the sampling loop
 
-    def _forward(self, input_ids, plan: _AttentionPlan, positions, cache, logits_to_keep: int = 1):
-        """One model forward whose attention follows ``plan`` (see ``_shared_prefix_attention``)."""
-        _active.plan = plan
+    def _forward(self, input_ids, plan: AttentionPlan, positions, cache, logits_to_keep: int = 1):
+        """One model forward whose attention follows ``plan`` (see ``hf_kernels.shared_prefix_attention``)."""
+        hf_kernels.active.plan = plan
         try:
             return self.model(
                 input_ids=input_ids,
@@ -337,7 +342,7 @@ class HFEngine(TokenMethods):
                 logits_to_keep=logits_to_keep,
             ).logits
         finally:
-            _active.plan = None
+            hf_kernels.active.plan = None
 
     @torch.inference_mode()
     def _generate_chunk(self, ids, chunk, n, max_tokens, temperature, top_p, stops, gen, results) -> None:
@@ -357,16 +362,16 @@ class HFEngine(TokenMethods):
         group_of = torch.tensor([g for g, (_, m) in enumerate(chunk) for _ in m], dtype=torch.long)
         prefix = None
         if width:
-            prefix_cache = _preallocated_cache(self.model.config, width)
+            prefix_cache = preallocated_cache(self.model.config, width)
             pos_a = (mask_a.long().cumsum(-1) - 1).clamp(min=0)
-            self._forward(tok_a.to(dev), _AttentionPlan(mask_a.to(dev)), pos_a.to(dev), prefix_cache)
+            self._forward(tok_a.to(dev), AttentionPlan(mask_a.to(dev)), pos_a.to(dev), prefix_cache)
             prefix = (
                 [layer.keys for layer in prefix_cache.layers],
                 [layer.values for layer in prefix_cache.layers],
                 mask_a.to(dev),
             )
         # Stage 2: members run their own suffixes, attending to their group's prefix.
-        cache = _preallocated_cache(self.model.config, swidth + max_tokens)
+        cache = preallocated_cache(self.model.config, swidth + max_tokens)
         mask = torch.zeros(len(members), swidth, dtype=torch.bool)
         tok_b = torch.full((len(members), swidth), self.pad_id, dtype=torch.long)
         for r, s in enumerate(suffixes):
@@ -375,7 +380,7 @@ class HFEngine(TokenMethods):
         start = torch.tensor([prefix_len[g] for g in group_of.tolist()], dtype=torch.long)
         pos_b = (start[:, None] + mask.long().cumsum(-1) - 1).clamp(min=0)
         mask, row_group = mask.to(dev), group_of.to(dev)
-        logits = self._forward(tok_b.to(dev), _AttentionPlan(mask, prefix, row_group), pos_b.to(dev), cache)[
+        logits = self._forward(tok_b.to(dev), AttentionPlan(mask, prefix, row_group), pos_b.to(dev), cache)[
             :, -1
         ]
         # Stage 3: the n samples of each prompt share its prompt forward: its own cache is repeated,
@@ -399,7 +404,7 @@ class HFEngine(TokenMethods):
             # One uniform per original row each step: a row's draws do not depend on which other
             # rows are still running, so stop strings or EOS elsewhere never change its sample.
             uniform = torch.rand(rows, generator=gen)[live]
-            tok, lp = _sample(logits, temperature, top_p, uniform)
+            tok, lp = sample_tokens(logits, temperature, top_p, uniform)
             tok_cpu, lp_cpu = tok.cpu(), lp.float().cpu()
             rec = live[active]
             out_tok[rec, t] = tok_cpu[active]
@@ -441,7 +446,7 @@ class HFEngine(TokenMethods):
                     row_group[keep_dev],
                 )
             mask = torch.cat([mask, torch.ones(len(live), 1, dtype=torch.bool, device=dev)], dim=1)
-            plan = _AttentionPlan(mask, prefix, row_group)
+            plan = AttentionPlan(mask, prefix, row_group)
             logits = self._forward(tok[:, None], plan, next_pos[:, None], cache)[:, -1]
             next_pos = next_pos + 1
         for r in range(rows):
@@ -469,7 +474,7 @@ class HFEngine(TokenMethods):
         dev = self.device
         # Left padding puts every continuation at the right end: only those logits are needed.
         logits = self._forward(
-            tok.to(dev), _AttentionPlan(mask.to(dev)), pos.to(dev), None, logits_to_keep=keep + 1
+            tok.to(dev), AttentionPlan(mask.to(dev)), pos.to(dev), None, logits_to_keep=keep + 1
         )
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         target = tok[:, width - keep :].to(dev)
@@ -482,163 +487,3 @@ def _live_tensors(model) -> dict[str, torch.Tensor]:
     and tied aliases (a tied model's ``lm_head.weight`` is its embedding, and learners' state dicts
     carry both names)."""
     return dict(model.state_dict(keep_vars=True))
-
-
-_ATTENTION = "treeplay_shared_prefix"
-
-
-class _AttentionPlan:
-    """What the attention of one forward may see, set by the engine around each forward.
-
-    Keys come in two parts. The row's own keys (the KV cache of this forward: suffix and generated
-    tokens, or everything when there is no shared prefix) are masked by ``own_mask`` [rows, keys]
-    (padding) and causally. Optionally, each row also attends to its group's shared prefix, kept
-    ONCE per group: ``prefix = (keys per layer, values per layer, mask [groups, prefix_len])`` and
-    ``row_group`` [rows] names each row's group. Rows of a group must be contiguous.
-    """
-
-    def __init__(self, own_mask: torch.Tensor, prefix=None, row_group: torch.Tensor | None = None) -> None:
-        self.own_mask = own_mask
-        self.prefix = prefix
-        self.row_group = row_group
-        if prefix is not None:
-            groups = prefix[2].shape[0]
-            counts = torch.bincount(row_group, minlength=groups)
-            starts = counts.cumsum(0) - counts
-            self.row_slot = torch.arange(len(row_group), device=row_group.device) - starts[row_group]
-            self.slots = int(counts.max())
-
-
-_active = threading.local()
-
-
-def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over [group prefix | own keys] without copying the prefix to every row.
-
-    Registered with transformers as the model's attention function. The prefix part is one batched
-    matmul per group (rows of a group padded to the same count), so a prefix shared by many rows is
-    read once, not once per row; the two parts share one softmax.
-    """
-    plan: _AttentionPlan | None = getattr(_active, "plan", None)
-    if plan is None:  # the model called outside the engine: plain causal attention
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=query.shape[2] > 1
-        )
-    rows, heads, q_len, dim = query.shape
-    kv_heads, n_keys = key.shape[1], key.shape[2]
-    x = heads // kv_heads * q_len  # the query heads sharing a KV head fold into the query axis
-    qf = query.reshape(rows, kv_heads, x, dim)
-    scale = scaling if scaling is not None else dim**-0.5
-    low = torch.finfo(torch.float32).min  # finite: a fully masked (padding) query gives no NaN
-    own_mask = plan.own_mask[:, None, None, -n_keys:]
-    if q_len > 1:
-        q_pos = torch.arange(n_keys - q_len, n_keys, device=query.device)
-        causal = torch.arange(n_keys, device=query.device)[None, :] <= q_pos[:, None]
-        own_mask = own_mask & causal.repeat(heads // kv_heads, 1)
-    scores = (qf @ key.transpose(-1, -2)).float() * scale
-    if plan.prefix is None:
-        probs = scores.masked_fill(~own_mask, low).softmax(-1).to(value.dtype)
-        out = probs @ value
-    else:
-        pk, pv, pmask = plan.prefix[0][module.layer_idx], plan.prefix[1][module.layer_idx], plan.prefix[2]
-        groups, n_prefix = pk.shape[0], pk.shape[2]
-        g, slot, m = plan.row_group, plan.row_slot, plan.slots
-
-        def to_groups(t: torch.Tensor) -> torch.Tensor:  # [rows, kvh, x, c] -> [groups, kvh, m*x, c]
-            padded = t.new_zeros(groups, m, *t.shape[1:])
-            padded[g, slot] = t
-            return padded.transpose(1, 2).reshape(groups, kv_heads, m * x, t.shape[-1])
-
-        def to_rows(t: torch.Tensor) -> torch.Tensor:  # [groups, kvh, m*x, c] -> [rows, kvh, x, c]
-            return t.view(groups, kv_heads, m, x, t.shape[-1]).transpose(1, 2)[g, slot]
-
-        prefix_scores = to_rows(to_groups(qf) @ pk.transpose(-1, -2)).float() * scale
-        mask = torch.cat(
-            [pmask[g][:, None, None, :].expand(rows, 1, x, n_prefix), own_mask.expand(rows, 1, x, n_keys)], -1
-        )
-        probs = torch.cat([prefix_scores, scores], -1).masked_fill(~mask, low).softmax(-1).to(value.dtype)
-        out = to_rows(to_groups(probs[..., :n_prefix].contiguous()) @ pv) + probs[..., n_prefix:] @ value
-    return out.reshape(rows, heads, q_len, dim).transpose(1, 2).contiguous(), None
-
-
-class _PreallocatedLayer(DynamicLayer):
-    """A KV cache layer that writes into a buffer sized for the whole request.
-
-    ``DynamicLayer`` concatenates on every step, copying the whole cache each token; here a step
-    writes one column in place and attention reads a view of the filled part.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self._k = key_states.new_empty(b, h, self.capacity, d)
-        self._v = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-
-    def _views(self) -> None:
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        self._k[:, :, self.length : end] = key_states
-        self._v[:, :, self.length : end] = value_states
-        self.length = end
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def _regather(self, rows: torch.Tensor) -> None:
-        # Copy only the filled part into fresh buffers.
-        k = self._k.new_empty(len(rows), *self._k.shape[1:])
-        v = self._v.new_empty(len(rows), *self._v.shape[1:])
-        k[:, :, : self.length] = self._k[rows, :, : self.length]
-        v[:, :, : self.length] = self._v[rows, :, : self.length]
-        self._k, self._v = k, v
-        self._views()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            rows = torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats)
-            self._regather(rows)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._regather(indices)
-
-
-def _preallocated_cache(config, capacity: int):
-    """A ``DynamicCache`` whose layers are ``_PreallocatedLayer``s of ``capacity`` positions."""
-    cache = DynamicCache(config=config)
-    cache.layers = [_PreallocatedLayer(capacity) for _ in range(config.get_text_config().num_hidden_layers)]
-    return cache
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor):
-    """Pick one token per row by inverse CDF on ``uniform``; return it and its raw log-prob."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    if temperature == 0:
-        tok = logits.argmax(dim=-1)
-    else:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            # Keep the smallest set of top tokens whose mass reaches top_p (always the first).
-            sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        cdf = probs.cumsum(dim=-1)
-        target = uniform.to(cdf.device)[:, None] * cdf[:, -1:]
-        # side="right" never lands on a zero-probability token (its CDF step is flat).
-        tok = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
