@@ -44,13 +44,13 @@ def test_each_concept_is_defined_once(pattern, home):
 def test_load_prompt_reads_every_package_prompt_folder():
     from agents.prompt_files import load_prompt
     from orchestrator.learners.slhf import load_follower_template
-    from search import mcts
+    from search import expansion
 
     assert load_prompt("rubric_verifier.txt") == (ROOT / "agents/prompts/rubric_verifier.txt").read_text(
         "utf-8"
     )
-    assert mcts._SELF_EVAL == (ROOT / "search/prompts/self_eval.txt").read_text("utf-8")
-    assert mcts._SELF_EVAL_REFERENCE == load_prompt("self_eval_reference.txt", "search")
+    assert expansion._SELF_EVAL == (ROOT / "search/prompts/self_eval.txt").read_text("utf-8")
+    assert expansion._SELF_EVAL_REFERENCE == load_prompt("self_eval_reference.txt", "search")
     follower = (ROOT / "orchestrator/learners/prompts/slhf_follower.txt").read_text("utf-8")
     assert load_follower_template() == load_prompt("slhf_follower.txt", "orchestrator.learners") == follower
 
