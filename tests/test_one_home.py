@@ -163,3 +163,10 @@ def test_store_modules_stay_small_and_say_what_they_hold():
         if len(text.splitlines()) > 600:
             long[p.name] = len(text.splitlines())
     assert not long, f"store modules over 600 lines: {long}"
+
+
+def test_package_modules_stay_under_600_lines():
+    """Issue 13: a module over ~600 lines is split along its seams (the old module re-exports)."""
+    long = {path: len(text.splitlines()) for path, text in _sources().items()
+            if not path.startswith("bench/") and len(text.splitlines()) > 600}
+    assert not long, f"modules over 600 lines: {long}"
