@@ -103,7 +103,8 @@ class PanelPeerConfig(_Strict):
     model_path: str | None = Field(
         None, description="Local Hugging Face directory of this peer's model, read on each rollout worker's "
         "machine (unlike model.path); the peer gets its own engine, built like the worker's, and its weights "
-        "are never updated. None: the policy being trained.")
+        "are never updated. None: the policy being trained. In a study, 'study-warm:seed+N[,steps=S]' names a "
+        "model the study warm-starts itself (orchestrator/study.py).")
 
 
 class RolloutConfig(_Strict):

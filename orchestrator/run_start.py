@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from agents.registry import make_environment
 from orchestrator.config import RunConfig
+from orchestrator.study import STUDY_PEER_PREFIX
 from store import queries
 from store.database import Store
 
@@ -61,14 +62,20 @@ def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
 
     The environment is made (its name resolves, its constructor takes ``env.kwargs``); with
     ``starting_model`` (a new run, not a resume), ``model.path`` must be a Hugging Face directory and
-    a tiny model's warm start needs the environment's ``demonstrations``. The config itself was
-    validated when it was loaded, the store is opened by the caller.
+    a tiny model's warm start needs the environment's ``demonstrations``. A panel peer's
+    ``study-warm:`` model exists only in a study, which resolves it before the run starts
+    (orchestrator/study.py). The config itself was validated when it was loaded, the store is
+    opened by the caller.
 
     Raises:
         RegistryError: The environment cannot be made (one-line message).
         ValueError: Anything else (one-line message).
     """
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
+    for peer in cfg.rollout.panel_peers:
+        if (peer.model_path or "").startswith(STUDY_PEER_PREFIX):
+            raise ValueError(f"rollout.panel_peers: peer '{peer.name}' has model_path '{peer.model_path}', "
+                             "which only `treeplay study` builds; give a model directory")
     if not starting_model:
         return
     if cfg.model.path:

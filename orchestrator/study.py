@@ -8,8 +8,10 @@ a task: a name, labels, and the overrides that make it). Every (cell, seed) is a
 the store, named ``<study>-<cell>-s<seed>`` (so ``treeplay serve`` shows them); seed ``s`` sets
 ``seed`` and the tiny model's init seed. Runs of one seed with the same model, environment and
 warm-start settings start from ONE warm-started model (built once under ``runs/<study>/warm/``), so
-cells differ only in what they are meant to differ in. Running a study again resumes it: finished
-runs are kept, interrupted ones are resumed, missing ones are started.
+cells differ only in what they are meant to differ in. A panel peer's ``model_path`` may be
+``study-warm:seed+N[,steps=S]``: a different model the study warm-starts there too (init seed and
+seed raised by N, warm-start length S), once per seed and peer (``study_peers``). Running a study
+again resumes it: finished runs are kept, interrupted ones are resumed, missing ones are started.
 
 Results go to ``runs/<study>/``: ``results.json`` (per cell: held-out greedy and T=1 accuracy
 before/after per seed, the gains' mean and 95% t-interval over seeds, the paired difference to the
@@ -25,6 +27,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,8 +117,10 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyCo
             extra = [*study.overrides, *cell.overrides, *overrides,
                      f"seed={seed}", f"model.tiny.seed={seed}", f"name={run_name(study, cell.name, seed)}"]
             try:
-                runs[(cell.name, seed)] = load_config(base, extra)
-            except ConfigError as e:
+                runs[(cell.name, seed)] = cfg = load_config(base, extra)
+                for peer in cfg.rollout.panel_peers:
+                    study_peer_config(cfg, peer.name, peer.model_path)
+            except (ConfigError, ValueError) as e:
                 raise ConfigError(f"cell '{cell.name}': {e}") from None
     return study, runs
 
@@ -138,27 +143,85 @@ def _warm_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def shared_start(cfg: RunConfig, root: Path, built: dict[str, Path]) -> RunConfig:
-    """``cfg`` starting from the study's shared warm-started model for its seed (built on first use).
-
-    A config with its own ``model.path`` is left as it is.
-    """
+def _warm_model(cfg: RunConfig, root: Path, built: dict[str, Path]) -> Path:
+    """The study's warm-started tiny model for ``cfg`` (model, env, warm start, seed): built under
+    ``root/warm/<key>/`` on first use, found there (``DONE``) or in ``built`` afterwards."""
     from orchestrator.loop import console, warm_start_model
 
-    if cfg.model.path:
-        return cfg
     key = _warm_key(cfg)
     if key not in built:
         where = root / "warm" / key
         model = where / "model-v0"
         if not (where / "DONE").is_file():
-            console.print(f"study: warm-starting the shared model for seed {cfg.seed} ({key})")
+            console.print(f"study: warm-starting a shared model for seed {cfg.seed} ({key})")
             model, _ = warm_start_model(cfg, where)
             (where / "DONE").write_text(str(model))
-        built[key] = Path(model)
+        built[key] = Path(model).resolve()
+    return built[key]
+
+
+def shared_start(cfg: RunConfig, root: Path, built: dict[str, Path]) -> RunConfig:
+    """``cfg`` starting from the study's shared warm-started model for its seed (built on first use),
+    its ``study-warm:`` panel peers resolved to their own models (``study_peers``).
+
+    A config with its own ``model.path`` keeps it.
+    """
+    cfg = study_peers(cfg, root, built)
+    if cfg.model.path:
+        return cfg
     data = cfg.model_dump(mode="json")
-    data["model"]["path"] = str(built[key].resolve())
+    data["model"]["path"] = str(_warm_model(cfg, root, built))
     data["warm_start"]["enabled"] = False
+    return RunConfig.model_validate(data)
+
+
+# A panel peer the study warm-starts itself: init seed (and seed) raised by N, warm-start length S.
+STUDY_PEER_PREFIX = "study-warm:"
+_STUDY_PEER = re.compile(r"seed\+(\d+)(?:,steps=(\d+))?")
+
+
+def study_peer_config(cfg: RunConfig, name: str, model_path: str | None) -> RunConfig | None:
+    """The run config whose warm start is panel peer ``name``'s model, or None when ``model_path``
+    is not a ``study-warm:seed+N[,steps=S]`` spelling (a directory, or None: the policy).
+
+    Raises:
+        ValueError: A bad spelling, a peer that would be the policy's own start (N = 0 and the same
+            warm-start length), or a policy that is not a tiny model the study builds (one line).
+    """
+    if model_path is None or not model_path.startswith(STUDY_PEER_PREFIX):
+        return None
+    where = f"rollout.panel_peers: peer '{name}' has model_path '{model_path}'"
+    m = _STUDY_PEER.fullmatch(model_path.removeprefix(STUDY_PEER_PREFIX))
+    if m is None:
+        raise ValueError(f"{where}; expected '{STUDY_PEER_PREFIX}seed+N' or '{STUDY_PEER_PREFIX}seed+N,steps=S'")
+    if cfg.model.path:
+        raise ValueError(f"{where}, but the policy is model.path '{cfg.model.path}', not a tiny model the study builds")
+    offset, steps = int(m[1]), None if m[2] is None else int(m[2])
+    own = cfg.warm_start.steps if cfg.warm_start.enabled else 0
+    if offset == 0 and (steps is None or steps == own):
+        raise ValueError(f"{where}: that is the policy's own warm start; raise the seed (seed+N, N >= 1) "
+                         "or give another length (steps=S)")
+    data = cfg.model_dump(mode="json")
+    data["seed"] = cfg.seed + offset
+    data["model"]["tiny"]["seed"] = cfg.model.tiny.seed + offset
+    if steps is not None:
+        data["warm_start"].update(enabled=steps > 0, steps=steps)
+    return RunConfig.model_validate(data)
+
+
+def study_peers(cfg: RunConfig, root: Path, built: dict[str, Path]) -> RunConfig:
+    """``cfg`` with each ``study-warm:`` panel peer's ``model_path`` replaced by the model the study
+    warm-started for it (built on first use under ``root/warm/``, like the policy's, and shared by
+    every cell of the seed that names the same peer)."""
+    peers = cfg.rollout.panel_peers
+    resolved = [(p, study_peer_config(cfg, p.name, p.model_path)) for p in peers]
+    if all(peer_cfg is None for _, peer_cfg in resolved):
+        return cfg
+    data = cfg.model_dump(mode="json")
+    data["rollout"]["panel_peers"] = [
+        {**p.model_dump(mode="json"), **({} if pc is None else {"model_path": str(_warm_model(pc, root, built))})}
+        for p, pc in resolved
+    ]
     return RunConfig.model_validate(data)
 
 

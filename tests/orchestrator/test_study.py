@@ -3,7 +3,8 @@
 The real command in a subprocess (Ray, store, learners): the store holds one finished run per
 (cell, seed), runs/<study>/ holds results.json, table.md and curves.png, the last stdout line is the
 JSON summary; a second invocation keeps the finished runs instead of running them again. Study files
-that cannot work fail with one line before anything runs.
+that cannot work fail with one line before anything runs. Panel peers spelled 'study-warm:...' are
+resolved to distinct warm-started models the study builds once per seed and peer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,8 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.study import interval, load_study
+from orchestrator.run_start import check_startable
+from orchestrator.study import interval, load_study, shared_start
 from store import queries
 from store.database import open_store
 
@@ -106,6 +109,63 @@ def test_bad_study_files_fail_in_one_line(tmp_path):
         load_study(_study(tmp_path, base="missing.yaml"))
     out = _treeplay("study", str(tmp_path / "absent.yaml"))
     assert out.returncode == 2 and out.stderr.strip().startswith("error: cannot read study file")
+
+
+def _peer_study(tmp_path: Path, peers: str, **extra) -> Path:
+    """A one-seed panel study on a tiny warm start (2 steps), two cells naming the same peers."""
+    panel = ["rollout.mode=panel", f"rollout.panel_peers={peers}"]
+    return _study(tmp_path, reference=None, overrides=[
+        "warm_start.steps=2", "warm_start.examples=64", "warm_start.batch_size=8",
+        f"output_dir={tmp_path / 'runs'}", f"store.url=sqlite:///{tmp_path / 'study.db'}",
+    ], cells=[{"name": "distinct", "method": "m", "overrides": panel},
+              {"name": "shuffled", "method": "m", "overrides": [*panel, "learner.control=shuffle"]}], **extra)
+
+
+def _models(cfg) -> list[str]:
+    """The policy's starting model, then each peer's (None: the policy itself)."""
+    return [cfg.model.path, *(p.model_path for p in cfg.rollout.panel_peers)]
+
+
+def test_study_warm_peers_are_distinct_models_built_once(tmp_path):
+    peers = "[{name: self}, {name: a, model_path: 'study-warm:seed+100'}, {name: b, model_path: 'study-warm:seed+0,steps=3'}]"
+    study, runs = load_study(_peer_study(tmp_path, peers))
+    root = tmp_path / "runs" / "mini"
+    first = shared_start(runs[("distinct", 0)], root, {})
+    policy, self_peer, a, b = _models(first)
+    assert self_peer is None and first.warm_start.enabled is False
+    models = [Path(p) for p in (policy, a, b)]
+    assert len(set(models)) == 3 and all((m / "config.json").is_file() and m.is_absolute() for m in models)
+    assert all(m.parent.parent == root / "warm" for m in models)
+    weights = [(m / "model.safetensors").read_bytes() for m in models]
+    assert len(set(weights)) == 3  # other init seed, other warm-start length: other weights
+    stamps = [(m / "model.safetensors").stat().st_mtime_ns for m in models]
+
+    # The other cell of the seed, and a later invocation (a fresh cache): the same models, none rebuilt.
+    for cell, built in (("shuffled", {}), ("distinct", {})):
+        again = shared_start(runs[(cell, 0)], root, built)
+        assert _models(again) == [policy, None, a, b]
+    assert [(m / "model.safetensors").stat().st_mtime_ns for m in models] == stamps
+    assert len(list((root / "warm").iterdir())) == 3
+
+
+def test_bad_study_warm_peers_fail_in_one_line(tmp_path):
+    for bad, why in (("study-warm:seed-1", "expected 'study-warm:seed\\+N'"),
+                     ("study-warm:100", "expected"),
+                     ("study-warm:seed+0", "the policy's own warm start"),
+                     ("study-warm:seed+0,steps=2", "the policy's own warm start")):
+        with pytest.raises(ConfigError) as e:
+            load_study(_peer_study(tmp_path, f"[{{name: self}}, {{name: a, model_path: '{bad}'}}]"))
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("cell 'distinct': rollout.panel_peers: peer 'a'")
+        assert f"'{bad}'" in msg
+        assert re.search(why, msg), msg
+    real = _peer_study(tmp_path, "[{name: self}, {name: a, model_path: 'study-warm:seed+1'}]")
+    with pytest.raises(ConfigError, match="cell 'distinct': .*not a tiny model the study builds"):
+        load_study(real, [f"model.path={tmp_path}"])
+    # Outside a study nothing builds such a peer: a plain run is refused before it is recorded.
+    _, runs = load_study(real)
+    with pytest.raises(ValueError, match="peer 'a' has model_path 'study-warm:seed\\+1', which only `treeplay study`"):
+        check_startable(runs[("distinct", 0)])
 
 
 def test_every_shipped_study_resolves():
