@@ -1,12 +1,21 @@
 """The ``treeplay`` command line (typer + rich).
 
     treeplay demo [KEY=VALUE ...]              the demo run (configs/demo.yaml = the defaults)
-    treeplay run CONFIG [KEY=VALUE ...]        a run from a YAML config, with overrides
+    treeplay run CONFIG [KEY=VALUE ...] [--address ADDR]   a run from a YAML config, with overrides
     treeplay resume RUN [--db URL] [KEY=VALUE ...]   carry on an interrupted run from the store
     treeplay study STUDY [KEY=VALUE ...]       every method x seed of a study, with intervals
-    treeplay status [RUN] [--db URL]           runs, or one run's iterations and metrics
+    treeplay status [RUN] [--db URL] [--json]  runs, or one run's iterations and metrics
+    treeplay envs list                         environments that can be named (built-ins, entry points)
+    treeplay runs [--db URL] [--json]          the runs in a store (the inspector's view)
+    treeplay tree show TREE [--depth N]        a preference tree drawn in the terminal
+    treeplay pairs RUN [--iteration I] [--source S]   a run's preference pairs
+    treeplay export pairs RUN --format trl-jsonl|hf-dataset [--out PATH]
+    treeplay export tree TREE --format json|graphml|dot [--out FILE]
+    treeplay serve [--host H] [--port P] [--allow-host NAME] [--token T]   the web inspector
     treeplay version
     treeplay db upgrade [--url URL]
+
+The store-reading commands (runs, tree, pairs, export, serve) are docs/inspector.md.
 
 Commands import their heavy dependencies lazily so ``treeplay --help`` stays fast. Every ``--db`` /
 ``--url`` falls back to ``$TREEPLAY_STORE_URL``, so a password need not appear on a command line, and

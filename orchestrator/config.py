@@ -1,6 +1,6 @@
 """Run configuration: pydantic models loaded from YAML, overridable as ``key=value``.
 
-    cfg = load_config("configs/demo.yaml", ["iterations=3", "learner.beta=0.2"])
+    cfg = load_config("configs/demo.yaml", ["iterations=3", "learner.dpo.beta=0.2"])
 
 Every field is declared, documented and typed here; an unknown or ill-typed key is a ``ConfigError``
 whose one-line message names the key (the CLI prints it and exits 2). The resolved config is stored

@@ -1,9 +1,13 @@
 """The self-improvement loop: one run = a warm start and N iterations, each read top to bottom.
 
     run_loop -> run_iteration: tasks -> rollouts on RolloutWorkers (streamed back chunk by chunk)
-    -> store (one transaction per task) -> learner on this iteration's data (+ replay) -> new weights
-    into the object store ONCE -> every worker applies them in place and reports its version (mixed
-    versions refused) -> held-out evaluation -> metrics -> finish the iteration.
+    -> store (one transaction per chunk, each task whole or not at all) -> learn_and_record: learner
+    on this iteration's data (+ replay) -> new weights into the object store ONCE -> every worker
+    applies them in place and reports its version (mixed versions refused) -> held-out evaluation
+    -> metrics -> finish the iteration.
+
+With ``rollout.max_staleness`` > 0 ``learn_and_record`` runs on the ``Lane``'s thread while the next
+iteration's rollouts run, and each worker picks up new weights before its next chunk.
 
 No Ray here: the actors, their placement and the ``ray.wait`` streaming are ``orchestrator.workers.Fleet``.
 What comes before the iterations (the starting model and its warm start, the checks made before a

@@ -9,12 +9,15 @@ Modes (``rollout.mode``):
   ranked list of the task's distinct samples with the verifier's verdicts (what ``learner.algorithm
   = rft``, rejection-sampling fine-tuning, trains on).
 - ``react``, ``panel``, ``multi_agent``: the agents package (rubric-guided ReAct, a panel of peers,
-  several agents with a credit critic).
+  several agents whose credit a critic re-assigns, or ``rollout.critic=uniform``: the episode's outcome).
 
-Every result is a ``store.records.TaskResult`` that the loop writes whole or not at all (a savepoint
-per task); its pairs and ranked lists say in ``info["policy_version"]`` which weights made them
-(``stamp_version``), as its trees and trajectories do in their own column. No Ray here: workers call
-these functions, and tests call them directly.
+Held-out evaluation is here too (``evaluate``: one episode per task, its answer refined by the SLHF
+follower first when ``eval.refine_rounds`` > 0, ``refine_answers``).
+
+Every result is a ``store.records.TaskResult`` that the loop writes whole or not at all (a chunk's
+tasks in one transaction, ``store.queries.write_task_results``); its pairs and ranked lists say in
+``info["policy_version"]`` which weights made them (``stamp_version``), as its trees and trajectories
+do in their own column. No Ray here: workers call these functions, and tests call them directly.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def stamp_version(results: Sequence[TaskResult], version: int) -> None:
     """Record in each pair's and ranked list's ``info`` the weights version that produced it.
 
     Trees and trajectories carry the version in a column of their own; pairs and lists get it here,
-    so that a learner can measure how stale its data is (``orchestrator.workers.within_staleness``).
+    so that a learner can measure how stale its data is (``orchestrator.learners.guards.within_staleness``).
     """
     for r in results:
         for rec in [*r.pairs, *r.ranked_lists]:
