@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from store import schema as db
@@ -282,7 +282,12 @@ def latest_checkpoint(store: Store, run_id: int) -> CheckpointInfo | None:
 
 
 def log_metrics(store: Store, run_id: int, iteration: int | None, metrics: Mapping[str, float]) -> None:
-    """Append scalar metrics (one bulk insert); ``iteration`` None means run-wide. NaN is kept as NaN."""
+    """Record scalar metrics; ``iteration`` None means run-wide. NaN is kept as NaN.
+
+    A run holds one value per (iteration, key): logging a key again replaces its value (in one
+    transaction), so an iteration recorded twice (a resume after a crash between ``log_metrics``
+    and ``finish_iteration``) keeps one point per key, the newest. Keys not logged again are kept.
+    """
     iteration = _int(iteration, "iteration", optional=True)
     if not isinstance(metrics, Mapping):
         raise StoreError(f"metrics must be a dict of numbers, got {type(metrics).__name__}")
@@ -296,9 +301,12 @@ def log_metrics(store: Store, run_id: int, iteration: int | None, metrics: Mappi
         rows.append({"run_id": run_id, "iteration": iteration, "key": key, "value": value, "created": now})
     if not rows:
         return
+    mt = db.Metric.__table__
+    same_iteration = mt.c.iteration.is_(None) if iteration is None else mt.c.iteration == iteration
     with _db_errors(f"cannot log metrics of run {run_id}"), store.write() as conn:
         _run_row(conn, run_id)
-        conn.execute(insert(db.Metric.__table__), rows)
+        conn.execute(delete(mt).where(mt.c.run_id == run_id, same_iteration, mt.c.key.in_([r["key"] for r in rows])))
+        conn.execute(insert(mt), rows)
 
 
 def metric_series(store: Store, run_id: int) -> dict[str, list[tuple[int, float]]]:

@@ -307,10 +307,15 @@ class Checkpoint(Base):
 
 
 class Metric(Base):
-    """One scalar of a run (per iteration, or run-wide when ``iteration`` is None); NaN is stored NULL."""
+    """One scalar of a run (per iteration, or run-wide when ``iteration`` is None); NaN is stored NULL.
+
+    One row per (run, key, iteration): the unique index holds it for iterations (SQL counts NULLs as
+    distinct, so for run-wide rows ``log_metrics``, which replaces a key's old row, holds it alone);
+    led by (run_id, key), it also serves the per-key reads.
+    """
 
     __tablename__ = "metrics"
-    __table_args__ = (Index(None, "run_id", "key"),)
+    __table_args__ = (Index(None, "run_id", "key", "iteration", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))

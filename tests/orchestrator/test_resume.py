@@ -156,7 +156,7 @@ SERIES = ("learn/loss", "learn/first_loss", "learn/pair_loss", "learn/nll_loss",
 
 
 def _series(store, run_id: int) -> dict[str, dict[int, float]]:
-    # dict(): a crash between logging an iteration's metrics and finishing it logs them twice.
+    # One point per (iteration, key): an iteration recorded again after the crash replaces its values.
     return {k: dict(v) for k, v in queries.metric_series(store, run_id).items() if k in SERIES}
 
 

@@ -356,6 +356,28 @@ def test_checkpoints_and_metrics(store, run):
         q.log_metrics(store, run, 0, {"x": "high"})
 
 
+def test_regression_metrics_logged_again_replace_the_old_value(store, run):
+    """The loop logs an iteration's metrics, then finishes the iteration in a second write. A crash
+    between the two left the iteration "running", so the resumed run did it again and logged its
+    metrics a second time: two points for one (run, iteration, key) in the series the learning
+    curve, the study summaries and resume read. One value per key and iteration; the newest wins."""
+    q.log_metrics(store, run, -1, {"eval/accuracy_greedy": 0.5})
+    q.log_metrics(store, run, None, {"warm_start/loss": 2.0})
+    q.log_metrics(store, run, 0, {"rollout/tasks": 8.0, "eval/accuracy_greedy": 0.25})
+    # ... the process dies here; the resumed run starts iteration 0 again and records it.
+    q.start_iteration(store, run, 0, policy_version=0)
+    q.log_metrics(store, run, 0, {"eval/accuracy_greedy": 0.75, "learn/loss": math.nan})
+    q.finish_iteration(store, run, 0, metrics={"eval/accuracy_greedy": 0.75})
+    q.log_metrics(store, run, None, {"warm_start/loss": 1.5})
+    series = q.metric_series(store, run)
+    assert series["eval/accuracy_greedy"] == [(-1, 0.5), (0, 0.75)]
+    assert series["rollout/tasks"] == [(0, 8.0)]  # a key only the first attempt logged is kept
+    assert len(series["learn/loss"]) == 1 and math.isnan(series["learn/loss"][0][1])
+    assert q.run_metrics(store, run) == {"warm_start/loss": 1.5}
+    assert q.counts(store, run)["metrics"] == 5
+    assert q.finished_iterations(store, run) == [0]
+
+
 def test_runs_are_isolated(store, run):
     other = q.start_run(store, "run-b", {})
     q.start_iteration(store, other, 0, 0)

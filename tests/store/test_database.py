@@ -169,6 +169,44 @@ def test_migration_from_empty_matches_the_orm(store_url):
         assert compare_metadata(context, Base.metadata) == []
 
 
+def test_regression_upgrade_keeps_one_metric_per_key(store_url):
+    """A store from before revision 0004 holds an iteration's metrics twice (a resume after a crash
+    between logging them and finishing the iteration); upgrading keeps the newest row of each
+    (run, iteration, key) and then refuses a second one. The downgrade goes back cleanly."""
+    from datetime import datetime
+
+    import sqlalchemy as sa
+
+    from store import queries
+
+    assert upgrade(store_url, "0003_run_reason") == "0003_run_reason"
+    engine = create_engine(store_url.replace("postgresql://", "postgresql+psycopg://"))
+    at = datetime(2026, 1, 1)
+    with engine.begin() as conn:
+        run_id = conn.execute(text("INSERT INTO runs (name, config, status, created) "
+                                   "VALUES ('old', '{}', 'done', :at) RETURNING id"), {"at": at}).scalar_one()
+        rows = [(0, "acc", 0.25), (0, "tokens", 8.0), (None, "loss", 2.0), (0, "acc", 0.75), (None, "loss", 1.5),
+                (1, "acc", 0.5)]
+        for iteration, key, value in rows:
+            conn.execute(text("INSERT INTO metrics (run_id, iteration, key, value, created) "
+                              "VALUES (:r, :i, :k, :v, :at)"), {"r": run_id, "i": iteration, "k": key, "v": value, "at": at})
+    assert upgrade(store_url) == head_revision()
+    with open_store(store_url, create=False) as store:
+        assert queries.metric_series(store, run_id) == {"acc": [(0, 0.75), (1, 0.5)], "tokens": [(0, 8.0)]}
+        assert queries.run_metrics(store, run_id) == {"loss": 1.5}
+        assert queries.counts(store, run_id)["metrics"] == 4
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(text("INSERT INTO metrics (run_id, iteration, key, value, created) "
+                          "VALUES (:r, 0, 'acc', 0.0, :at)"), {"r": run_id, "at": at})
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.downgrade(database._alembic_config(conn), "0003_run_reason")
+        assert [ix["name"] for ix in inspect(conn).get_indexes("metrics")] == ["ix_metrics_run_id_key"]
+    engine.dispose()
+    assert upgrade(store_url) == head_revision()
+
+
 def test_cli_db_upgrade(tmp_path):
     runner = CliRunner()
     url = f"sqlite:///{tmp_path / 'cli' / 'store.db'}"
