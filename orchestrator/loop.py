@@ -174,9 +174,11 @@ class Loop:
             if check is not None:
                 check()
         out = rollout_summary(stats)
-        out["chunk_reruns"] = tally["chunk_reruns"]  # chunks whose worker died under them, run again
-        out["weights_reapplied"] = tally["weights_reapplied"]  # restarted workers brought back to the served version
+        # No chunk ran (a resume found every task written): no figures at all, so an iteration
+        # recorded again keeps the rollout figures its first recording logged (not zeros over them).
         if versions:  # the weights versions this iteration's chunks ran on
+            out["chunk_reruns"] = tally["chunk_reruns"]  # chunks whose worker died under them, run again
+            out["weights_reapplied"] = tally["weights_reapplied"]  # restarted workers brought back to the served version
             out["version_min"], out["version_max"] = float(min(versions)), float(max(versions))
         if flush:
             self.flush(index)
