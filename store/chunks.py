@@ -28,10 +28,18 @@ from sqlalchemy import Connection, Table, select
 from sqlalchemy.exc import IntegrityError
 
 from store import schema as db
-from store.checks import DONE, _db_errors, _int
+from store.checks import _db_errors, _int
 from store.database import Store, StoreError
 from store.records import TaskResult, WriteReceipt
-from store.writes import ROW_TABLES, _allocate_ids, _insert_many, _plan, _Rows
+from store.writes import (
+    ROW_TABLES,
+    _allocate_ids,
+    _already_written,
+    _check_takes_tasks,
+    _insert_many,
+    _plan,
+    _Rows,
+)
 
 
 def write_task_results(
@@ -81,10 +89,7 @@ def _write_chunk(
 ) -> tuple[list[WriteReceipt], dict[int, StoreError]]:
     it, tk, ro = db.Iteration.__table__, db.Task.__table__, db.Rollout.__table__
     status = conn.execute(select(it.c.status).where(it.c.run_id == run_id, it.c.index == iteration)).scalar()
-    if status is None:
-        raise StoreError(f"iteration {iteration} of run {run_id} was never started (call start_iteration)")
-    if status == DONE:
-        raise StoreError(f"iteration {iteration} of run {run_id} is finished; it takes no more tasks")
+    _check_takes_tasks(status, run_id, iteration)
     keys = sorted({rows.result.task_id for _, rows in planned})
     known = {
         (r.environment, r.task_key): r.id
@@ -105,7 +110,7 @@ def _write_chunk(
     for i, rows in planned:
         key = (rows.environment, rows.result.task_id)
         if key in seen or known.get(key) in written:
-            refused[i] = _already_written(rows, run_id, iteration)
+            refused[i] = _already_written(rows.result.task_id, run_id, iteration)
         else:
             seen.add(key)
             todo.append(rows)
@@ -152,9 +157,3 @@ def _write_one_by_one(
         except StoreError as e:
             refused[i] = e
     return receipts, refused
-
-
-def _already_written(rows: _Rows, run_id: int, iteration: int) -> StoreError:
-    return StoreError(
-        f"task {rows.result.task_id!r} was already written for iteration {iteration} of run {run_id}"
-    )

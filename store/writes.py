@@ -185,6 +185,20 @@ def write_task_result(store: Store, run_id: int, iteration: int, result: TaskRes
             return rows.write(conn, _int(run_id, "run_id"), _int(iteration, "iteration"))
 
 
+def _check_takes_tasks(status: str | None, run_id: int, iteration: int) -> None:
+    """The iteration a task is written for (its ``status``, None when there is no such row) must be
+    started and not finished; the one rule for a task alone and for a chunk."""
+    if status is None:
+        raise StoreError(f"iteration {iteration} of run {run_id} was never started (call start_iteration)")
+    if status == DONE:
+        raise StoreError(f"iteration {iteration} of run {run_id} is finished; it takes no more tasks")
+
+
+def _already_written(task_key: str, run_id: int, iteration: int) -> StoreError:
+    """Why a task is refused a second write in one iteration (alone or in a chunk)."""
+    return StoreError(f"task {task_key!r} was already written for iteration {iteration} of run {run_id}")
+
+
 class _Rows:
     """The rows of one TaskResult, checked and coerced, ready to get ids and be inserted."""
 
@@ -417,12 +431,7 @@ class _Rows:
         result = self.result
         task = {"run_id": run_id, "environment": self.environment, "task_key": result.task_id}
         status, task_db_id = conn.execute(_ITERATION_AND_TASK, {**task, "iteration": iteration}).one()
-        if status is None:
-            raise StoreError(
-                f"iteration {iteration} of run {run_id} was never started (call start_iteration)"
-            )
-        if status == DONE:
-            raise StoreError(f"iteration {iteration} of run {run_id} is finished; it takes no more tasks")
+        _check_takes_tasks(status, run_id, iteration)
         if task_db_id is None:
             task_db_id = self._insert_task(conn, task)
         try:
@@ -433,9 +442,7 @@ class _Rows:
                 {"run_id": run_id, "iteration": iteration, "task_id": task_db_id, "written": db.utcnow()},
             ).scalar_one()
         except IntegrityError:
-            raise StoreError(
-                f"task {result.task_id!r} was already written for iteration {iteration} of run {run_id}"
-            ) from None
+            raise _already_written(result.task_id, run_id, iteration) from None
         # Every id up front, in one query, so parents, children, pairs and judgments link directly.
         ids = _allocate_ids(conn, self.wanted())
         rows: dict[Table, list[dict[str, Any]]] = {t: [] for t in ROW_TABLES}

@@ -1,6 +1,7 @@
 """One home per concept: the prompt loader, ``jsonable``, the chunk seed, MCTS-DPO's visit-count alpha
-and the store API each have one definition that every user imports, and the store's modules stay small
-behind the ``store.queries`` façade."""
+and the store API each have one definition that every user imports, a task's write (alone or in a
+chunk) goes through one set of functions and refusals, and the store's modules stay small behind the
+``store.queries`` façade."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def _sources() -> dict[str, str]:
         (r"^\s*def label_smoothing\(", "search/preferences.py"),
         (r"1_000_003", "orchestrator/rollouts.py"),
         (r"/\s*[\"']prompts[\"']", "agents/prompt_files.py"),  # a path into a prompts/ folder
+        # The task write path's refusals, the same words whether a task comes alone or in a chunk.
+        (r"was never started \(call start_iteration\)", "store/writes.py"),
+        (r"takes no more tasks", "store/writes.py"),
+        (r"was already written for iteration", "store/writes.py"),
     ],
 )
 def test_each_concept_is_defined_once(pattern, home):
@@ -138,11 +143,11 @@ def test_the_loop_launches_runs_and_the_store_starts_them():
 
 
 def test_store_queries_reexports_every_public_function_and_record():
-    from store import reads, records, runs, writes
+    from store import chunks, reads, records, runs, writes
 
     public = set(queries.__all__)
     assert all(hasattr(queries, name) for name in public)
-    for module in (reads, runs, writes):
+    for module in (chunks, reads, runs, writes):
         defined = {
             name
             for name, value in vars(module).items()
@@ -153,6 +158,104 @@ def test_store_queries_reexports_every_public_function_and_record():
         assert defined and defined <= public, module.__name__
     for name in ("RunInfo", "IterationInfo", "TreeSummary", "CheckpointInfo", "WriteReceipt", "NodeView"):
         assert getattr(queries, name) is getattr(records, name)
+
+
+def test_a_chunk_writes_its_tasks_through_the_one_task_write_path():
+    """store/chunks.py has no insert of its own: each task's rows are checked, linked and inserted by
+    store/writes.py (``_Rows``: ``fill`` in the one-transaction chunk, ``write`` per task in the
+    savepoint fallback; ``_insert_many`` per table), so a row type added there is written by both."""
+    tree = ast.parse((ROOT / "store/chunks.py").read_text(encoding="utf-8"))
+    imported = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert not {name for module, name in imported if module and module.startswith("sqlalchemy")} & {
+        "insert", "text", "update", "delete"}
+    assert {("store.writes", n) for n in ("_Rows", "_insert_many", "_allocate_ids", "ROW_TABLES")} <= imported
+    called = {node.func.attr for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    assert {"fill", "write"} <= called and not called & {"executemany", "exec_driver_sql", "insert"}
+
+
+def _run_rows(store, run_id: int) -> dict[str, list[tuple]]:
+    """Every row a run's task writes made, ids replaced by their position in their table (in id
+    order) and times left out, so that two runs given the same results compare equal."""
+    from sqlalchemy import select
+
+    from store import schema as db
+
+    t = {name: table for name, table in db.Base.metadata.tables.items()}
+    parent = {"steps": ("trajectory_id", "trajectories"), "tree_nodes": ("tree_id", "trees"),
+              "ranked_items": ("list_id", "ranked_lists")}
+    written = ("tasks", "rollouts", "trees", "tree_nodes", "trajectories", "steps", "preference_pairs",
+               "ranked_lists", "ranked_items", "judgments")
+    raw: dict[str, list] = {}
+    with store.read() as conn:
+        for name in written:
+            table = t[name]
+            if name in parent:
+                column, owner = parent[name]
+                owned = select(t[owner].c.id).where(t[owner].c.run_id == run_id)
+                query = select(table).where(table.c[column].in_(owned))
+            else:
+                query = select(table).where(table.c.run_id == run_id)
+            raw[name] = [dict(r._mapping) for r in conn.execute(query.order_by(table.c.id))]
+    position = {name: {row["id"]: i for i, row in enumerate(rows)} for name, rows in raw.items()}
+    judged = {"node": "tree_nodes", "step": "steps", "trajectory": "trajectories"}
+    out = {}
+    for name, rows in raw.items():
+        targets = {fk.parent.name: fk.column.table.name for fk in t[name].foreign_keys
+                   if fk.column.table.name in position}  # not rollouts' (run_id, iteration) key
+        normal = []
+        for row in rows:
+            if name == "judgments" and row["target_kind"] in judged:
+                row["target_id"] = position[judged[row["target_kind"]]][row["target_id"]]
+            for column, value in list(row.items()):
+                if column in ("created", "written", "run_id"):
+                    del row[column]
+                elif column == "id":
+                    row[column] = position[name][value]
+                elif column in targets and value is not None:
+                    row[column] = position[targets[column]][value]
+            normal.append(tuple(sorted(row.items())))
+        out[name] = normal
+    return out
+
+
+def test_a_chunk_stores_exactly_what_task_by_task_writes_store(tmp_path):
+    """The same results, written one task per call and as chunks, give the same rows (a task seen in
+    an earlier iteration reuses its task row either way), and a task already written is refused
+    with the same words."""
+    from store.database import StoreError, open_store
+    from tests.store.test_conformance import make_result
+
+    iterations = [["t-1", "t-2", "t-3"], ["t-2", "t-4"]]
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        refusals = []
+        for name in ("alone", "chunk"):
+            run_id = queries.start_run(store, name, {})
+            for index, keys in enumerate(iterations):
+                queries.start_iteration(store, run_id, index, 0)
+                results = [make_result(k) for k in keys]
+                if name == "alone":
+                    for r in results:
+                        queries.write_task_result(store, run_id, index, r)
+                else:
+                    queries.write_task_results(store, run_id, index, results)
+            with pytest.raises(StoreError) as refused:
+                if name == "alone":
+                    queries.write_task_result(store, run_id, 1, make_result("t-4"))
+                else:
+                    queries.write_task_results(store, run_id, 1, [make_result("t-5"), make_result("t-4")])
+            refusals.append(str(refused.value).replace(f"run {run_id}", "run R"))
+        alone, chunk = _run_rows(store, 1), _run_rows(store, 2)
+    finally:
+        store.close()
+    assert alone["tasks"] and alone["judgments"] and alone["ranked_items"] and alone["steps"]
+    assert len(alone["tasks"]) == 4 and len(alone["rollouts"]) == 5
+    for name in alone:
+        assert chunk[name][: len(alone[name])] == alone[name], name
+    assert len(chunk["tasks"]) == 5 and len(chunk["rollouts"]) == 6  # and t-5 from the refused chunk
+    assert refusals[0] == refusals[1] == "task 't-4' was already written for iteration 1 of run R"
 
 
 def test_store_modules_stay_small_and_say_what_they_hold():
