@@ -146,9 +146,13 @@ def study(
     extra = list(overrides or [])
     if os.environ.get(STORE_ENV):
         extra = [f"store.url={os.environ[STORE_ENV]}", *extra]
+    from store.database import StoreError, open_store
+
     try:
         spec, runs = load_study(config, extra)
-    except ConfigError as e:
+        for url in dict.fromkeys(cfg.store.url for cfg in runs.values()):
+            open_store(url)  # every store the study writes to, checked before anything runs
+    except (ConfigError, StoreError) as e:
         raise _fail(e) from None
     results = run_study(spec, runs)
     table = Table(title=f"study {spec.name} (accuracy %, gains in points, 95% CI over seeds)")

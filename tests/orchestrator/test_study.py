@@ -111,6 +111,20 @@ def test_bad_study_files_fail_in_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().startswith("error: cannot read study file")
 
 
+def test_regression_study_on_an_old_store_fails_in_one_line(tmp_path):
+    """A study whose store is behind the code's schema used to end in a Python traceback from the
+    first run's open_store; now it is one line (exit 2) naming the upgrade, before anything runs."""
+    from store.database import upgrade
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    upgrade(url, "0003_run_reason")
+    out = _treeplay("study", str(_study(tmp_path)))
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: store at") and "treeplay db upgrade" in lines[0]
+    assert not (tmp_path / "runs").exists()  # no warm start, no run directory
+
+
 def _peer_study(tmp_path: Path, peers: str, **extra) -> Path:
     """A one-seed panel study on a tiny warm start (2 steps), two cells naming the same peers."""
     panel = ["rollout.mode=panel", f"rollout.panel_peers={peers}"]
