@@ -151,7 +151,8 @@ def study(
     try:
         spec, runs = load_study(config, extra)
         for url in dict.fromkeys(cfg.store.url for cfg in runs.values()):
-            open_store(url)  # every store the study writes to, checked before anything runs
+            with open_store(url):  # every store the study writes to, checked before anything runs
+                pass
     except (ConfigError, StoreError) as e:
         raise _fail(e) from None
     results = run_study(spec, runs)

@@ -96,6 +96,10 @@ class WarmStartConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
 
 
+# A panel peer model that only `treeplay study` builds (orchestrator/study.py resolves it to a directory).
+STUDY_PEER_PREFIX = "study-warm:"
+
+
 class PanelPeerConfig(_Strict):
     """A panel member (panel mode): a name and, if it is a different model, its own checkpoint."""
 

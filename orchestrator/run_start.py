@@ -16,8 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agents.registry import make_environment
-from orchestrator.config import RunConfig
-from orchestrator.study import STUDY_PEER_PREFIX
+from orchestrator.config import STUDY_PEER_PREFIX, RunConfig
 from store import queries
 from store.database import Store
 

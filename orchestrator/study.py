@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.config import ConfigError, RunConfig, load_config
+from orchestrator.config import STUDY_PEER_PREFIX, ConfigError, RunConfig, load_config
 
 
 class _Strict(BaseModel):
@@ -176,7 +176,6 @@ def shared_start(cfg: RunConfig, root: Path, built: dict[str, Path]) -> RunConfi
 
 
 # A panel peer the study warm-starts itself: init seed (and seed) raised by N, warm-start length S.
-STUDY_PEER_PREFIX = "study-warm:"
 _STUDY_PEER = re.compile(r"seed\+(\d+)(?:,steps=(\d+))?")
 
 
