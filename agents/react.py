@@ -95,6 +95,72 @@ class ReActConfig:
     seed: int | None = None
 
 
+# -- the prompts (one rendering, shared by the agent and the warm start's demonstrations) -------------
+
+
+def act_prompt(
+    config: ReActConfig,
+    task: Task,
+    steps: Sequence[Step],
+    rubric: Rubric | None = None,
+    retry: tuple[str, str] | None = None,
+) -> str:
+    """The generator's prompt for the next action: instructions, question, earlier steps, then a
+    retry's failed action and feedback (``retry = (failed_action, feedback)``) and the injected rubric.
+
+    Only the earlier steps may lose their middle (``max_prompt_chars``); the question, a retry's
+    feedback and the rubric are what the next action must answer to. With no rubric, no retry and
+    empty instructions this is ``transcript(task.prompt, steps)``, what plain episodes are prompted with.
+
+    Raises:
+        PromptTooLong: The fixed parts do not fit ``config.max_prompt_chars``.
+    """
+    parts: list[Part] = [config.instructions, task.prompt, Cut(transcript("", steps))]
+    if retry is not None:
+        parts.append(retry[0] + "\n" + feedback_suffix(retry[1]))
+    if rubric:
+        parts.append(injection(rubric))
+    return fit(parts, config.max_prompt_chars, "act prompt")
+
+
+def rubric_prompt(config: ReActConfig, task: Task, steps: Sequence[Step]) -> str:
+    """The rubric generator's prompt for the action after ``steps`` (the phase hint counts the
+    valid tool calls among them).
+
+    Raises:
+        PromptTooLong: The fixed parts do not fit ``config.max_prompt_chars``.
+    """
+    n_calls = sum(1 for s in steps if not s.info.get("invalid"))
+    return fill_fit(
+        load_prompt("rubric_generator.txt"),
+        config.max_prompt_chars,
+        "rubric generator prompt",
+        tools=config.tools_text,
+        question=task.prompt.strip(),
+        trajectory=Cut(transcript("", steps).strip() or "(none)"),
+        phase_hint=phase_hint(n_calls, config.max_steps),
+    )
+
+
+def verifier_prompt(config: ReActConfig, task: Task, steps: Sequence[Step], rubric: Rubric, action: str) -> str:
+    """The verifier's prompt: ``action`` (proposed after ``steps``) checked against ``rubric``.
+
+    Raises:
+        PromptTooLong: The fixed parts do not fit ``config.max_prompt_chars``.
+    """
+    done = transcript("", steps).rstrip()
+    head = config.instructions + task.prompt
+    return fill_fit(
+        load_prompt("rubric_verifier.txt"),
+        config.max_prompt_chars,
+        "rubric verifier prompt",
+        rubric=rubric.render(),
+        context=[head.lstrip(), Cut(done)] if done else head.strip(),
+        action=action,
+        threshold=f"{config.verify_threshold:g}",
+    )
+
+
 class ReActState(TypedDict, total=False):
     """The graph's state: the live episode plus what the current step has produced so far."""
 
@@ -174,19 +240,7 @@ class ReActAgent:
         fresh = {"rubric": None, "verdict": None, "failed_action": None, "retried": False}
         if not self.config.rubrics or not ep.traj.steps:
             return fresh
-        n_calls = sum(1 for s in ep.traj.steps if not s.info.get("invalid"))
-        prompt = self._fitted(
-            ep,
-            lambda: fill_fit(
-                load_prompt("rubric_generator.txt"),
-                self.config.max_prompt_chars,
-                "rubric generator prompt",
-                tools=self.config.tools_text,
-                question=ep.traj.task.prompt.strip(),
-                trajectory=Cut(transcript("", ep.traj.steps).strip() or "(none)"),
-                phase_hint=phase_hint(n_calls, self.config.max_steps),
-            ),
-        )
+        prompt = self._fitted(ep, lambda: rubric_prompt(self.config, ep.traj.task, ep.traj.steps))
         if prompt is None:
             return fresh
         kw = {"max_tokens": self.config.rubric_max_tokens, "temperature": self.config.rubric_temperature}
@@ -205,21 +259,10 @@ class ReActAgent:
 
     def _act(self, state: ReActState) -> dict[str, Any]:
         ep = state["episode"]
-        rubric = state.get("rubric")
-        # Only the earlier steps may lose their middle; the question, a retry's feedback and the
-        # rubric are what the next action must answer to.
-        parts: list[Part] = [
-            self.config.instructions,
-            ep.traj.task.prompt,
-            Cut(transcript("", ep.traj.steps)),
-        ]
-        if state.get("retried"):
-            parts.append(
-                (state.get("failed_action") or "") + "\n" + feedback_suffix(state["verdict"].feedback)
-            )
-        if rubric:
-            parts.append(injection(rubric))
-        prompt = self._fitted(ep, lambda: fit(parts, self.config.max_prompt_chars, "act prompt"))
+        retry = (state.get("failed_action") or "", state["verdict"].feedback) if state.get("retried") else None
+        prompt = self._fitted(
+            ep, lambda: act_prompt(self.config, ep.traj.task, ep.traj.steps, state.get("rubric"), retry)
+        )
         if prompt is None:
             return {"action": "", "logprob": None}
         text = self._generate(
@@ -238,19 +281,9 @@ class ReActAgent:
         rubric = state.get("rubric")
         if not rubric or state.get("retried") or ep.done:
             return {}
-        steps = transcript("", ep.traj.steps).rstrip()
-        head = self.config.instructions + ep.traj.task.prompt
         prompt = self._fitted(
             ep,
-            lambda: fill_fit(
-                load_prompt("rubric_verifier.txt"),
-                self.config.max_prompt_chars,
-                "rubric verifier prompt",
-                rubric=rubric.render(),
-                context=[head.lstrip(), Cut(steps)] if steps else head.strip(),
-                action=state.get("action", ""),
-                threshold=f"{self.config.verify_threshold:g}",
-            ),
+            lambda: verifier_prompt(self.config, ep.traj.task, ep.traj.steps, rubric, state.get("action", "")),
         )
         if prompt is None:
             return {}
