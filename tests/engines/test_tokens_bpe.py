@@ -6,7 +6,7 @@ young model samples non-canonical splits ("4" "6" where the tokenizer writes "46
 can fall inside a token ("7\\n1"), and merges cross the boundary between a prompt and a step. These
 tests run the real search with the real HF engine on the session's BPE model (``bpe_model_dir``),
 record every prompt the engine got and every completion it returned, and check the trees, the
-pairs and lists, the store round trip and every learner against that record.
+pairs and lists, the store round trip, export and the inspector, and every learner against that record.
 """
 
 from __future__ import annotations
@@ -159,6 +159,59 @@ def test_store_round_trip_keeps_tokens(trees, bpe_model_dir, tmp_path):
     for p, ex in zip(data.pairs, learner.prepare(data.pairs), strict=True):
         assert list(ex.prompt) == trees_by_prompt[p.prompt]
     store.close()
+
+
+def test_export_and_inspector_read_a_bpe_store(engine, trees, tmp_path):
+    """A store of BPE trees through ``treeplay export`` and the inspector: a tree exported as JSON
+    reads back with every node's token context, and each context spells the text the inspector
+    shows for that node; GraphML and DOT take the id lists; the TRL rows are the pairs' text."""
+    import json
+
+    import networkx as nx
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.web.app import create_app
+    from search.tree import PreferenceTree
+    from store import queries
+    from store.database import open_store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = open_store(url)
+    run = queries.start_run(store, "bpe", {})
+    queries.start_iteration(store, run, 0, 0)
+    for t in trees:
+        queries.write_task_result(store, run, 0, tree_result(t, pairs=True, lists=True, filter_incorrect=False))
+    stored = queries.list_trees(store, run)
+    pairs = queries.list_pairs(store, run)
+    store.close()
+    assert len(stored) == len(trees) and pairs
+
+    def cli(*args: str) -> str:
+        result = CliRunner().invoke(app, [*args, "--db", url])
+        assert result.exit_code == 0, (args, result.output)
+        return result.stdout
+
+    checked = 0
+    with TestClient(create_app(url), base_url="http://127.0.0.1:8765") as client:
+        for summary in stored:
+            back = PreferenceTree.from_json(cli("export", "tree", str(summary.id), "--format", "json"))
+            assert len(back) == summary.n_nodes
+            for node in back.nodes():
+                if back[node]["error"]:
+                    continue
+                ctx = back.token_context(node)
+                detail = client.get(f"/api/nodes/{node}/detail").json()
+                assert decode(engine.tokenizer, ctx) == back.text(node) == detail["text"]
+                checked += 1
+            graphml = tmp_path / f"{summary.id}.graphml"
+            cli("export", "tree", str(summary.id), "--format", "graphml", "--out", str(graphml))
+            assert nx.read_graphml(graphml).number_of_nodes() == len(back)
+            assert cli("export", "tree", str(summary.id), "--format", "dot").startswith("digraph")
+    assert checked > len(trees)
+    rows = [json.loads(line) for line in cli("export", "pairs", "bpe", "--format", "trl-jsonl").splitlines()]
+    assert rows == [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
 
 
 def test_text_is_the_truth_when_ids_do_not_spell_it(trees, bpe_model_dir):
