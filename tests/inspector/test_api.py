@@ -229,6 +229,11 @@ def test_regression_token_is_required_on_every_route_and_accepted_when_given(dat
         assert c.get("/").status_code == 200 and "<script" in c.get("/").text  # the cookie now suffices
         assert c.get("/api/runs").status_code == 200 and c.get("/static/app.js").status_code == 200
         assert c.get(f"/api/runs?token={token}").status_code == 200  # API clients may use the query too
+    with TestClient(app, base_url=base) as c:
+        # the header once on an API route leaves the same cookie; later calls need no header
+        r = c.get("/api/runs", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and "httponly" in r.headers["set-cookie"].lower()
+        assert c.get(f"/api/runs/{data.run_id}").status_code == 200 and c.get("/").status_code == 200
 
 
 def test_non_local_bind_needs_a_token_and_tokens_are_checked(data):
