@@ -275,10 +275,11 @@ class VLLMEngine(TokenMethods):
         p_ids, c_ids, masks = encode_score_request(self.tokenizer, prompts, continuations, action_spans)
         # vLLM needs room for the one token it samples after the scored text.
         check_context(p_ids, [len(c) + 1 for c in c_ids], self.max_len, "continuation")
-        out: list[Scored] = [_scored([], masks[i]) for i in range(len(prompts))]
+        # An empty continuation is scored here (nothing to ask vLLM); the others once vLLM answers.
+        out: list[Scored | None] = [None if c else _scored([], masks[i]) for i, c in enumerate(c_ids)]
         todo = [i for i, c in enumerate(c_ids) if c]
         if not todo:
-            return out
+            return out  # type: ignore[return-value]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         requests = [TokensPrompt(prompt_token_ids=p_ids[i] + c_ids[i]) for i in todo]
         results = self._call(self._llm.generate, requests, params, use_tqdm=False, lora_request=self._lora)
@@ -286,7 +287,7 @@ class VLLMEngine(TokenMethods):
             entries = res.prompt_logprobs[len(p_ids[i]) :]
             lps = [entry[t].logprob for t, entry in zip(c_ids[i], entries, strict=True)]
             out[i] = _scored(lps, masks[i])
-        return out
+        return out  # type: ignore[return-value]
 
     def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> None:
         """Reload the weights in place on every worker and set ``version``.

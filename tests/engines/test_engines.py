@@ -158,6 +158,26 @@ def test_token_prompts_equal_text_prompts(engine):
         engine.score(["a"], [TokenIds((1,))], action_spans=[[(0, 1)]])
 
 
+def test_regression_score_with_action_spans_counts_only_the_policys_tokens(engine):
+    """Both engines: action spans leave every token's log-prob as it was (observations stay
+    context) and make ``total`` the sum over the tokens inside the spans, with the same mask the
+    learners train on (``engines.contract.action_token_mask``)."""
+    from orchestrator.engines.contract import action_token_mask
+
+    prompt = "12+30=\n"
+    action, obs = "42\n", "Invalid action: unknown entity\n"
+    text = action + obs + action
+    spans = [(0, len(action)), (len(action) + len(obs), len(text))]
+    plain, masked = engine.score([prompt, prompt], [text, text], action_spans=[None, spans])
+    assert plain.action_mask is None and masked.action_mask is not None
+    assert masked.token_logprobs == pytest.approx(plain.token_logprobs, abs=1e-4)
+    _, expected = action_token_mask(engine.tokenizer, text, spans)
+    assert masked.action_mask == expected and 0 < sum(expected) < len(expected)
+    assert masked.total == pytest.approx(
+        sum(lp for lp, mine in zip(masked.token_logprobs, expected, strict=True) if mine), abs=1e-4)
+    assert masked.total > plain.total  # the observation's tokens are no longer counted
+
+
 def test_align_keeps_sampled_ids(engine):
     """``align`` spells exactly the kept text: sampled ids where they fit, the rest tokenized alone."""
     for c in engine.generate(["46+51+21\n"], n=8, max_tokens=12, seed=4)[0]:

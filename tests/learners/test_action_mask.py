@@ -213,3 +213,40 @@ def test_regression_tpo_nll_only_on_verified_correct(tiny_model_dir):
     meter_loss = lrn.evaluate([none_correct])
     assert "nll_loss" not in meter_loss or meter_loss["nll_loss"] == 0.0
     assert lrn.evaluate([second_correct])["nll_loss"] > 0
+
+
+def test_regression_prefix_shared_packing_scores_only_actions(learner):
+    """Two responses that share an action AND an observation: the shared trunk keeps the
+    observation as unscored context, each response's sum is the unshared one, and both equal the
+    log-probs of the actions read off one plain forward pass over prompt + response."""
+    from orchestrator.learners.logprobs import encode_masked_response, encode_prompt
+
+    tok, model = learner.policy.tokenizer, learner.policy.model
+    prompt = "Q: where is Maror?\n"
+    shared = "search[Maror]\n"
+    obs = "Invalid action: unknown entity\n"
+    texts = [shared + obs + "finish[1]\n", shared + obs + "lookup[Maror]\n"]
+    encoded = [encode_masked_response(tok, t, [(0, len(shared)), (len(shared) + len(obs), len(t))]) for t in texts]
+    p_ids = encode_prompt(tok, prompt)
+    ids, masks = [e[0] for e in encoded], [e[1] for e in encoded]
+    assert not all(masks[0]) and sum(masks[0]) < len(masks[0])
+
+    together = pack([Group(list(p_ids), ids, masks=masks)], 0)
+    apart = pack([Group(list(p_ids), [r], masks=[m]) for r, m in zip(ids, masks, strict=True)], 0)
+    # The trunk holds the shared action and observation; only the action's tokens are targets.
+    assert int(together.segments.eq(0).sum()) >= len(p_ids) + len(tok(shared + obs, add_special_tokens=False)["input_ids"])
+    for r, m, got in zip(ids, masks, together.seq_tokens, strict=True):
+        assert [together.target_ids[u].item() for u in got] == [t for t, keep in zip(r, m, strict=True) if keep]
+    with torch.no_grad():
+        sums = {
+            name: sequence_sums(b, packed_logprobs(model, b).values).tolist()
+            for name, b in (("together", together), ("apart", apart))
+        }
+        plain = []
+        for r, m in zip(ids, masks, strict=True):
+            full = torch.tensor([p_ids + r])
+            logp = model(input_ids=full).logits[0, :-1].float().log_softmax(-1)
+            per_token = logp[torch.arange(len(p_ids) - 1, full.shape[1] - 1), full[0, len(p_ids):]]
+            plain.append(float(sum(v for v, keep in zip(per_token.tolist(), m, strict=True) if keep)))
+    assert sums["together"] == pytest.approx(sums["apart"], abs=1e-4)
+    assert sums["together"] == pytest.approx(plain, abs=1e-4)
