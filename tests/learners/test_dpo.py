@@ -248,3 +248,32 @@ def test_eos_only_for_final_pairs(small_model_dir):
     final, step = learner.prepare(arithmetic_pairs(1, final=True) + arithmetic_pairs(1, final=False))
     assert final.chosen[-1] == eos and final.rejected[-1] == eos
     assert eos not in step.chosen and eos not in step.rejected
+
+
+def test_regression_mcts_dpo_learner_loss_is_the_tested_function(small_model_dir, monkeypatch):
+    """DPOLearner computed its own MCTS-DPO (its own alpha and loss) beside the hand-checked
+    ``losses.mcts_dpo_loss``; the learner's pair loss is now that function's, on the learner's sums."""
+    from orchestrator.learners import losses
+
+    calls = []
+    real = losses.mcts_dpo_loss
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args, kwargs, float(out.loss)))
+        return out
+
+    monkeypatch.setattr(losses, "mcts_dpo_loss", recording)
+    pairs = arithmetic_pairs(6, final=False)
+    for i, p in enumerate(pairs):
+        p.chosen_visits, p.rejected_visits = 3 + i, 1 + i % 2
+    learner = DPOLearner(small_model_dir, loss_type="mcts_dpo", beta=0.3, batch_size=6, nll_weight=0.0, num_threads=1)
+    metrics = learner.evaluate(pairs)
+    assert len(calls) == 1
+    args, kwargs, value = calls[0]
+    assert metrics["pair_loss"] == pytest.approx(value, rel=1e-6)
+    chosen_visits, rejected_visits, beta = args[4], args[5], args[6]
+    assert chosen_visits.tolist() == [3 + i for i in range(6)] and rejected_visits.tolist() == [1 + i % 2 for i in range(6)]
+    assert beta == 0.3
+    expected_alpha = losses.visit_alpha(chosen_visits, rejected_visits).mean().item()
+    assert metrics["alpha"] == pytest.approx(expected_alpha, rel=1e-6)
