@@ -208,3 +208,73 @@ def test_the_learner_refuses_this_iterations_data_older_than_the_staleness_bound
     # Synchronous (k = 0): only data made by the learner's own version.
     data, counts = within_staleness(PreferenceData(pairs=pairs), 5, learner_version=7, max_staleness=0)
     assert counts["stale_refused"] == 3.0 and counts["staleness_max"] == 0.0
+
+
+# -- every learner and mode: an iteration with nothing to learn from makes no update -------------------
+
+_MODES = ("mcts", "sample", "react", "panel", "multi_agent")
+
+
+def _fixed_outcome_data(mode: str, solved: bool):
+    """What a rollout in ``mode`` writes when the outcome does not depend on the policy (every task
+    solved, or none): no preference pair, and ranked lists whose items all tie, if any."""
+    from agents.scripted import ScriptedPolicy
+    from orchestrator.config import load_config
+    from orchestrator.rollouts import run_rollouts
+    from store.records import PreferenceData
+    from tests.orchestrator.fixed_outcome_env import FixedOutcomeEnv
+
+    def respond(prompt: str, rng) -> str:
+        return "helpfulness: 3\ncorrectness: 3\n" if prompt.startswith("Score") else rng.choice(["any", "x", "y"]) + "\n"
+
+    cfg = load_config(None, [f"rollout.mode={mode}", "rollout.samples_per_task=4"])
+    tasks = FixedOutcomeEnv(solved=solved).tasks("train", 4, 0)
+    results, _ = run_rollouts(cfg, tasks, ScriptedPolicy(respond), lambda: FixedOutcomeEnv(solved=solved), seed=1)
+    return tasks, PreferenceData(pairs=[p for r in results for p in r.pairs],
+                                 ranked_lists=[r for res in results for r in res.ranked_lists])
+
+
+@pytest.fixture(scope="module")
+def learners(tiny_model_dir):
+    from orchestrator.config import load_config
+    from orchestrator.learners import make_learner
+    from orchestrator.learners.slhf import VerifierOracle
+    from tests.orchestrator.fixed_outcome_env import FixedOutcomeEnv
+
+    out = {}
+    for algorithm in ("dpo", "tpo", "rft", "slhf"):
+        cfg = load_config(None, [f"learner.algorithm={algorithm}", f"learner.{algorithm}.num_threads=1"])
+        oracle = VerifierOracle(FixedOutcomeEnv()) if algorithm == "slhf" else None
+        out[algorithm] = (make_learner(cfg, tiny_model_dir, preference=oracle), oracle)
+    return out
+
+
+@pytest.mark.parametrize("solved", [True, False], ids=["all-solved", "none-solved"])
+@pytest.mark.parametrize("mode", _MODES)
+def test_regression_every_learner_and_mode_without_data_makes_no_update(learners, mode, solved):
+    """DPOLearner.train raised 'needs at least one preference pair' inside the learner actor when an
+    iteration had no pair (the run died, left 'running'); TPO likewise on tied lists. The learner
+    actor's sequence (usable_data, then train_guarded) must give no update and a reason, for every
+    learner and rollout mode, and train only where there is something to learn (RFT on verified-
+    correct samples, SLHF on prompts, which its oracle scores)."""
+    from orchestrator.learners.guards import canonical_order, train_guarded, usable_data
+    from orchestrator.weights import fingerprint
+
+    tasks, data = _fixed_outcome_data(mode, solved)
+    assert not data.pairs
+    for algorithm, (learner, oracle) in learners.items():
+        usable, reason = usable_data(algorithm, canonical_order(data))
+        if reason is None and algorithm == "slhf":
+            assert usable.ranked_lists  # SLHF has prompts to learn from: not a no-data case
+            continue
+        before, calls = fingerprint(learner.state_dict()), learner.train_calls
+        if reason is None:
+            metrics, deployable = train_guarded(learner, usable)
+            reason = metrics.get("no_update_reason")
+        else:
+            deployable = False
+        trains = algorithm == "rft" and solved and mode in ("mcts", "sample")  # verified-correct samples
+        assert deployable == trains, (algorithm, reason)
+        if not trains:
+            assert reason, algorithm
+            assert fingerprint(learner.state_dict()) == before and learner.train_calls == calls
