@@ -230,8 +230,8 @@ def _fixed_outcome_data(mode: str, solved: bool):
     cfg = load_config(None, [f"rollout.mode={mode}", "rollout.samples_per_task=4"])
     tasks = FixedOutcomeEnv(solved=solved).tasks("train", 4, 0)
     results, _ = run_rollouts(cfg, tasks, ScriptedPolicy(respond), lambda: FixedOutcomeEnv(solved=solved), seed=1)
-    return tasks, PreferenceData(pairs=[p for r in results for p in r.pairs],
-                                 ranked_lists=[r for res in results for r in res.ranked_lists])
+    return PreferenceData(pairs=[p for r in results for p in r.pairs],
+                          ranked_lists=[r for res in results for r in res.ranked_lists])
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def learners(tiny_model_dir):
     for algorithm in ("dpo", "tpo", "rft", "slhf"):
         cfg = load_config(None, [f"learner.algorithm={algorithm}", f"learner.{algorithm}.num_threads=1"])
         oracle = VerifierOracle(FixedOutcomeEnv()) if algorithm == "slhf" else None
-        out[algorithm] = (make_learner(cfg, tiny_model_dir, preference=oracle), oracle)
+        out[algorithm] = make_learner(cfg, tiny_model_dir, preference=oracle)
     return out
 
 
@@ -260,9 +260,9 @@ def test_regression_every_learner_and_mode_without_data_makes_no_update(learners
     from orchestrator.learners.guards import canonical_order, train_guarded, usable_data
     from orchestrator.weights import fingerprint
 
-    tasks, data = _fixed_outcome_data(mode, solved)
+    data = _fixed_outcome_data(mode, solved)
     assert not data.pairs
-    for algorithm, (learner, oracle) in learners.items():
+    for algorithm, learner in learners.items():
         usable, reason = usable_data(algorithm, canonical_order(data))
         if reason is None and algorithm == "slhf":
             assert usable.ranked_lists  # SLHF has prompts to learn from: not a no-data case
