@@ -218,11 +218,12 @@ def last_number_matches(task: Task, candidate: str) -> bool:
     """Whether the last number in ``candidate`` equals ``task.answer`` (or the texts match)."""
     if task.answer is None:
         return False
-    nums = re.findall(r"-?\d+(?:\.\d+)?", candidate)
     try:
-        return bool(nums) and float(nums[-1]) == float(task.answer)
-    except ValueError:
+        gold = float(task.answer)
+    except ValueError:  # a word or phrase: the candidate's text must be it
         return candidate.strip() == task.answer.strip()
+    nums = re.findall(r"-?\d+(?:\.\d+)?", candidate)
+    return bool(nums) and float(nums[-1]) == gold
 
 
 @dataclass

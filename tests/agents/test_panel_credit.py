@@ -339,3 +339,16 @@ def test_shipped_panel_config_records_judgments_the_tiny_model_cannot_take():
         for p in r.pairs:
             assert p.chosen == r.task.answer and p.rejected != r.task.answer
     assert any(r.pairs for r in results)
+
+
+def test_regression_exact_judge_matches_a_word_answer_without_numbers():
+    """A task whose answer is a word: a candidate that is that word is correct, another word is not.
+
+    The old check looked for a number first and returned False when the candidate had none, so a
+    word answer could only ever match when the candidate happened to contain digits."""
+    judge = ExactAnswerJudge()
+    task = Task(id="w", prompt="Capital of Borvia?", answer="Kelmaron")
+    scores = [j.score for j in judge.score(task, ["Kelmaron", "  Kelmaron\n", "Tesh", "Kelmaron 12"])]
+    assert scores == [1.0, 1.0, 0.0, 0.0]
+    numeric = Task(id="n", prompt="2+2=", answer="4")
+    assert [j.score for j in judge.score(numeric, ["4", "it is 4.0", "5", "four"])] == [1.0, 1.0, 0.0, 0.0]
