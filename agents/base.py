@@ -8,6 +8,7 @@ Everything else imports from here; this module imports nothing from the project.
   task is an environment whose actions are reasoning steps.
 - ``Policy``: what acts. Engines (``orchestrator/engines``) and scripted test policies implement it.
 - ``Judge``: what scores candidates (verifiers, rubric judges, peers, critics).
+- ``Demonstration``: a warm-start example an environment offers (``demonstrations``).
 
 Protocols are structural (``typing.Protocol``): implement the methods, no base class needed.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,27 @@ class Task:
     env: str = ""
     split: str = "train"
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+# What an environment's ``demonstrations`` can teach, named in ``warm_start.demonstrations``:
+# "actions" the next action of a solution (every environment with demonstrations has these);
+# "rubrics" and "verdicts" the rubric generator's and the verifier's answers of rubric-guided ReAct
+# (agents/react.py), for environments that list them in ``demonstration_kinds``.
+DemonstrationKind = Literal["actions", "rubrics", "verdicts"]
+
+
+class Demonstration(NamedTuple):
+    """One supervised warm-start example: given ``prompt``, the policy should write ``completion``.
+
+    ``ends`` says the completion is a whole answer that the policy ends there (a rubric, a verdict):
+    the warm start then also teaches the end-of-sequence token after it. An action is not: it ends
+    with the newline the caller stops generation at. A plain ``(prompt, completion)`` tuple is a
+    demonstration with ``ends=False``.
+    """
+
+    prompt: str
+    completion: str
+    ends: bool = False
 
 
 @dataclass

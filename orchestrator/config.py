@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agents.base import DemonstrationKind
 from agents.panel import PanelConfig
 from agents.react import ReActConfig
 from orchestrator.learners.dpo import DPOConfig
@@ -90,10 +91,23 @@ class WarmStartConfig(_Strict):
     """Supervised warm start on the environment's demonstrations (before iteration 0)."""
 
     enabled: bool = True
-    examples: int = Field(20000, ge=1, description="Demonstrations drawn from the train split.")
+    examples: int = Field(20000, ge=1, description="Train tasks the demonstrations are made from (one "
+                          "example per task for arithmetic; one per step and kind for toolqa).")
+    demonstrations: list[DemonstrationKind] = Field(
+        default_factory=lambda: ["actions"], min_length=1,
+        description="Kinds of demonstrations mixed into the warm start: 'actions' (the next action of a "
+        "solution, every environment with demonstrations), 'rubrics' and 'verdicts' (rubric-guided ReAct's "
+        "rubric generator and verifier, for environments that list them, e.g. toolqa; agents/envs/toolqa.py).")
     steps: int = Field(500, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
+
+    @field_validator("demonstrations")
+    @classmethod
+    def _distinct_kinds(cls, kinds: list[str]) -> list[str]:
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"demonstration kinds must be distinct, got {kinds}")
+        return kinds
 
 
 # A panel peer model that only `treeplay study` builds (orchestrator/study.py resolves it to a directory).
@@ -182,6 +196,11 @@ class EvalConfig(_Strict):
     sample_temperature: float = Field(1.0, ge=0, description="Also report accuracy of samples at this T.")
     split: Literal["test", "validation"] = Field(
         "test", description="Held-out split: 'validation' to choose settings, 'test' to report them (once).")
+    agent: Literal["plain", "react"] = Field(
+        "plain", description="How a held-out episode is played. plain: the policy alone, prompted with the "
+        "transcript of the question and its steps (rollout.max_steps, rollout.max_step_tokens). react: the ReAct "
+        "agent with rollout.react's settings (with rubrics on: rubric, act, verify, retry once, the policy "
+        "writing all of them), its actions at the evaluation's temperature: Co-ReAct's inference-time guidance.")
     refine_rounds: int = Field(
         0, ge=0, description="SLHF's inference-time refinement: score each held-out answer after this many "
         "follower rounds (the learner's follower prompt, on the rollout engine, at the evaluation's temperature). "
@@ -295,6 +314,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if cfg.eval.refine_rounds and cfg.learner.algorithm != "slhf":
         raise ConfigError(f"config key 'eval.refine_rounds': follower refinement needs learner.algorithm=slhf "
                           f"(got {cfg.learner.algorithm!r})")
+    if cfg.eval.refine_rounds and cfg.eval.agent != "plain":
+        raise ConfigError("config key 'eval.refine_rounds': follower refinement refines plain episodes; "
+                          f"it cannot follow eval.agent={cfg.eval.agent!r}")
     return cfg
 
 

@@ -11,8 +11,9 @@ Modes (``rollout.mode``):
 - ``react``, ``panel``, ``multi_agent``: the agents package (rubric-guided ReAct, a panel of peers,
   several agents whose credit a critic re-assigns, or ``rollout.critic=uniform``: the episode's outcome).
 
-Held-out evaluation is here too (``evaluate``: one episode per task, its answer refined by the SLHF
-follower first when ``eval.refine_rounds`` > 0, ``refine_answers``).
+Held-out evaluation is here too (``evaluate``: one episode per task, played by the policy alone or,
+with ``eval.agent=react``, by the ReAct agent; its answer refined by the SLHF follower first when
+``eval.refine_rounds`` > 0, ``refine_answers``).
 
 Every result is a ``store.records.TaskResult`` that the loop writes whole or not at all (a chunk's
 tasks in one transaction, ``store.queries.write_task_results``); its pairs and ranked lists say in
@@ -321,9 +322,18 @@ def evaluate(
 ) -> list[float]:
     """Outcome of one episode per held-out task (greedy at temperature 0).
 
-    With ``eval.refine_rounds = k > 0`` (SLHF) the episode's answer is refined k times by the
-    follower before it is scored (``refine_answers``).
+    ``eval.agent = "react"`` plays each episode with the ReAct agent (``rollout.react``, its actions
+    at ``temperature``; the rubric generator and verifier keep their own settings), one task at a
+    time; otherwise the episodes run in lock step, prompted with their transcripts. With
+    ``eval.refine_rounds = k > 0`` (SLHF) the episode's answer is refined k times by the follower
+    before it is scored (``refine_answers``).
     """
+    if cfg.eval.agent == "react":
+        from agents.react import ReActAgent
+
+        agent = ReActAgent(policy, config=dataclasses.replace(
+            cfg.rollout.react, temperature=temperature, seed=cfg.seed + EVAL_SEED_OFFSET))
+        return [float(t.outcome or 0.0) for t in agent.run_many(env_factory, tasks)]
     trajs = run_episodes(
         env_factory, policy, tasks, max_steps=cfg.rollout.max_steps,
         max_tokens=cfg.rollout.max_step_tokens, temperature=temperature, seed=cfg.seed + EVAL_SEED_OFFSET,

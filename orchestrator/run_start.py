@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -34,26 +35,64 @@ def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float],
     from orchestrator.warmstart import supervised_warm_start
 
     t = cfg.model.tiny
+    ws = cfg.warm_start
+    env = make_environment(cfg.env.name, **cfg.env.kwargs)
     if t.tokenizer == "bpe":
         from orchestrator.engines.bpe import DEFAULT_ENVIRONMENTS, build_bpe_model, environment_corpus
 
-        corpus = environment_corpus([(cfg.env.name, cfg.env.kwargs), *DEFAULT_ENVIRONMENTS], seed=t.seed)
+        # The prompts of rubrics and verdicts are not in the environments' transcripts: the tokenizer
+        # learns them from a sample of those demonstrations (no other run's vocabulary changes).
+        kinds = [k for k in ws.demonstrations if k != "actions"] if ws.enabled and ws.steps > 0 else []
+        extra = ([p + c for p, c, *_ in warm_start_examples(cfg, env, env.tasks("train", CORPUS_TASKS, seed=t.seed),
+                                                             kinds)] if kinds else [])
+        corpus = environment_corpus([(cfg.env.name, cfg.env.kwargs), *DEFAULT_ENVIRONMENTS], seed=t.seed) + extra
         path = build_bpe_model(run_dir / "model-v0", t.arch or "qwen2", t.hidden_size, t.num_layers, t.num_heads,
                                t.num_kv_heads, t.intermediate_size, t.max_positions, t.vocab_size, t.seed, corpus)
     else:
         path = build_tiny_model(run_dir / "model-v0", t.hidden_size, t.num_layers, t.num_heads,
                                 intermediate_size=t.intermediate_size, max_positions=t.max_positions, seed=t.seed)
     info: dict[str, float] = {}
-    ws = cfg.warm_start
     if ws.enabled and ws.steps > 0:
-        env = make_environment(cfg.env.name, **cfg.env.kwargs)
-        demos = getattr(env, "demonstrations", None)
-        if demos is None:
-            raise ValueError(f"warm_start needs demonstrations, environment '{cfg.env.name}' has none")
-        examples = demos(env.tasks("train", ws.examples, seed=cfg.seed + 99))
+        examples = warm_start_examples(cfg, env, env.tasks("train", ws.examples, seed=cfg.seed + 99))
         info = supervised_warm_start(path, examples, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,
                                      seed=cfg.seed, num_threads=cfg.engine.num_threads, on_step=on_step)
     return path, info
+
+
+# Train tasks whose rubric and verdict demonstrations join a BPE tokenizer's corpus.
+CORPUS_TASKS = 100
+
+
+def demonstration_kinds(cfg: RunConfig, env: Any) -> tuple[str, ...]:
+    """The kinds of demonstrations ``env`` offers (``demonstration_kinds``; "actions" alone when it has
+    ``demonstrations`` but does not say), after checking that it offers every kind the warm start asks for.
+
+    Raises:
+        ValueError: No ``demonstrations`` at all, or a kind asked for that the environment lacks (one line).
+    """
+    if not callable(getattr(env, "demonstrations", None)):
+        raise ValueError(f"warm_start needs demonstrations, environment '{cfg.env.name}' has none: "
+                         "set warm_start.enabled=false or give a trained model.path")
+    offered = tuple(getattr(env, "demonstration_kinds", ("actions",)))
+    missing = [k for k in cfg.warm_start.demonstrations if k not in offered]
+    if missing:
+        raise ValueError(f"warm_start.demonstrations: environment '{cfg.env.name}' has no '{missing[0]}' "
+                         f"demonstrations (it has: {', '.join(offered)})")
+    return offered
+
+
+def warm_start_examples(cfg: RunConfig, env: Any, tasks: list, kinds: list[str] | None = None) -> list:
+    """``env``'s demonstrations of ``tasks``, of ``kinds`` (default ``warm_start.demonstrations``).
+
+    An environment that offers only actions is called as ``demonstrations(tasks)`` (the protocol's
+    original form, which plug-ins implement); one that offers more kinds gets ``kinds`` and the ReAct
+    settings its prompts are rendered with (``rollout.react``).
+    """
+    offered = demonstration_kinds(cfg, env)
+    kinds = list(cfg.warm_start.demonstrations if kinds is None else kinds)
+    if offered == ("actions",):
+        return list(env.demonstrations(tasks))
+    return list(env.demonstrations(tasks, kinds=kinds, react=cfg.rollout.react))
 
 
 def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
@@ -61,7 +100,7 @@ def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
 
     The environment is made (its name resolves, its constructor takes ``env.kwargs``); with
     ``starting_model`` (a new run, not a resume), ``model.path`` must be a Hugging Face directory and
-    a tiny model's warm start needs the environment's ``demonstrations``. A panel peer's
+    a tiny model's warm start needs the environment's ``demonstrations`` of every kind it asks for. A panel peer's
     ``study-warm:`` model exists only in a study, which resolves it before the run starts
     (orchestrator/study.py). The config itself was validated when it was loaded, the store is
     opened by the caller.
@@ -80,9 +119,8 @@ def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
     if cfg.model.path:
         if not (Path(cfg.model.path) / "config.json").is_file():
             raise ValueError(f"model.path '{cfg.model.path}' is not a Hugging Face model directory (no config.json)")
-    elif cfg.warm_start.enabled and cfg.warm_start.steps > 0 and not callable(getattr(env, "demonstrations", None)):
-        raise ValueError(f"warm_start needs demonstrations, environment '{cfg.env.name}' has none: "
-                         "set warm_start.enabled=false or give a trained model.path")
+    elif cfg.warm_start.enabled and cfg.warm_start.steps > 0:
+        demonstration_kinds(cfg, env)
 
 
 # How often a phase with a progress bar says where it is when stderr is not a terminal (CI logs,

@@ -136,10 +136,22 @@ def study_dir(study: StudyConfig, runs: dict[tuple[str, int], RunConfig]) -> Pat
 
 # ------------------------------------------------------------------------------------------- running
 def _warm_key(cfg: RunConfig) -> str:
-    """What a warm-started model depends on: same key, same model."""
+    """What a warm-started model depends on: same key, same model.
+
+    Demonstrations other than actions are ReAct prompts, rendered with ``rollout.react``'s settings,
+    which then join the key. The default mix (actions alone) is left out of it, so the keys of
+    studies written before the mix was a setting still find their models.
+    """
+    warm = cfg.warm_start.model_dump(mode="json")
+    if warm["demonstrations"] == ["actions"]:
+        del warm["demonstrations"]
     parts = {"model": cfg.model.model_dump(mode="json"), "env": cfg.env.model_dump(mode="json"),
-             "warm_start": cfg.warm_start.model_dump(mode="json"), "seed": cfg.seed,
-             "threads": cfg.engine.num_threads}
+             "warm_start": warm, "seed": cfg.seed, "threads": cfg.engine.num_threads}
+    if "demonstrations" in warm:
+        react = cfg.rollout.react
+        parts["react"] = {"instructions": react.instructions, "tools_text": react.tools_text,
+                          "max_prompt_chars": react.max_prompt_chars, "max_steps": react.max_steps,
+                          "verify_threshold": react.verify_threshold}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 

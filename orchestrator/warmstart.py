@@ -19,22 +19,26 @@ from pathlib import Path
 import torch
 
 
-def _encode(tok, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[list[int], int]]:
+def _encode(tok, examples: Sequence[tuple[str, str] | tuple[str, str, bool]]) -> list[tuple[list[int], int]]:
     # Each line of a completion is tokenized on its own: that is how search's token-in, token-out
     # contexts hold the steps (a BPE merge never spans two steps there), so the warm start teaches
     # the tokens the policy will be prompted with. With the char tokenizer it changes nothing.
-    p_ids = tok(list(prompts), add_special_tokens=False).input_ids
+    # A demonstration that ``ends`` (agents.base.Demonstration: a whole rubric or verdict) is
+    # followed by the end-of-sequence token, so the policy learns to stop there.
+    p_ids = tok([ex[0] for ex in examples], add_special_tokens=False).input_ids
     out = []
-    for p, completion in zip(p_ids, completions, strict=True):
-        lines = completion.splitlines(keepends=True)
+    for p, ex in zip(p_ids, examples, strict=True):
+        lines = ex[1].splitlines(keepends=True)
         c = [t for ids in (tok(lines, add_special_tokens=False).input_ids if lines else []) for t in ids]
+        if len(ex) > 2 and ex[2]:
+            c.append(tok.eos_token_id)
         out.append((p + c, len(p)))
     return out
 
 
 def supervised_warm_start(
     model_dir: str | Path,
-    examples: Sequence[tuple[str, str]],
+    examples: Sequence[tuple[str, str] | tuple[str, str, bool]],
     steps: int = 600,
     batch_size: int = 64,
     lr: float = 2e-3,
@@ -47,7 +51,8 @@ def supervised_warm_start(
 
     Args:
         model_dir: Hugging Face directory (model + tokenizer); overwritten with the trained weights.
-        examples: (prompt, completion) pairs; the loss covers completion tokens only.
+        examples: (prompt, completion) pairs or ``agents.base.Demonstration`` triples (prompt,
+            completion, ends: an end-of-sequence token follows); the loss covers completion tokens only.
         steps: Optimizer steps (batches drawn with replacement across epochs).
         batch_size: Sequences per step.
         lr: Peak AdamW learning rate (linear warmup, cosine decay to 10%).
@@ -70,7 +75,7 @@ def supervised_warm_start(
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
-    data = _encode(tok, [p for p, _ in examples], [c for _, c in examples])
+    data = _encode(tok, examples)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
@@ -82,7 +87,7 @@ def supervised_warm_start(
     t0, losses = time.perf_counter(), []
     order: list[int] = []
     for step in range(steps):
-        if len(order) < batch_size:
+        while len(order) < batch_size:  # fewer examples than a batch: each epoch's order, again
             order += rng.sample(range(len(data)), len(data))
         batch = [data[order.pop()] for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)

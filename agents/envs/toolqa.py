@@ -29,21 +29,44 @@ time limit; a tool that raises, hangs or returns a non-string ends the episode w
 ``info["error"]`` set, which runners turn into a failed trajectory.
 
 Splits are a hash partition of the question text, like ``arithmetic``; the knowledge base is shared.
+
+Warm-start demonstrations (``demonstrations``) come from each task's shortest correct solution (its
+``reference``, played here so every observation is the real one) and are rendered by the ReAct
+agent's own prompt functions (``agents.react.act_prompt``, ``rubric_prompt``, ``verifier_prompt``),
+so a warm start trains on exactly the contexts the policy is prompted with:
+
+- ``actions``: at every step, the plain prompt (``transcript`` of the question and the steps so far)
+  and the next action;
+- ``rubrics``: from the second step on, the rubric generator's prompt and a rubric for the next
+  action written from the solution (``next_action_rubric``), and the act prompt with that rubric
+  injected and the next action;
+- ``verdicts``: from the second step on, the verifier's prompt with the next action (verdict: pass)
+  and with a wrong one (a wrong or repeated entity, a premature answer, a wrong operator or number,
+  a wrong value; verdict: fail, with feedback), each scored criterion by criterion; and the retry
+  prompt (the wrong action, its feedback and the rubric) with the next action.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import hashlib
+import json
 import operator
 import random
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
 
-from agents.base import StepResult, Task, Trajectory
+from agents.base import Demonstration, DemonstrationKind, Step, StepResult, Task, Trajectory
 from agents.envs.arithmetic import split_of_bucket
 from agents.guards import call_with_timeout
+
+if TYPE_CHECKING:
+    from agents.react import ReActConfig
 
 SPLITS = ("train", "validation", "test")
 QUESTION_KINDS = ("ratio", "sum2", "diff2", "sum3")
@@ -355,7 +378,184 @@ class ToolQAEnv:
                 return 1.0 if _answer_correct(m.group(2), task.answer) else 0.0
         return 0.0
 
+    # -- warm-start demonstrations -------------------------------------------------------------
+
+    demonstration_kinds: tuple[DemonstrationKind, ...] = ("actions", "rubrics", "verdicts")
+
+    def solution(self, task: Task) -> list[Step]:
+        """The shortest correct solution of ``task`` (its ``reference``) played on a copy of this
+        environment: every action with the observation it gets.
+
+        Raises:
+            ValueError: The task has no reference, or its reference does not answer it correctly.
+        """
+        env = copy.copy(self)
+        env.reset(task)
+        steps: list[Step] = []
+        for action in (a for a in (task.reference or "").splitlines() if a.strip()):
+            r = env.step(action)
+            steps.append(Step(len(steps), action, r.observation, r.reward, info=dict(r.info)))
+        if not steps or not steps[-1].info.get("correct"):
+            raise ValueError(f"toolqa task {task.id}: its reference does not answer it correctly")
+        return steps
+
+    def demonstrations(
+        self,
+        tasks: Sequence[Task],
+        kinds: Sequence[DemonstrationKind] = ("actions",),
+        react: ReActConfig | None = None,
+    ) -> list[Demonstration]:
+        """Warm-start examples of ``kinds`` from each task's solution (see the module docstring),
+        rendered with the ReAct settings ``react`` (default ``ReActConfig()``).
+
+        A prompt that does not fit ``react.max_prompt_chars`` is one the agent never sends, so it
+        gives no example.
+
+        Raises:
+            ValueError: An unknown kind, or a kind none of whose prompts fits ``max_prompt_chars``.
+        """
+        from agents.prompt_files import PromptTooLong
+        from agents.react import ReActConfig, act_prompt, rubric_prompt, verifier_prompt
+        from agents.rubrics import parse_rubric
+
+        unknown = [k for k in kinds if k not in self.demonstration_kinds]
+        if not kinds or unknown:
+            raise ValueError(f"toolqa demonstrations: kinds must be among {self.demonstration_kinds}, "
+                             f"got {list(kinds)}")
+        config = react or ReActConfig()
+        out: list[Demonstration] = []
+        made: Counter[str] = Counter()
+        too_long: Counter[str] = Counter()
+
+        def add(kind: str, prompt: Callable[[], str], completion: str, ends: bool = False) -> None:
+            # kind: what the demonstration teaches; the act prompts that come with a rubric or a
+            # retry ("-act") do not count towards whether a kind got any example.
+            try:
+                out.append(Demonstration(prompt(), completion, ends))
+                made[kind] += 1
+            except PromptTooLong:
+                too_long[kind] += 1
+
+        for task in tasks:
+            steps = self.solution(task)
+            rng = random.Random(f"toolqa-demo|{task.id}|{task.prompt}")
+            for i, step in enumerate(steps):
+                done, action = steps[:i], step.action + "\n"
+                if "actions" in kinds:
+                    add("actions", partial(act_prompt, config, task, done), action)
+                if i == 0:  # the agent writes no rubric before the first action
+                    continue
+                criteria = self.next_action_rubric(task, steps, i)
+                text = "\n".join(f"{k}. [{w:.2f}] {c}" for k, (w, c, _) in enumerate(criteria, 1))
+                rubric = parse_rubric(text)
+                if "rubrics" in kinds:
+                    add("rubrics", partial(rubric_prompt, config, task, done), text, ends=True)
+                    add("rubrics-act", partial(act_prompt, config, task, done, rubric), action)
+                if "verdicts" in kinds:
+                    wrong, feedback = self.wrong_action(task, steps, i, rng)
+                    for candidate, why in ((step.action, ""), (wrong, feedback)):
+                        score = round(sum(w for w, _, holds in criteria if holds(candidate)), 2)
+                        verdict = json.dumps({"pass": score >= config.verify_threshold,
+                                              "weighted_score": score, "feedback": why})
+                        add("verdicts", partial(verifier_prompt, config, task, done, rubric, candidate), verdict,
+                            ends=True)
+                    add("verdicts-act", partial(act_prompt, config, task, done, rubric, (wrong, feedback)), action)
+        lost = [k for k in kinds if too_long[k] and not made[k]]
+        if lost:
+            raise ValueError(f"toolqa demonstrations: no {lost[0]} prompt fits max_prompt_chars="
+                             f"{config.max_prompt_chars}")
+        return out
+
+    def next_action_rubric(
+        self, task: Task, steps: Sequence[Step], i: int
+    ) -> list[tuple[float, str, Callable[[str], bool]]]:
+        """A rubric for action ``i`` of the solution ``steps``: ``(weight, condition, check)`` per
+        criterion, weights summing to 1; ``check(action)`` says whether an action meets it.
+
+        Each criterion is checkable from the question and the steps before ``i`` alone (what the
+        rubric generator sees); the solution's action meets all of them.
+        """
+        tool, arg = _call(steps[i].action)
+        earlier = [_call(s.action) for s in steps[:i]]
+        if tool == "search":
+            searched = {a.lower() for t, a in earlier if t == "search"}
+            names = {n.lower() for n in self.kb}
+            return [
+                (0.5, f"The action calls search with {arg}.", lambda a: _call(a) == ("search", arg)),
+                (0.3, "The entity has not been searched before.",
+                 lambda a: _call(a)[0] == "search" and _call(a)[1].lower() not in searched),
+                (0.2, "The argument is only an entity name.",
+                 lambda a: _call(a)[0] == "search" and _call(a)[1].lower() in names),
+            ]
+        if tool == "calculate":
+            op = _OPERATOR[task.meta.get("kind", "sum2")]
+            seen = {n for s in steps[:i] for n in re.findall(r"\d+", s.observation)}
+
+            def calls(a: str) -> str | None:
+                t, x = _call(a)
+                return x.replace(" ", "") if t == "calculate" else None
+
+            return [
+                (0.5, f"The action calls calculate with {arg}.", lambda a: calls(a) == arg.replace(" ", "")),
+                (0.3, "Every number in it was read from an observation.",
+                 lambda a: calls(a) is not None and set(re.findall(r"\d+", calls(a) or "")) <= seen
+                 and bool(re.findall(r"\d+", calls(a) or ""))),
+                (0.2, f"The operator is {op}, as the question asks.",
+                 lambda a: calls(a) is not None and set(re.findall(r"//|[-+*/%]", calls(a) or "")) == {op}),
+            ]
+        if tool == "answer":
+            return [
+                (0.6, f"The action calls answer with {arg}, the calculated result.",
+                 lambda a: _call(a)[0] == "answer" and _answer_correct(_call(a)[1], arg)),
+                (0.4, "The answer is a single number.",
+                 lambda a: _call(a)[0] == "answer" and _number(_call(a)[1]) is not None),
+            ]
+        raise ValueError(f"toolqa task {task.id}: no rubric for a {tool or 'malformed'} step")
+
+    def wrong_action(self, task: Task, steps: Sequence[Step], i: int, rng: random.Random) -> tuple[str, str]:
+        """A plausible wrong action instead of action ``i`` of the solution ``steps``, and the
+        feedback a verifier gives it (drawn with ``rng`` among the mistakes that fit the step)."""
+        tool, arg = _call(steps[i].action)
+        numbers = [n for s in steps[:i] for n in re.findall(r"\d+", s.observation)] or ["0"]
+        options: list[tuple[str, str]] = []
+        if tool == "search":
+            named = {a for t, a in (_call(s.action) for s in steps) if t == "search"}
+            others = sorted(n for n in self.kb if n not in named)
+            options.append((f"search[{rng.choice(others)}]", f"Search {arg}, the entity the question still needs."))
+            before = [a for t, a in (_call(s.action) for s in steps[:i]) if t == "search"]
+            if before:
+                again = rng.choice(before)
+                options.append((f"search[{again}]", f"{again} was searched already; search {arg}."))
+            options.append((f"answer[{rng.choice(numbers)}]", f"Do not answer yet: search {arg} first."))
+        elif tool == "calculate":
+            op = _OPERATOR[task.meta.get("kind", "sum2")]
+            operands = re.findall(r"\d+", arg)
+            spare = [n for n in numbers if n not in operands] or ["1"]
+            options.append((f"calculate[{arg.replace(op, _WRONG_OPERATOR[op])}]",
+                            f"Calculate {arg}: the question asks for {op}."))
+            options.append((f"calculate[{arg.replace(operands[0], rng.choice(spare), 1)}]",
+                            f"Calculate {arg} with the numbers the question asks for."))
+            options.append((f"answer[{operands[0]}]", f"Do not answer yet: calculate {arg} first."))
+        else:
+            value = int(_number(arg) or 0)
+            options.append((f"answer[{value + rng.choice([-1, 1]) * rng.randint(1, 99)}]",
+                            f"Answer {arg}, the result of the calculation."))
+            calc = next((a for t, a in (_call(s.action) for s in steps[:i]) if t == "calculate"), arg)
+            options.append((f"calculate[{calc}]", f"The calculation is done: answer {arg}."))
+        return rng.choice(options)
+
 
 def _answer_correct(text: str, gold: str | None) -> bool:
     got, want = _number(text), _number(gold or "")
     return got is not None and want is not None and got == want
+
+
+# The operator a question kind asks for, and a wrong one a demonstration's mistake uses instead.
+_OPERATOR = {"ratio": "//", "sum2": "+", "sum3": "+", "diff2": "-"}
+_WRONG_OPERATOR = {"//": "*", "+": "-", "-": "+"}
+
+
+def _call(action: str) -> tuple[str, str]:
+    """(tool in lower case, argument stripped) of an action line, or ("", "") if it does not parse."""
+    m = _ACTION.fullmatch(action.strip())
+    return (m.group(1).lower(), m.group(2).strip()) if m else ("", "")

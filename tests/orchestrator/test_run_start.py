@@ -160,3 +160,39 @@ def test_regression_warm_start_prints_progress_lines_without_a_terminal(tmp_path
     assert (path / "config.json").is_file() and info["seconds"] > 0
     lines = [s for s in capsys.readouterr().err.splitlines() if s.startswith("warm start: step")]
     assert [s.split(",")[0] for s in lines] == ["warm start: step 1/3", "warm start: step 2/3", "warm start: step 3/3"]
+
+
+SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=[p.stem for p in SHIPPED_CONFIGS])
+def test_regression_every_shipped_config_can_start(path, tmp_path):
+    """configs/react.yaml could not start: its warm start asked toolqa for demonstrations it did
+    not have. Every shipped run config passes the start checks, and a warm-started one gets
+    examples of every kind it asks for, rendered with its own settings (a prompt its
+    max_prompt_chars refuses gives none)."""
+    from orchestrator.engines.tiny import build_tiny_model
+    from orchestrator.run_start import check_startable
+
+    cfg = load_config(path)
+    if cfg.model.path:  # a checkpoint on its own machine (configs/gpu.yaml): a model stands in for it
+        data = cfg.model_dump(mode="json")
+        data["model"]["path"] = str(build_tiny_model(tmp_path / "model", 32, 1, 2))
+        cfg = config_from_dict(data)
+    check_startable(cfg)
+    if cfg.warm_start.enabled and cfg.warm_start.steps > 0 and not cfg.model.path:
+        from orchestrator.run_start import warm_start_examples
+
+        env = make_environment(cfg.env.name, **cfg.env.kwargs)
+        for kind in cfg.warm_start.demonstrations:
+            examples = warm_start_examples(cfg, env, env.tasks("train", 3, seed=0), [kind])
+            assert examples and all(ex[0] and ex[1] for ex in examples), kind
+
+
+def test_a_demonstration_kind_the_environment_lacks_is_one_line_before_the_run_row(tmp_path):
+    path, url = _write_config(tmp_path, {"name": "arithmetic"}, warm_start={"demonstrations": ["actions", "rubrics"]})
+    out = CliRunner().invoke(app, ["run", str(path)])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert ("error: warm_start.demonstrations: environment 'arithmetic' has no 'rubrics' demonstrations "
+            "(it has: actions)") in " ".join(out.output.split())
+    assert queries.list_runs(open_store(url, create=False)) == []
