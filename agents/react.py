@@ -386,13 +386,19 @@ class ReActAgent:
         return [self.run(env_factory(), t) for t in tasks]
 
 
-def rubric_pairs(trajectories: Sequence[Trajectory], require_success: bool = True) -> list[PairRecord]:
+def rubric_pairs(
+    trajectories: Sequence[Trajectory], config: ReActConfig | None = None, require_success: bool = True
+) -> list[PairRecord]:
     """Pairs from verify-and-retry: at a retried step, the kept action over the failed one.
 
-    The prompt is the context at that step (``transcript`` of the earlier steps); with
-    ``require_success`` only episodes that ended with a positive outcome contribute, so the retry is
-    backed by the environment's verifier and not only by the rubric.
+    The prompt is the policy's plain act prompt at that step (``act_prompt`` with no rubric and no
+    retry: the instructions, the question and the earlier steps, cut to ``max_prompt_chars`` the way
+    the agent cuts it): the policy learns to write unguided what it wrote with the rubric's help, in
+    the context it sees when it acts. With ``require_success`` only episodes that ended with a
+    positive outcome contribute, so the retry is backed by the environment's verifier and not only
+    by the rubric. A step whose plain prompt cannot be built gives no pair.
     """
+    config = config or ReActConfig()
     pairs = []
     for traj in trajectories:
         if require_success and not (traj.outcome or 0) > 0:
@@ -401,9 +407,13 @@ def rubric_pairs(trajectories: Sequence[Trajectory], require_success: bool = Tru
             failed = s.info.get("failed_action")
             if not s.info.get("retried") or failed is None or failed == s.action:
                 continue
+            try:
+                prompt = act_prompt(config, traj.task, traj.steps[:i])
+            except PromptTooLong:
+                continue
             pairs.append(
                 PairRecord(
-                    prompt=transcript(traj.task.prompt, traj.steps[:i]),
+                    prompt=prompt,
                     chosen=s.action + "\n",
                     rejected=failed + "\n",
                     source="rubric",

@@ -236,7 +236,7 @@ def _react(cfg, tasks, policy, env_factory, seed):
 
     agent = ReActAgent(policy, config=dataclasses.replace(cfg.rollout.react, seed=seed))
     trajs = agent.run_many(env_factory, tasks)
-    pairs = _by_task(tasks, rubric_pairs(trajs))
+    pairs = _by_task(tasks, rubric_pairs(trajs, agent.config))
     results = [task_result(t, [tr], pairs[t.id]) for t, tr in zip(tasks, trajs, strict=True)]
     return results, _agent_stats(tasks, trajs, results)
 

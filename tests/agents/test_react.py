@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -358,3 +359,24 @@ def test_shipped_react_config_fits_its_prompts_into_the_tiny_model():
     assert all(len(t.steps) == react.max_steps for t in trajs)
     prompts = [p for pol in (gen, judge) for c in pol.calls for p in c.prompts]
     assert max(len(p) for p in prompts) <= react.max_prompt_chars
+
+
+def test_regression_rubric_pairs_are_prompted_as_the_plain_policy_acts():
+    """A rubric pair's prompt is the act prompt the unguided policy is given at that step: with
+    its instructions and, under ``max_prompt_chars``, the same cut. The old pairs used the bare
+    transcript (no instructions, never cut): a context the policy is never prompted with."""
+    env, task = env_and_task()
+    ref = reference_actions(task)
+    cfg = ReActConfig(instructions="Answer with one tool call per line.\n")
+    gen = ScriptedPolicy.replay([ref[0], "search[Nowhere]\n", ref[1], ref[2], ref[3]])
+    judge = judge_policy(fail_actions={"search[Nowhere]"})
+    traj = ReActAgent(gen, rubric_generator=judge, config=cfg).run(env, task)
+    assert traj.outcome == 1.0
+    (pair,) = rubric_pairs([traj], cfg)
+    # the same episode played by plain ReAct: what the policy is prompted with at step 1
+    plain_gen = ScriptedPolicy.replay(ref)
+    plain = ReActAgent(plain_gen, config=dataclasses.replace(cfg, rubrics=False)).run(env, task)
+    assert plain.outcome == 1.0
+    assert pair.prompt == act_prompts(plain_gen)[1]
+    assert pair.prompt.startswith(cfg.instructions + task.prompt)
+    assert pair.prompt.endswith(traj.steps[0].observation + "\n")
