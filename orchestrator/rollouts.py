@@ -266,17 +266,24 @@ def _panel(cfg, tasks, policy, env_factory, seed):
     The peers are ``rollout.panel_peers``, or ``num_agents`` peers on the worker's engine. A peer
     with a ``model_path`` writes and judges with its own engine (``_peer_engine``; its weights stay
     as loaded); peers on the same engine differ by their sampling seeds, and judge by sampling
-    (``panel.judge_temperature``) -- greedy judges on one engine would count as one vote. An
-    exact-answer judge joins when the tasks have answers; it is a verifier: no peer vote can make a
+    (``panel.judge_temperature``) -- greedy judges on one engine would count as one vote. When the
+    tasks have answers, the environment joins as a judge (its ``verify(task, completion)``, or else
+    the candidate's lines replayed from ``reset``, ``agents.episode.verify_completion``); it is a verifier: no peer vote can make a
     verified-wrong candidate the chosen side of a pair (agents/panel.py).
     """
+    from agents.episode import verify_completion
     from agents.panel import ExactAnswerJudge, Peer, run_panel
 
     specs = [(p.name, p.model_path) for p in cfg.rollout.panel_peers] or [
         (f"peer-{i}", None) for i in range(cfg.rollout.num_agents)
     ]
     peers = [Peer(name, policy if path is None else _peer_engine(cfg, name, path)) for name, path in specs]
-    judges = [ExactAnswerJudge()] if all(t.answer is not None for t in tasks) else []
+    judges = []
+    if all(t.answer is not None for t in tasks):  # an exact verifier exists: the environment's own
+        env = env_factory()
+        verify = getattr(env, "verify", None)  # the environment's own check of a whole completion
+        check = verify if callable(verify) else (lambda task, text: verify_completion(env, task, text))
+        judges = [ExactAnswerJudge(check)]
     panel = run_panel(peers, tasks, dataclasses.replace(cfg.rollout.panel, seed=seed), judges=judges)
     results = [r.task_result() for r in panel]
     aggregates = [c.aggregate for r in panel for c in r.candidates if c.aggregate is not None]

@@ -198,3 +198,21 @@ def test_pairs_and_lists_say_which_weights_made_them(tiny_model_dir):
     stamped = [rec.info[POLICY_VERSION] for r in results for rec in [*r.pairs, *r.ranked_lists]]
     assert stamped and set(stamped) == {3}
     assert all(t.policy_version == 3 for r in results for t in r.trajectories)
+
+
+def test_regression_panel_verifier_is_the_environment():
+    """The panel's verifier asks the environment whether a candidate solves the task. It used to
+    compare the candidate's last number with ``task.answer``: on an environment whose answers are not
+    numbers (here every episode is solved, answer 'any') every candidate was 'verified wrong'."""
+    from agents.scripted import ScriptedPolicy
+    from orchestrator.config import load_config
+    from orchestrator.rollouts import run_rollouts
+    from tests.orchestrator.fixed_outcome_env import FixedOutcomeEnv
+
+    cfg = load_config(None, ["rollout.mode=panel"])
+    policy = ScriptedPolicy(lambda prompt, rng: "helpfulness: 3\n" if prompt.startswith("Score") else "x\n")
+    for solved in (True, False):
+        tasks = FixedOutcomeEnv(solved=solved).tasks("train", 2, 0)
+        results, _ = run_rollouts(cfg, tasks, policy, lambda s=solved: FixedOutcomeEnv(solved=s), seed=1)
+        scores = {j.score for r in results for j in r.judgments if j.judge == "exact"}
+        assert scores == {1.0 if solved else 0.0}, solved
