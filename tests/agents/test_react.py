@@ -341,7 +341,28 @@ def test_fit_cuts_only_the_middle_of_the_transcript_and_says_how_much():
     assert fill_fit("{a}|{b}", 100, a="{b}", b="x") == "{b}|x"  # values are not filled again
 
 
+def _run_tokenizer(cfg):
+    """The tokenizer a run of ``cfg`` builds for its tiny model (orchestrator.run_start.prepare_model),
+    or None for the character tokenizer (one position per character)."""
+    if cfg.model.tiny.tokenizer != "bpe":
+        return None
+    from agents.registry import make_environment
+    from orchestrator import run_start
+    from orchestrator.engines.bpe import DEFAULT_ENVIRONMENTS, environment_corpus, train_bpe_tokenizer
+
+    t, ws = cfg.model.tiny, cfg.warm_start
+    env = make_environment(cfg.env.name, **cfg.env.kwargs)
+    kinds = [k for k in ws.demonstrations if k != "actions"]
+    tasks = env.tasks("train", run_start.CORPUS_TASKS, seed=t.seed)
+    extra = [p + c for p, c, *_ in run_start.warm_start_examples(cfg, env, tasks, kinds)] if kinds else []
+    corpus = environment_corpus([(cfg.env.name, cfg.env.kwargs), *DEFAULT_ENVIRONMENTS], seed=t.seed) + extra
+    return train_bpe_tokenizer(corpus, t.vocab_size)
+
+
+@pytest.mark.slow
 def test_shipped_react_config_fits_its_prompts_into_the_tiny_model():
+    """Every prompt of configs/react.yaml, plus the longest answer, fits the model's positions, counted
+    in the run's own tokens (a BPE model's prompt is far fewer tokens than characters)."""
     from pathlib import Path
 
     from orchestrator.config import load_config
@@ -349,7 +370,8 @@ def test_shipped_react_config_fits_its_prompts_into_the_tiny_model():
     cfg = load_config(Path(__file__).parents[2] / "configs" / "react.yaml")
     react = cfg.rollout.react
     longest_answer = max(react.max_tokens, react.rubric_max_tokens, react.verify_max_tokens)
-    assert cfg.model.path is None and react.max_prompt_chars + longest_answer <= cfg.model.tiny.max_positions
+    assert cfg.model.path is None
+    tok = _run_tokenizer(cfg)
     env = ToolQAEnv(**cfg.env.kwargs)
     tasks = env.tasks("train", 6, seed=0)
     gen = ScriptedPolicy(lambda p, r: "search[Nowhere]\n")
@@ -359,6 +381,8 @@ def test_shipped_react_config_fits_its_prompts_into_the_tiny_model():
     assert all(len(t.steps) == react.max_steps for t in trajs)
     prompts = [p for pol in (gen, judge) for c in pol.calls for p in c.prompts]
     assert max(len(p) for p in prompts) <= react.max_prompt_chars
+    lengths = [len(p) if tok is None else len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+    assert max(lengths) + longest_answer <= cfg.model.tiny.max_positions
 
 
 def test_regression_rubric_pairs_are_prompted_as_the_plain_policy_acts():
