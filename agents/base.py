@@ -86,13 +86,31 @@ class Demonstration(NamedTuple):
 
     ``ends`` says the completion is a whole answer that the policy ends there (a rubric, a verdict):
     the warm start then also teaches the end-of-sequence token after it. An action is not: it ends
-    with the newline the caller stops generation at. A plain ``(prompt, completion)`` tuple is a
-    demonstration with ``ends=False``.
+    with the newline the caller stops generation at. ``context`` lists the completion's lines (by
+    index, ``splitlines``) that the policy does not write, e.g. the observations between the actions
+    of a whole episode: they are read, not trained on. A plain ``(prompt, completion)`` tuple is a
+    demonstration with ``ends=False`` and no context lines.
     """
 
     prompt: str
     completion: str
     ends: bool = False
+    context: tuple[int, ...] = ()
+
+    def targets(self) -> list[tuple[str, str]]:
+        """What the policy is taught to write, as (text before it, text to write) pairs: each run of
+        consecutive trained lines of the completion, after the prompt and the lines before it."""
+        lines = self.completion.splitlines(keepends=True)
+        out: list[tuple[str, str]] = []
+        start = None
+        for i in range(len(lines) + 1):
+            trained = i < len(lines) and i not in self.context
+            if trained and start is None:
+                start = i
+            elif not trained and start is not None:
+                out.append((self.prompt + "".join(lines[:start]), "".join(lines[start:i])))
+                start = None
+        return out
 
 
 @dataclass

@@ -11,6 +11,7 @@ thing from it, the store URL it is given, and any redacted value given again (``
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,10 @@ class TinyModelConfig(_Strict):
     num_kv_heads: int | None = Field(None, ge=1, description="bpe: key/value heads (GQA); None: half the heads.")
     intermediate_size: int | None = Field(None, ge=1, description="MLP width; None: the builder's default.")
     vocab_size: int = Field(4096, ge=300, description="bpe: vocabulary size the tokenizer is trained to.")
+    pretokenizer: Literal["none", "qwen2", "llama3"] = Field(
+        "none", description="bpe: 'none' lets merges cross spaces, newlines and digits; 'qwen2' splits first as "
+        "Qwen2 does (each digit alone, words whole), the only split a qwen2-architecture model loads back as "
+        "trained; 'llama3' as Llama 3 does (digits in runs of three), for arch llama (orchestrator/engines/bpe.py).")
     max_positions: int = Field(128, ge=32, description="Context length (characters with char, tokens with bpe).")
     seed: int = Field(0, description="Seed of the random init (and of the tokenizer's corpus).")
 
@@ -91,23 +96,43 @@ class WarmStartConfig(_Strict):
     """Supervised warm start on the environment's demonstrations (before iteration 0)."""
 
     enabled: bool = True
-    examples: int = Field(20000, ge=1, description="Train tasks the demonstrations are made from (one "
-                          "example per task for arithmetic; one per step and kind for toolqa).")
-    demonstrations: list[DemonstrationKind] = Field(
-        default_factory=lambda: ["actions"], min_length=1,
-        description="Kinds of demonstrations mixed into the warm start: 'actions' (the next action of a "
-        "solution, every environment with demonstrations), 'rubrics' and 'verdicts' (rubric-guided ReAct's "
-        "rubric generator and verifier, for environments that list them, e.g. toolqa; agents/envs/toolqa.py).")
+    examples: int = Field(20000, ge=1, description="Train tasks the demonstrations are made from (arithmetic: "
+                          "one example per task; toolqa: one per task for actions, several per step for "
+                          "rubrics and verdicts).")
+    demonstrations: dict[DemonstrationKind, float] = Field(
+        default_factory=lambda: {"actions": 1.0}, min_length=1,
+        description="Kinds of demonstrations in the warm start, each with its share of every batch, e.g. "
+        "{actions: 0.5, rubrics: 0.25, verdicts: 0.25}: 'actions' (the next action of a solution; every "
+        "environment with demonstrations), 'rubrics' and 'verdicts' (rubric-guided ReAct's rubric generator "
+        "and verifier, for environments that list them, e.g. toolqa; agents/envs/toolqa.py).")
     steps: int = Field(500, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
 
+    @field_validator("demonstrations", mode="before")
+    @classmethod
+    def _list_is_equal_shares(cls, mix: Any) -> Any:
+        # A list of kinds (the form before shares were a setting) mixes them in equal shares.
+        if isinstance(mix, list):
+            if len(set(mix)) != len(mix):
+                raise ValueError(f"demonstration kinds must be distinct, got {mix}")
+            return dict.fromkeys(mix, 1.0)
+        return mix
+
     @field_validator("demonstrations")
     @classmethod
-    def _distinct_kinds(cls, kinds: list[str]) -> list[str]:
-        if len(set(kinds)) != len(kinds):
-            raise ValueError(f"demonstration kinds must be distinct, got {kinds}")
-        return kinds
+    def _positive_shares(cls, mix: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in mix.items() if not (w > 0 and math.isfinite(w))}
+        if bad:
+            raise ValueError(f"each kind's share must be a positive number, got {bad}")
+        return mix
+
+    @model_validator(mode="after")
+    def _one_of_each_kind_per_batch(self) -> WarmStartConfig:
+        if len(self.demonstrations) > self.batch_size:
+            raise ValueError(f"batch_size {self.batch_size} cannot hold one example of each of "
+                             f"{len(self.demonstrations)} kinds of demonstrations")
+        return self
 
 
 # A panel peer model that only `treeplay study` builds (orchestrator/study.py resolves it to a directory).

@@ -38,29 +38,42 @@ def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float],
     ws = cfg.warm_start
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
     if t.tokenizer == "bpe":
-        from orchestrator.engines.bpe import DEFAULT_ENVIRONMENTS, build_bpe_model, environment_corpus
+        from orchestrator.engines.bpe import build_bpe_model
 
-        # The prompts of rubrics and verdicts are not in the environments' transcripts: the tokenizer
-        # learns them from a sample of those demonstrations (no other run's vocabulary changes).
-        kinds = [k for k in ws.demonstrations if k != "actions"] if ws.enabled and ws.steps > 0 else []
-        extra = ([p + c for p, c, *_ in warm_start_examples(cfg, env, env.tasks("train", CORPUS_TASKS, seed=t.seed),
-                                                             kinds)] if kinds else [])
-        corpus = environment_corpus([(cfg.env.name, cfg.env.kwargs), *DEFAULT_ENVIRONMENTS], seed=t.seed) + extra
         path = build_bpe_model(run_dir / "model-v0", t.arch or "qwen2", t.hidden_size, t.num_layers, t.num_heads,
-                               t.num_kv_heads, t.intermediate_size, t.max_positions, t.vocab_size, t.seed, corpus)
+                               t.num_kv_heads, t.intermediate_size, t.max_positions, t.vocab_size, t.seed,
+                               tokenizer_corpus(cfg, env), pretokenizer=t.pretokenizer)
     else:
         path = build_tiny_model(run_dir / "model-v0", t.hidden_size, t.num_layers, t.num_heads,
                                 intermediate_size=t.intermediate_size, max_positions=t.max_positions, seed=t.seed)
     info: dict[str, float] = {}
     if ws.enabled and ws.steps > 0:
-        examples = warm_start_examples(cfg, env, env.tasks("train", ws.examples, seed=cfg.seed + 99))
+        tasks = env.tasks("train", ws.examples, seed=cfg.seed + 99)
+        if list(ws.demonstrations) == ["actions"]:  # one kind: a plain list, batches as they always were
+            examples: Any = warm_start_examples(cfg, env, tasks)
+        else:
+            examples = {k: warm_start_examples(cfg, env, tasks, [k]) for k in ws.demonstrations}
         info = supervised_warm_start(path, examples, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,
-                                     seed=cfg.seed, num_threads=cfg.engine.num_threads, on_step=on_step)
+                                     seed=cfg.seed, num_threads=cfg.engine.num_threads, on_step=on_step,
+                                     shares=ws.demonstrations)
     return path, info
 
 
 # Train tasks whose rubric and verdict demonstrations join a BPE tokenizer's corpus.
 CORPUS_TASKS = 100
+
+
+def tokenizer_corpus(cfg: RunConfig, env: Any) -> list[str]:
+    """The text a run's BPE tokenizer is trained on: the environments' transcripts and, when the warm
+    start teaches rubrics or verdicts, a sample of those demonstrations (their prompts are not in any
+    transcript; no other run's vocabulary changes)."""
+    from orchestrator.engines.bpe import DEFAULT_ENVIRONMENTS, environment_corpus
+
+    t, ws = cfg.model.tiny, cfg.warm_start
+    kinds = [k for k in ws.demonstrations if k != "actions"] if ws.enabled and ws.steps > 0 else []
+    tasks = env.tasks("train", CORPUS_TASKS, seed=t.seed) if kinds else []
+    extra = [p + c for p, c, *_ in warm_start_examples(cfg, env, tasks, kinds)] if kinds else []
+    return environment_corpus([(cfg.env.name, cfg.env.kwargs), *DEFAULT_ENVIRONMENTS], seed=t.seed) + extra
 
 
 def demonstration_kinds(cfg: RunConfig, env: Any) -> tuple[str, ...]:
@@ -82,7 +95,8 @@ def demonstration_kinds(cfg: RunConfig, env: Any) -> tuple[str, ...]:
 
 
 def warm_start_examples(cfg: RunConfig, env: Any, tasks: list, kinds: list[str] | None = None) -> list:
-    """``env``'s demonstrations of ``tasks``, of ``kinds`` (default ``warm_start.demonstrations``).
+    """``env``'s demonstrations of ``tasks``, of ``kinds`` (default: every kind ``warm_start.demonstrations``
+    names), in one list.
 
     An environment that offers only actions is called as ``demonstrations(tasks)`` (the protocol's
     original form, which plug-ins implement); one that offers more kinds gets ``kinds`` and the ReAct

@@ -143,7 +143,7 @@ def _warm_key(cfg: RunConfig) -> str:
     studies written before the mix was a setting still find their models.
     """
     warm = cfg.warm_start.model_dump(mode="json")
-    if warm["demonstrations"] == ["actions"]:
+    if warm["demonstrations"] == {"actions": 1.0}:
         del warm["demonstrations"]
     parts = {"model": cfg.model.model_dump(mode="json"), "env": cfg.env.model_dump(mode="json"),
              "warm_start": warm, "seed": cfg.seed, "threads": cfg.engine.num_threads}

@@ -36,7 +36,8 @@ agent's own prompt functions (``agents.react.act_prompt``, ``rubric_prompt``, ``
 so a warm start trains on exactly the contexts the policy is prompted with:
 
 - ``actions``: at every step, the plain prompt (``transcript`` of the question and the steps so far)
-  and the next action;
+  and the next action -- as one demonstration of the whole episode whose observations are context
+  lines, which teaches each action after exactly that prompt;
 - ``rubrics``: from the second step on, the rubric generator's prompt and a rubric for the next
   action written from the solution (``next_action_rubric``), and the act prompt with that rubric
   injected and the next action;
@@ -439,10 +440,13 @@ class ToolQAEnv:
         for task in tasks:
             steps = self.solution(task)
             rng = random.Random(f"toolqa-demo|{task.id}|{task.prompt}")
+            if "actions" in kinds:
+                demos, lost = _action_demonstrations(config, task, steps)
+                out += demos
+                made["actions"] += len(demos)
+                too_long["actions"] += lost
             for i, step in enumerate(steps):
                 done, action = steps[:i], step.action + "\n"
-                if "actions" in kinds:
-                    add("actions", partial(act_prompt, config, task, done), action)
                 if i == 0:  # the agent writes no rubric before the first action
                     continue
                 criteria = self.next_action_rubric(task, steps, i)
@@ -543,6 +547,41 @@ class ToolQAEnv:
             calc = next((a for t, a in (_call(s.action) for s in steps[:i]) if t == "calculate"), arg)
             options.append((f"calculate[{calc}]", f"The calculation is done: answer {arg}."))
         return rng.choice(options)
+
+
+def _action_demonstrations(config: ReActConfig, task: Task, steps: Sequence[Step]) -> tuple[list[Demonstration], int]:
+    """The plain act prompts of a solution with their actions, and how many prompts did not fit.
+
+    When each step's act prompt is the first one plus the steps so far (unless ``max_prompt_chars``
+    cuts a transcript), one demonstration holds the whole episode, the observations as context
+    lines: before each action the model sees exactly the agent's prompt, in one sequence. Otherwise
+    one demonstration per step whose prompt fits.
+    """
+    from agents.base import step_segments, transcript
+    from agents.prompt_files import PromptTooLong
+    from agents.react import act_prompt
+
+    prompts: list[str | None] = []
+    for i in range(len(steps)):
+        try:
+            prompts.append(act_prompt(config, task, steps[:i]))
+        except PromptTooLong:
+            prompts.append(None)
+    first = prompts[0]
+    if first is not None and all(p == first + transcript("", steps[:i]) for i, p in enumerate(prompts)):
+        segments = step_segments(steps)
+        while segments and not segments[-1][1]:  # the last observation comes after the last action
+            segments.pop()
+        lines: list[str] = []
+        context: list[int] = []
+        for text, by_policy in segments:
+            for line in text.splitlines(keepends=True):
+                if not by_policy:
+                    context.append(len(lines))
+                lines.append(line)
+        return [Demonstration(first, "".join(lines), context=tuple(context))], 0
+    demos = [Demonstration(p, s.action + "\n") for p, s in zip(prompts, steps, strict=True) if p is not None]
+    return demos, prompts.count(None)
 
 
 def _answer_correct(text: str, gold: str | None) -> bool:

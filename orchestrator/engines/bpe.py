@@ -43,6 +43,17 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 ARCHITECTURES = ("qwen2", "llama")
+# How text is split before BPE merges are learned and applied. "none": one piece per text, merges
+# cross spaces, newlines and digits (the default). "qwen2": Qwen2's split -- every digit alone, a
+# word with the space or bracket before it, punctuation runs, newlines -- so merges stay inside a
+# piece, as in real vocabularies. "llama3": Llama 3's, the same but digits in runs of up to three,
+# so a number copied from an observation into an action is the same tokens in both. transformers 5
+# loads the tokenizer of a qwen2-architecture model with Qwen2's split whatever split it was saved
+# with, so there only "qwen2" encodes as trained; a llama-architecture model loads it as saved.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLITS = {"qwen2": _WORDS + r"\p{N}" + _REST, "llama3": _WORDS + r"\p{N}{1,3}" + _REST}
+PRETOKENIZERS = ("none", *SPLITS)
 
 
 DEFAULT_ENVIRONMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -96,26 +107,33 @@ def environment_corpus(
     return texts
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, model_max_length: int = 4096):
-    """A byte-level BPE tokenizer trained on ``texts``, with merges across line boundaries.
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, model_max_length: int = 4096,
+                        pretokenizer: str = "none"):
+    """A byte-level BPE tokenizer trained on ``texts``, with merges across line boundaries (unless
+    ``pretokenizer`` splits the text first).
 
     Args:
         texts: Training text.
         vocab_size: Vocabulary size, special tokens and the 256 byte tokens included.
         model_max_length: Recorded in the tokenizer config.
+        pretokenizer: "none", "qwen2" or "llama3" (``PRETOKENIZERS``).
 
     Returns:
         transformers.PreTrainedTokenizerFast with ``<|endoftext|>`` as pad/EOS/UNK, no BOS, and
         the ChatML template.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size must be > {256 + len(SPECIAL_TOKENS)} (bytes and special tokens), got {vocab_size}")
+    if pretokenizer not in PRETOKENIZERS:
+        raise ValueError(f"pretokenizer must be one of {', '.join(PRETOKENIZERS)}, got {pretokenizer!r}")
     core = Tokenizer(models.BPE())
     # use_regex=False: one pre-token per text, so merges may span spaces and newlines.
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.pre_tokenizer = byte_level if pretokenizer == "none" else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(SPLITS[pretokenizer]), behavior="isolated"), byte_level])
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -156,6 +174,7 @@ def build_bpe_model(
     seed: int = 0,
     corpus: Sequence[str] | None = None,
     tokenizer: Any = None,
+    pretokenizer: str = "none",
 ) -> Path:
     """Write a random-init Qwen2 or Llama and a trained byte-level BPE tokenizer to ``path``.
 
@@ -175,6 +194,8 @@ def build_bpe_model(
         corpus: Tokenizer training text; default ``environment_corpus(seed=seed)``.
         tokenizer: A tokenizer to reuse instead of training one (e.g. to build several sizes on one
             vocabulary).
+        pretokenizer: How the tokenizer splits text before merging ("none", "qwen2" or "llama3",
+            see ``PRETOKENIZERS``); with ``arch="qwen2"`` only "qwen2" loads back as it was trained.
 
     Returns:
         The directory.
@@ -194,7 +215,7 @@ def build_bpe_model(
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         tokenizer = train_bpe_tokenizer(corpus if corpus is not None else environment_corpus(seed=seed),
-                                        vocab_size, model_max_length=max_positions)
+                                        vocab_size, model_max_length=max_positions, pretokenizer=pretokenizer)
     eos = [tokenizer.convert_tokens_to_ids(ENDOFTEXT), tokenizer.convert_tokens_to_ids(IM_END)]
     mlp = intermediate_size or max(32, round(hidden_size * 2.75 / 32) * 32)
     common = dict(

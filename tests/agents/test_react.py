@@ -347,16 +347,12 @@ def _run_tokenizer(cfg):
     if cfg.model.tiny.tokenizer != "bpe":
         return None
     from agents.registry import make_environment
-    from orchestrator import run_start
-    from orchestrator.engines.bpe import DEFAULT_ENVIRONMENTS, environment_corpus, train_bpe_tokenizer
+    from orchestrator.engines.bpe import train_bpe_tokenizer
+    from orchestrator.run_start import tokenizer_corpus
 
-    t, ws = cfg.model.tiny, cfg.warm_start
-    env = make_environment(cfg.env.name, **cfg.env.kwargs)
-    kinds = [k for k in ws.demonstrations if k != "actions"]
-    tasks = env.tasks("train", run_start.CORPUS_TASKS, seed=t.seed)
-    extra = [p + c for p, c, *_ in run_start.warm_start_examples(cfg, env, tasks, kinds)] if kinds else []
-    corpus = environment_corpus([(cfg.env.name, cfg.env.kwargs), *DEFAULT_ENVIRONMENTS], seed=t.seed) + extra
-    return train_bpe_tokenizer(corpus, t.vocab_size)
+    t = cfg.model.tiny
+    corpus = tokenizer_corpus(cfg, make_environment(cfg.env.name, **cfg.env.kwargs))
+    return train_bpe_tokenizer(corpus, t.vocab_size, pretokenizer=t.pretokenizer)
 
 
 @pytest.mark.slow

@@ -37,7 +37,8 @@ def oracle(demos: list[Demonstration], wrong_first: bool = False) -> ScriptedPol
     with the wrong action a verdict demonstration rejected there, so the verifier fails it once."""
     table: dict[str, str] = {}
     for d in demos:
-        assert table.setdefault(d.prompt, d.completion) == d.completion, "one prompt, two completions"
+        for prefix, text in d.targets():
+            assert table.setdefault(prefix, text) == text, "one prompt, two completions"
     wrong: dict[str, str] = {}
     if wrong_first:
         for d in demos:
@@ -61,9 +62,10 @@ def oracle(demos: list[Demonstration], wrong_first: bool = False) -> ScriptedPol
 def test_actions_replay_to_the_correct_answer_through_the_environment():
     env, tasks = env_and_tasks()
     for task in tasks:
-        demos = env.demonstrations([task])
-        actions = [d.completion for d in demos]
-        assert all(a.endswith("\n") and a.count("\n") == 1 and not d.ends for a, d in zip(actions, demos, strict=True))
+        [demo] = env.demonstrations([task])  # the whole episode, its observations as context lines
+        assert not demo.ends and demo.prompt == task.prompt
+        actions = [text for _, text in demo.targets()]
+        assert all(a.endswith("\n") and a.count("\n") == 1 for a in actions)
         assert len(actions) == task.meta["min_tool_calls"] + 1  # the shortest solution
         play = ToolQAEnv(n_entities=20)
         play.reset(task)
@@ -144,7 +146,7 @@ def test_only_the_kinds_asked_for_and_prompts_that_fit():
     env, tasks = env_and_tasks(4)
     task = tasks[0]
     steps = len(env.solution(task))
-    assert len(env.demonstrations([task])) == steps
+    assert len(env.demonstrations([task])) == 1
     assert len(env.demonstrations([task], kinds=["rubrics"])) == 2 * (steps - 1)
     assert len(env.demonstrations([task], kinds=["verdicts"])) == 3 * (steps - 1)
     with pytest.raises(ValueError, match="kinds must be among"):
@@ -154,7 +156,39 @@ def test_only_the_kinds_asked_for_and_prompts_that_fit():
     with pytest.raises(ValueError, match="no rubrics prompt fits max_prompt_chars=600"):
         env.demonstrations(tasks, kinds=["actions", "rubrics"], react=ReActConfig(max_prompt_chars=600))
     short = env.demonstrations(tasks, kinds=["actions"], react=ReActConfig(max_prompt_chars=600))
-    assert short and all(len(d.prompt) <= 600 for d in short)
+    assert short and all(len(prefix) <= 600 for d in short for prefix, _ in d.targets())
+
+
+def test_a_cut_transcript_gives_one_demonstration_per_step_with_the_agents_prompt():
+    # Under a limit that cuts the middle of long transcripts, an episode's later prompts are not its
+    # first prompt plus the steps: each step is then its own demonstration, with the cut prompt.
+    env, tasks = env_and_tasks(8, kinds=("sum3",))
+    config = ReActConfig(max_steps=6, max_prompt_chars=260, rubrics=False, temperature=0.0)
+    demos = env.demonstrations(tasks, react=config)
+    assert len(demos) > len(tasks) and any("characters cut" in d.prompt for d in demos)
+    assert all(not d.context and d.completion.count("\n") == 1 for d in demos)
+    policy = oracle(demos)
+    trajs = ReActAgent(policy, config=config).run_many(lambda: ToolQAEnv(n_entities=20), tasks)
+    assert [t.outcome for t in trajs] == [1.0] * len(tasks)
+
+
+def test_an_episode_demonstration_is_tokenized_as_the_engine_tokenizes_each_prompt():
+    # With a BPE split as Qwen2's (configs/react.yaml), the tokens before each action in the one
+    # sequence of a whole episode are the tokens of that step's prompt encoded on its own.
+    from orchestrator.engines.bpe import train_bpe_tokenizer
+    from orchestrator.warmstart import _encode
+
+    env, tasks = env_and_tasks(30)
+    demos = env.demonstrations(tasks)
+    tok = train_bpe_tokenizer([d.prompt + d.completion for d in demos], 600, pretokenizer="qwen2")
+    checked = 0
+    for demo, (ids, mask) in zip(demos, _encode(tok, demos), strict=True):
+        starts = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+        for start, (prefix, text) in zip(starts, demo.targets(), strict=True):
+            assert ids[:start] == tok(prefix, add_special_tokens=False).input_ids
+            assert tok.decode(ids[start : start + len(tok(text, add_special_tokens=False).input_ids)]) == text
+            checked += 1
+    assert checked > len(tasks) * 2
 
 
 def test_evaluation_with_the_react_agent_uses_rubric_guidance():

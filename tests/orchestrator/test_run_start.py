@@ -190,7 +190,7 @@ def test_regression_every_shipped_config_can_start(path, tmp_path):
 
 
 def test_a_demonstration_kind_the_environment_lacks_is_one_line_before_the_run_row(tmp_path):
-    path, url = _write_config(tmp_path, {"name": "arithmetic"}, warm_start={"demonstrations": ["actions", "rubrics"]})
+    path, url = _write_config(tmp_path, {"name": "arithmetic"}, warm_start={"demonstrations": {"actions": 1, "rubrics": 1}})
     out = CliRunner().invoke(app, ["run", str(path)])
     assert out.exit_code == 2 and "Traceback" not in out.output
     assert ("error: warm_start.demonstrations: environment 'arithmetic' has no 'rubrics' demonstrations "
