@@ -130,6 +130,8 @@ def run(
 def study(
     config: str = typer.Argument(..., help="YAML study file (see configs/studies/)."),
     overrides: list[str] = typer.Argument(None, help="KEY=VALUE applied to every run of the study."),
+    name: str = typer.Option(None, "--name", help="Another name for the study (its runs and runs/<name>/), "
+                             "e.g. for a validation pass: --name react-validation eval.split=validation."),
 ) -> None:
     """Run every cell of a study over its seeds (resuming what is unfinished), then print the table.
 
@@ -141,7 +143,14 @@ def study(
     from rich.table import Table
 
     from orchestrator.config import ConfigError
-    from orchestrator.study import TABLE_HEADER, final_line, load_study, run_study, table_rows
+    from orchestrator.study import (
+        TABLE_HEADER,
+        check_existing_runs,
+        final_line,
+        load_study,
+        run_study,
+        table_rows,
+    )
 
     extra = list(overrides or [])
     if os.environ.get(STORE_ENV):
@@ -149,10 +158,11 @@ def study(
     from store.database import StoreError, open_store
 
     try:
-        spec, runs = load_study(config, extra)
+        spec, runs = load_study(config, extra, name=name)
         for url in dict.fromkeys(cfg.store.url for cfg in runs.values()):
             with open_store(url):  # every store the study writes to, checked before anything runs
                 pass
+        check_existing_runs(runs)
     except (ConfigError, StoreError) as e:
         raise _fail(e) from None
     results = run_study(spec, runs)

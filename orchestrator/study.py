@@ -22,6 +22,7 @@ and ends with one JSON line.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -82,8 +83,10 @@ class StudyConfig(_Strict):
         return self
 
 
-def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, dict[tuple[str, int], RunConfig]]:
-    """Read a study file and resolve every run's config (validated before anything runs).
+def load_study(path: str | Path, overrides: Sequence[str] = (), name: str | None = None
+               ) -> tuple[StudyConfig, dict[tuple[str, int], RunConfig]]:
+    """Read a study file and resolve every run's config (validated before anything runs); ``name``
+    replaces the file's study name (its runs' names and its output directory follow).
 
     Returns:
         The study and ``{(cell, seed): RunConfig}``.
@@ -100,6 +103,8 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyCo
     except yaml.YAMLError as e:
         raise ConfigError(f"study file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     try:
+        if name is not None and isinstance(raw, dict):
+            raw = {**raw, "name": name}
         study = StudyConfig.model_validate(raw or {})
     except ValidationError as e:
         err = e.errors()[0]
@@ -236,6 +241,81 @@ def study_peers(cfg: RunConfig, root: Path, built: dict[str, Path]) -> RunConfig
     return RunConfig.model_validate(data)
 
 
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Dotted keys at which two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [where or "(the whole config)"]
+
+
+def config_drift(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Keys at which a run already in the store differs from the run the study asks for now.
+
+    The stored config is read with today's schema first (a key added since then is its default).
+    Left out: what the study itself writes in when it starts a run (``model.path`` and
+    ``warm_start.enabled`` of the shared warm start, the peers' resolved ``model_path``), the store
+    URL (stored without its password) and values stored redacted.
+    """
+    from store.redact import REDACTED, redact
+
+    def comparable(data: dict[str, Any]) -> dict[str, Any]:
+        data = copy.deepcopy(data)
+        data.get("model", {}).pop("path", None)
+        data.get("warm_start", {}).pop("enabled", None)
+        data.get("store", {}).pop("url", None)
+        for peer in data.get("rollout", {}).get("panel_peers") or []:
+            if isinstance(peer, dict):
+                peer.pop("model_path", None)
+        return data
+
+    from orchestrator.config import config_from_dict
+
+    want = comparable(redact(cfg.model_dump(mode="json")))
+    try:  # read with today's schema: keys added since the run started take their defaults
+        have = comparable(redact(config_from_dict(copy.deepcopy(stored)).model_dump(mode="json")))
+    except (ConfigError, ValueError, TypeError):
+        have = comparable(stored if isinstance(stored, dict) else {})
+    return [k for k in _differences(have, want)
+            if not (isinstance(v := _lookup_dotted(have, k), str) and v == REDACTED)]
+
+
+def _lookup_dotted(data: Any, key: str) -> Any:
+    for part in re.split(r"\.|(?=\[)", key):
+        if part.startswith("[") and isinstance(data, list):
+            data = data[int(part[1:-1])] if int(part[1:-1]) < len(data) else None
+        elif isinstance(data, dict):
+            data = data.get(part)
+        else:
+            return None
+    return data
+
+
+def check_existing_runs(runs: dict[tuple[str, int], RunConfig]) -> None:
+    """Refuse, before anything runs, a study whose runs are already in the store with another config
+    (e.g. a validation pass of the same study file: its finished runs would be kept as the test's).
+
+    Raises:
+        ConfigError: The first such run and the keys that differ (one line).
+    """
+    from store import queries
+    from store.database import open_store
+
+    for url in dict.fromkeys(cfg.store.url for cfg in runs.values()):
+        with open_store(url) as store:
+            stored = {r.name: r for r in queries.list_runs(store)}
+        for cfg in runs.values():
+            if cfg.store.url != url or cfg.name not in stored:
+                continue
+            drift = config_drift(stored[cfg.name].config, cfg)
+            if drift:
+                shown = ", ".join(drift[:4]) + (f" and {len(drift) - 4} more" if len(drift) > 4 else "")
+                raise ConfigError(f"run '{cfg.name}' is already in the store with another config ({shown}); "
+                                  "run the study under another name (--name) or delete that run first")
+
+
 def run_study(study: StudyConfig, runs: dict[tuple[str, int], RunConfig]) -> dict[str, Any]:
     """Run (or finish) every run of the study, then summarise it into ``runs/<study>/``.
 
@@ -246,6 +326,7 @@ def run_study(study: StudyConfig, runs: dict[tuple[str, int], RunConfig]) -> dic
     from store import queries
     from store.database import open_store
 
+    check_existing_runs(runs)
     root = study_dir(study, runs)
     root.mkdir(parents=True, exist_ok=True)
     built: dict[str, Path] = {}

@@ -194,3 +194,43 @@ def test_interval_is_a_t_interval():
     assert iv["mean"] == pytest.approx(0.2)
     assert iv["ci_high"] - iv["mean"] == pytest.approx(0.1 * 4.303 / math.sqrt(3))
     assert interval([0.5])["ci_low"] is None and interval([])["mean"] is None
+
+
+def _stored_as_the_study_starts_it(cfg) -> dict:
+    """The config a study's run is stored with: its own, starting from the shared warm start."""
+    data = cfg.model_dump(mode="json")
+    data["model"]["path"] = "/somewhere/warm/model-v0"
+    data["warm_start"]["enabled"] = False
+    return data
+
+
+def test_regression_a_finished_run_with_another_config_is_refused_not_kept(tmp_path):
+    """A validation pass of a study file (eval.split=validation) followed by the test pass used to
+    keep the validation runs as 'done earlier' and report them as the test's. Now a run already in
+    the store under the same name with another config stops the study in one line, before anything
+    runs; the same config is kept as before, and --name runs the study under another name."""
+    from orchestrator.study import check_existing_runs, config_drift
+
+    study = _study(tmp_path)
+    _, validation = load_study(study, ["eval.split=validation"])
+    store = open_store(f"sqlite:///{tmp_path / 'study.db'}")
+    for cfg in validation.values():
+        run_id = queries.start_run(store, cfg.name, _stored_as_the_study_starts_it(cfg))
+        queries.finish_run(store, run_id)
+    check_existing_runs(validation)  # the same runs again: kept, no error
+    older = _stored_as_the_study_starts_it(validation[("rft", 0)])
+    del older["model"]["tiny"]["pretokenizer"]  # a key added after the run started: its default
+    assert config_drift(older, validation[("rft", 0)]) == []
+    _, test = load_study(study)
+    assert config_drift(_stored_as_the_study_starts_it(validation[("rft", 0)]), test[("rft", 0)]) == ["eval.split"]
+    with pytest.raises(ConfigError, match=r"run 'mini-rft-s0' is already in the store with another config \(eval.split\)"):
+        check_existing_runs(test)
+    out = _treeplay("study", str(study))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: run 'mini-rft-s0' is already in the store with another config (eval.split); run the study "
+        "under another name (--name) or delete that run first"]
+    assert not (tmp_path / "runs").exists()
+    spec, renamed = load_study(study, name="mini-test")
+    assert spec.name == "mini-test" and {c.name for c in renamed.values()} == {"mini-test-rft-s0", "mini-test-mcts-dpo-s0"}
+    check_existing_runs(renamed)
