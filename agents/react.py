@@ -30,6 +30,7 @@ Generator, verifier and rubric generator are ``Policy`` objects, possibly the sa
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any, TypedDict
 from langgraph.graph import END, START, StateGraph
 
 from agents.base import Environment, Policy, Step, Task, Trajectory, transcript
+from agents.batching import LockstepBatcher
 from agents.episode import Episode, action_line, apply_action, finish_episode, generate_guarded, start_episode
 from agents.prompt_files import Cut, Part, PromptTooLong, fill_fit, fit, load_prompt
 from agents.rubrics import (
@@ -76,6 +78,8 @@ class ReActConfig:
             instructions, question, rubric and action do not fit fails the episode with that reason.
         step_timeout: Seconds an environment call may take.
         seed: Base seed of generate calls (None: the policies' own).
+        parallel_episodes: ``run_many`` plays this many episodes at once, their policy calls batched
+            in lock step (``agents.batching``); 1 plays them one after another.
     """
 
     max_steps: int = 10
@@ -93,6 +97,7 @@ class ReActConfig:
     max_prompt_chars: int | None = None
     step_timeout: float | None = 30.0
     seed: int | None = None
+    parallel_episodes: int = 32
 
 
 # -- the prompts (one rendering, shared by the agent and the warm start's demonstrations) -------------
@@ -382,8 +387,26 @@ class ReActAgent:
         return finish_episode(ep, self.config.step_timeout)
 
     def run_many(self, env_factory: Callable[[], Environment], tasks: Sequence[Task]) -> list[Trajectory]:
-        """One episode per task, each on a fresh environment instance."""
-        return [self.run(env_factory(), t) for t in tasks]
+        """One episode per task, each on a fresh environment instance, in task order.
+
+        Up to ``config.parallel_episodes`` episodes run at once as threads; every policy call waits
+        until each running episode waits for one too, then the calls go to the policies as batches
+        (``agents.batching.LockstepBatcher``: one ``generate`` per policy and sampling settings, which
+        calls share a batch independent of thread timing).
+        """
+        if self.config.parallel_episodes <= 1 or len(tasks) <= 1:
+            return [self.run(env_factory(), t) for t in tasks]
+        batcher = LockstepBatcher()
+        wrapped: dict[int, Policy] = {}
+
+        def batched(policy: Policy) -> Policy:
+            return wrapped.setdefault(id(policy), batcher.policy(policy))
+
+        agent = copy.copy(self)
+        agent.generator, agent.rubric_generator, agent.verifier = (
+            batched(self.generator), batched(self.rubric_generator), batched(self.verifier))
+        agent.graph = agent._build()
+        return batcher.run(tasks, lambda task: agent.run(env_factory(), task), self.config.parallel_episodes)
 
 
 def rubric_pairs(
