@@ -160,16 +160,23 @@ def _series(store, run_id: int) -> dict[str, dict[int, float]]:
     return {k: dict(v) for k, v in queries.metric_series(store, run_id).items() if k in SERIES}
 
 
+# A LoRA learner: only the adapter trains and is checkpointed and redeployed, and the fixed
+# reference is the base with the adapter off; resume must hold the same way.
+LORA = "learner.dpo.lora={rank: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}"
+
+
 @pytest.mark.heavy
 @pytest.mark.slow
-def test_regression_resume_reproduces_losses(tmp_path, warm_model_dir):
+@pytest.mark.parametrize("extra", [[], [LORA, "learner.dpo.lr=1e-3"]], ids=["full", "lora"])
+def test_regression_resume_reproduces_losses(tmp_path, warm_model_dir, extra):
     """A resumed run used to restart Adam and the warm-up and to take the checkpoint it resumed
-    from as its fixed reference: its losses and accuracies left the uninterrupted run's."""
+    from as its fixed reference: its losses and accuracies left the uninterrupted run's. With a
+    LoRA learner the checkpoint is the adapter and its optimizer state, and the same holds."""
     treeplay = str(Path(sys.executable).parent / "treeplay")
     cfg = load_config(None, [
         f"model.path={warm_model_dir}", f"output_dir={tmp_path}", f"store.url=sqlite:///{tmp_path}/store.db",
         "rollout.tasks_per_iteration=48", "rollout.chunk_size=8", "eval.tasks=16", "iterations=3", "name=resumed",
-        "learner.dpo.reference=fixed", "learner.dpo.warmup_steps=20",
+        "learner.dpo.reference=fixed", "learner.dpo.warmup_steps=20", *extra,
     ])
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -191,7 +198,10 @@ def test_regression_resume_reproduces_losses(tmp_path, warm_model_dir):
     _kill_session(proc)
     run_id = runs[0].id
     assert queries.get_run(store, run_id).status != "done"
-    assert read_checkpoint_meta(Path(ckpt.uri.removeprefix("file://")))["updates"] > 0
+    ckpt_dir = Path(ckpt.uri.removeprefix("file://"))
+    assert read_checkpoint_meta(ckpt_dir)["updates"] > 0
+    if extra:  # the checkpoint is the adapter, not a copy of the weights
+        assert (ckpt_dir / "adapter_config.json").is_file() and not (ckpt_dir / "model.safetensors").exists()
 
     out = subprocess.run([treeplay, "resume", "resumed", "--db", cfg.store.url], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
