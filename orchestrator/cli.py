@@ -143,14 +143,7 @@ def study(
     from rich.table import Table
 
     from orchestrator.config import ConfigError
-    from orchestrator.study import (
-        TABLE_HEADER,
-        check_existing_runs,
-        final_line,
-        load_study,
-        run_study,
-        table_rows,
-    )
+    from orchestrator.study import TABLE_HEADER, final_line, load_study, run_study, table_rows
 
     extra = list(overrides or [])
     if os.environ.get(STORE_ENV):
@@ -162,10 +155,9 @@ def study(
         for url in dict.fromkeys(cfg.store.url for cfg in runs.values()):
             with open_store(url):  # every store the study writes to, checked before anything runs
                 pass
-        check_existing_runs(runs)
+        results = run_study(spec, runs)  # refuses runs stored with another config before anything runs
     except (ConfigError, StoreError) as e:
         raise _fail(e) from None
-    results = run_study(spec, runs)
     table = Table(title=f"study {spec.name} (accuracy %, gains in points, 95% CI over seeds)")
     for col in TABLE_HEADER:
         table.add_column(col, overflow="fold")

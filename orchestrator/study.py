@@ -254,15 +254,16 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
 def config_drift(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     """Keys at which a run already in the store differs from the run the study asks for now.
 
-    The stored config is read with today's schema first (a key added since then is its default).
-    Left out: what the study itself writes in when it starts a run (``model.path`` and
-    ``warm_start.enabled`` of the shared warm start, the peers' resolved ``model_path``), the store
-    URL (stored without its password) and values stored redacted.
+    The stored config is read with today's schema first (a key added since then is its default);
+    both sides are redacted as the store redacts them. Left out: what the study itself writes in
+    when it starts a run (``model.path`` and ``warm_start.enabled`` of the shared warm start, the
+    peers' resolved ``model_path``) and the store URL (stored without its password).
     """
-    from store.redact import REDACTED, redact
+    from orchestrator.config import config_from_dict
+    from store.redact import redact
 
     def comparable(data: dict[str, Any]) -> dict[str, Any]:
-        data = copy.deepcopy(data)
+        data = redact(data)  # a copy
         data.get("model", {}).pop("path", None)
         data.get("warm_start", {}).pop("enabled", None)
         data.get("store", {}).pop("url", None)
@@ -271,26 +272,11 @@ def config_drift(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
                 peer.pop("model_path", None)
         return data
 
-    from orchestrator.config import config_from_dict
-
-    want = comparable(redact(cfg.model_dump(mode="json")))
     try:  # read with today's schema: keys added since the run started take their defaults
-        have = comparable(redact(config_from_dict(copy.deepcopy(stored)).model_dump(mode="json")))
+        have = comparable(config_from_dict(copy.deepcopy(stored)).model_dump(mode="json"))
     except (ConfigError, ValueError, TypeError):
         have = comparable(stored if isinstance(stored, dict) else {})
-    return [k for k in _differences(have, want)
-            if not (isinstance(v := _lookup_dotted(have, k), str) and v == REDACTED)]
-
-
-def _lookup_dotted(data: Any, key: str) -> Any:
-    for part in re.split(r"\.|(?=\[)", key):
-        if part.startswith("[") and isinstance(data, list):
-            data = data[int(part[1:-1])] if int(part[1:-1]) < len(data) else None
-        elif isinstance(data, dict):
-            data = data.get(part)
-        else:
-            return None
-    return data
+    return _differences(have, comparable(cfg.model_dump(mode="json")))
 
 
 def check_existing_runs(runs: dict[tuple[str, int], RunConfig]) -> None:

@@ -7,6 +7,7 @@ at temperature 1 for reproducibility under threads.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -37,7 +38,7 @@ def test_batched_episodes_equal_sequential_ones_in_far_fewer_calls():
     tasks = env.tasks("train", 12, seed=3)
     config = ReActConfig(max_steps=6, max_tokens=40, rubric_max_tokens=200, verify_max_tokens=200, temperature=0.0)
     one_by_one = _oracle(env, tasks, config)
-    seq = ReActAgent(one_by_one, config=ReActConfig(**{**config.__dict__, "parallel_episodes": 1})).run_many(
+    seq = ReActAgent(one_by_one, config=dataclasses.replace(config, parallel_episodes=1)).run_many(
         lambda: ToolQAEnv(n_entities=20), tasks)
     batched_policy = _oracle(env, tasks, config)
     batched = ReActAgent(batched_policy, config=config).run_many(lambda: ToolQAEnv(n_entities=20), tasks)
