@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/loop.py [--iterations 4] [--seeds 0 1] [--tasks N] [--eval-tasks 300]
                                    [--warm-steps 500] [--workers 1] [--max-staleness 1]
+                                   [--chunks-per-worker 2] [--lane-nice 10]
 
 Builds the demo's tiny model and gives it the demo's warm start (once), then, for each seed, runs the
 demo config twice on a fresh local Ray cluster with the same tasks and the same number of
@@ -60,6 +61,10 @@ def run_once(model: Path, tmp: Path, seed: int, staleness: int, args: argparse.N
     ]
     if args.tasks:
         overrides.append(f"rollout.tasks_per_iteration={args.tasks}")
+    if args.chunks_per_worker is not None:
+        overrides.append(f"rollout.chunks_per_worker={args.chunks_per_worker}")
+    if args.lane_nice is not None:
+        overrides.append(f"ray.lane_nice={args.lane_nice}")
     cfg = load_config(None, overrides)
     store = open_store(cfg.store.url)
     run_id = queries.start_run(store, cfg.name, cfg.model_dump(mode="json"))
@@ -98,6 +103,8 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=None, help="warm-start steps (default: the demo's)")
     ap.add_argument("--workers", type=int, default=1, help="rollout workers")
     ap.add_argument("--max-staleness", type=int, default=1, help="the pipelined run's bound")
+    ap.add_argument("--chunks-per-worker", type=int, default=None, help="rollout.chunks_per_worker (both runs)")
+    ap.add_argument("--lane-nice", type=int, default=None, help="ray.lane_nice (only the pipelined run uses it)")
     args = ap.parse_args()
     if args.max_staleness < 1:
         ap.error("--max-staleness must be at least 1 (0 is the synchronous baseline, always run)")
@@ -153,6 +160,7 @@ def main() -> None:
                                                                   "accuracy_sample_lastk")}
                               for mode in runs} for s in args.seeds},
         "split": {mode: runs[mode][args.seeds[-1]]["split"] for mode in runs},
+        "chunks_per_worker": args.chunks_per_worker, "lane_nice": args.lane_nice,  # None: the config's default
         "cpus": os.cpu_count(),
     }
     print(json.dumps(out))

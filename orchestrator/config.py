@@ -155,6 +155,11 @@ class RolloutConfig(_Strict):
     tasks_per_iteration: int = Field(1024, ge=1)
     chunk_size: int = Field(128, ge=1, description="Tasks sent to a worker at a time (streamed back).")
     num_workers: int = Field(1, ge=1, description="Rollout worker actors.")
+    chunks_per_worker: int = Field(
+        2, ge=1, description="Chunks queued on one worker at a time. With 2 a worker starts its next chunk "
+        "the moment one ends instead of idling while the driver takes the results and sends another. New "
+        "weights still arrive only between chunks: a worker that must change version is sent no chunk until "
+        "it has. 1: one chunk at a time.")
     max_staleness: int = Field(
         0, ge=0, description="How many weights versions the learner's data may lag behind it. 0: synchronous "
         "(rollout, learn, evaluate in turn). k > 0: pipelined; the rollouts of iteration i+1 start while the "
@@ -249,6 +254,11 @@ class RayConfig(_Strict):
     evaluator_num_gpus: float = Field(0.0, ge=0, description="Pipelined runs: the evaluator actor's GPUs "
                                       "(a vLLM or GPU engine needs some; it sits in the learner's bundle).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Actors must be up within this (model load included).")
+    lane_nice: int = Field(
+        10, ge=0, le=19, description="Pipelined runs: how much lower the CPU priority (Unix nice) of the learner, "
+        "the evaluator and the driver's store writer is than the rollout workers'. Rollouts are the critical "
+        "path of a pipelined iteration; where these processes share cores with them, the rollouts keep their "
+        "share and the rest runs in what is left. 0: no change. Synchronous runs never lower it.")
 
 
 def _demo_search() -> MCTSConfig:

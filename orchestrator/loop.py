@@ -106,13 +106,15 @@ class Loop:
         """``model``: the starting model or a checkpoint; ``reference``: the model a resumed learner's
         fixed reference is (None: the learner copies ``model``); ``reference_uri``: where the
         reference came from, recorded in checkpoints (default: ``model``'s URI)."""
-        from orchestrator.workers import Fleet
+        from orchestrator.workers import Fleet, lane_priority
 
         self.cfg, self.store, self.run_id = cfg, store, run_id
         # Absolute on the driver: the learner resolves paths on its own node and working directory.
         self.run_dir = (Path(cfg.output_dir) / cfg.name).resolve()
         self.fleet = Fleet(cfg, model, version, run_id, reference, reference_uri)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="treeplay-store")
+        # Pipelined: the writer thread yields the driver's core to rollouts (``ray.lane_nice``).
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="treeplay-store", initializer=lane_priority,
+                                          initargs=(cfg, True))
         self._writes: dict[int, list[Future]] = defaultdict(list)
         self.store_s: dict[int, float] = defaultdict(float)  # seconds the writer spent per iteration
         self.data_versions: dict[int, Counter] = defaultdict(Counter)  # iteration -> {version: tasks}
@@ -158,6 +160,7 @@ class Loop:
         bar = progress.add_task(f"iter {index} rollouts", total=len(tasks), completed=len(done)) if progress else None
         tally = {"chunk_reruns": 0.0, "weights_reapplied": 0.0}
         stats, versions = [], []
+        spans: dict[int, list[tuple[float, float]]] = defaultdict(list)  # worker -> (started, finished) per chunk
         t_roll = time.perf_counter()
         for chunk in self.fleet.stream(pending, index, tally, say=lambda m: console.print(f"[yellow]{m}[/]")):
             # Chunks are disjoint and a failed chunk wrote nothing, so `done` (read once, for resume)
@@ -168,6 +171,7 @@ class Loop:
             self.data_versions[index][chunk.version] += len(fresh)
             stats.append(chunk.stats)
             versions.append(chunk.version)
+            spans[chunk.worker].append((chunk.started, chunk.finished))
             if progress is not None:
                 line = _live_line(index, stats, time.perf_counter() - t_roll, self.fleet.worker_versions(), self.learning)
                 progress.update(bar, advance=len(fresh), description=line)
@@ -180,6 +184,7 @@ class Loop:
             out["chunk_reruns"] = tally["chunk_reruns"]  # chunks whose worker died under them, run again
             out["weights_reapplied"] = tally["weights_reapplied"]  # restarted workers brought back to the served version
             out["version_min"], out["version_max"] = float(min(versions)), float(max(versions))
+            out["worker_idle_s"] = worker_idle_s(spans)
         if flush:
             self.flush(index)
         return out
@@ -223,6 +228,18 @@ class Loop:
     def shutdown(self) -> None:
         self._writer.shutdown(wait=True)  # what came back is written before the actors go
         self.fleet.shutdown()
+
+
+def worker_idle_s(spans: dict[int, list[tuple[float, float]]]) -> float:
+    """Seconds the rollout workers stood idle between two chunks of one iteration, summed over the
+    workers: from the end of one chunk to the start of that worker's next (what queued chunks,
+    ``rollout.chunks_per_worker``, save). ``spans``: each worker's (started, finished) wall-clock
+    times per chunk."""
+    idle = 0.0
+    for chunks in spans.values():
+        chunks = sorted(chunks)
+        idle += sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(chunks, chunks[1:], strict=False))
+    return idle
 
 
 class Lane:

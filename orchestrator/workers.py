@@ -79,6 +79,23 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def lane_priority(cfg: Any, thread: bool = False) -> int:
+    """In a pipelined run, lower this process's CPU priority (or only the calling thread's) by
+    ``ray.lane_nice``: the learner, the evaluator and the store writer then use what the rollout
+    workers, the critical path, leave of shared cores. Returns the niceness applied (0: none)."""
+    nice = cfg.ray.lane_nice if cfg.rollout.max_staleness > 0 else 0
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    import threading
+
+    who = threading.get_native_id() if thread else 0  # Linux: a thread id names that thread alone
+    try:
+        os.setpriority(os.PRIO_PROCESS, who, os.getpriority(os.PRIO_PROCESS, who) + nice)
+    except OSError:  # not allowed here: run at the priority we have
+        return 0
+    return nice
+
+
 class PolicyHost:
     """Holds one policy engine and runs rollouts and evaluations with it (the body of the
     ``RolloutWorker`` and ``Evaluator`` actors).
@@ -124,6 +141,11 @@ class PolicyHost:
         }
 
     @ray.method(max_task_retries=-1)
+    def niceness(self) -> int:
+        """This process's Unix niceness (Ray starts its workers at 15; ``ray.lane_nice`` adds to it)."""
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    @ray.method(max_task_retries=-1)
     def fingerprint(self) -> str | None:
         """A hash of the served weights (engines that expose ``state_dict``), to compare workers."""
         from orchestrator.weights import fingerprint
@@ -140,8 +162,10 @@ class PolicyHost:
         self.engine.load_weights(payload.version, from_payload(payload))
         return self.engine.version
 
-    def rollout(self, tasks: list, iteration: int, version: int, seed: int) -> tuple[list, dict[str, float]]:
-        """Run the configured rollout mode on ``tasks``; refuses to run on the wrong weights.
+    def rollout(self, tasks: list, iteration: int, version: int,
+                seed: int) -> tuple[list, dict[str, float], tuple[float, float]]:
+        """Run the configured rollout mode on ``tasks``; refuses to run on the wrong weights. Returns
+        the results, their stats and when (wall clock) the chunk started and finished here.
 
         The whole chunk runs on one version: weights are loaded by ``apply_weights``, a separate
         call, and an actor runs one call at a time, so new weights can only arrive between chunks.
@@ -151,10 +175,10 @@ class PolicyHost:
         engine = self._engine()
         if engine.version != version:
             raise RuntimeError(f"worker {self.index} serves version {engine.version}, loop expects {version}")
-        t0 = time.perf_counter()
+        started, t0 = time.time(), time.perf_counter()
         results, stats = run_rollouts(self.cfg, tasks, engine, self.env_factory, iteration=iteration, seed=seed)
         stats["rollout_s"] = time.perf_counter() - t0
-        return results, stats
+        return results, stats, (started, time.time())
 
     def evaluate(self, tasks: list, temperature: float) -> list[float]:
         from orchestrator.rollouts import evaluate
@@ -171,7 +195,12 @@ class RolloutWorker(PolicyHost):
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class Evaluator(PolicyHost):
     """Held-out evaluation of each new weights version in a pipelined run, apart from the rollout
-    workers so that evaluating never holds up rollouts (its own process title, ``ray::Evaluator``)."""
+    workers so that evaluating never holds up rollouts (its own process title, ``ray::Evaluator``),
+    at the lower CPU priority of ``ray.lane_nice``."""
+
+    def __init__(self, cfg: dict[str, Any], index: int) -> None:
+        super().__init__(cfg, index)
+        self.nice = lane_priority(self.cfg)
 
 
 @ray.remote(max_restarts=0)
@@ -193,6 +222,7 @@ class LearnerActor:
 
         self.cfg = RunConfig.model_validate(cfg)
         _set_threads(self.cfg.engine.num_threads)
+        lane_priority(self.cfg)  # pipelined: the rollouts come first on shared cores
         self.model_dir = _materialise(model, "treeplay-learner-")
         self.oracle = VerifierOracle(make_environment(self.cfg.env.name, **self.cfg.env.kwargs))
         self.learner = make_learner(self.cfg, self.model_dir, preference=self.oracle)
@@ -255,6 +285,10 @@ class LearnerActor:
     def ping(self) -> int:
         return self.version
 
+    def niceness(self) -> int:
+        """This process's Unix niceness (what ``ray.lane_nice`` made of it)."""
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
     def resumed_from_checkpoint(self) -> bool:
         """Whether the learner continued from a checkpoint's training state (not just its weights)."""
         return self.resumed
@@ -291,6 +325,9 @@ class ChunkDone:
     stats: dict[str, float]
     worker: int
     version: int
+    sent: float = 0.0  # wall-clock times (time.time()): when the driver sent the chunk,
+    started: float = 0.0  # when the worker began it,
+    finished: float = 0.0  # and when it was done
 
 
 EVALUATOR = "evaluator"  # the evaluator's key among the actors whose served version the fleet tracks
@@ -420,41 +457,61 @@ class Fleet:
         """Run ``chunks`` ((chunk index, tasks, seed) each) over the workers and yield each as it
         comes back (``ray.wait``), in whatever order they finish.
 
-        Before each chunk its worker is brought to the newest weights (``ensure_version``); the chunk
-        then runs on that one version, which ``ChunkDone.version`` names. A worker gets its next chunk
-        before the last one is handed to the caller, so it does not wait while the caller writes.
+        A worker with nothing to do is first brought to the newest weights (``ensure_version``); each
+        chunk runs on one version, which ``ChunkDone.version`` names. Up to ``rollout.chunks_per_worker``
+        chunks wait in a worker's queue, so it starts the next one the moment one ends, without a round
+        trip through the driver; a worker whose weights are behind gets no queued chunk, and takes the
+        new version once its queue is empty, so a version never changes inside a chunk.
         A chunk whose worker died under it is run again, on the worker Ray restarted (after it got
         the model and the newest weights back): ``tally`` counts ``chunk_reruns`` and
         ``weights_reapplied``, and ``say`` is told. Nothing of a dead worker's chunk is ever yielded.
         """
         pending = list(chunks)
-        in_flight: dict[Any, tuple[int, list, int, int, int]] = {}
-        idle = list(range(len(self.workers)))
+        in_flight: dict[Any, tuple[int, list, int, int, int, float]] = {}
+        queued = [0] * len(self.workers)  # chunks sent to each worker and not yet back
+        depth = max(1, self.cfg.rollout.chunks_per_worker)
+
+        def send(w: int, version: int) -> None:
+            c, ts, seed = pending.pop(0)
+            queued[w] += 1
+            ref = self.workers[w].rollout.remote(ts, iteration, version, seed)
+            in_flight[ref] = (c, ts, seed, w, version, time.time())
 
         def dispatch() -> None:
-            while pending and idle:
-                w = idle.pop(0)
-                c, ts, seed = pending.pop(0)
-                version, restarted = self.ensure_version(w)
-                tally["weights_reapplied"] = tally.get("weights_reapplied", 0.0) + restarted
-                in_flight[self.workers[w].rollout.remote(ts, iteration, version, seed)] = (c, ts, seed, w, version)
+            # First every idle worker, brought to the newest weights (a round trip to it, which is
+            # free while it has nothing to do).
+            for w in range(len(self.workers)):
+                if pending and queued[w] == 0:
+                    version, restarted = self.ensure_version(w)
+                    tally["weights_reapplied"] = tally.get("weights_reapplied", 0.0) + restarted
+                    send(w, version)
+            # Then a chunk queued behind the running one, without asking the worker anything: only
+            # while it serves the newest weights (a version change waits until it is idle, so it
+            # happens between chunks) and while there is work left for every worker, so the last
+            # chunks are not queued behind a busy worker while another stands idle.
+            for w in range(len(self.workers)):
+                while (pending and 0 < queued[w] < depth and self.known[w] == self.version
+                       and len(pending) >= len(self.workers)):
+                    send(w, self.known[w])
 
         dispatch()
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            c, ts, seed, w, version = in_flight.pop(ready[0])
-            idle.append(w)
+            c, ts, seed, w, version, sent = in_flight.pop(ready[0])
+            queued[w] -= 1
             try:
-                results, stats = ray.get(ready[0])
+                results, stats, (started, finished) = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                # The worker died (Ray restarts it): re-run its chunk; nothing of it was written.
+                # The worker died (Ray restarts it): re-run its chunk; nothing of it was written. A
+                # chunk queued behind it fails the same way and is re-run too.
                 tally["chunk_reruns"] = tally.get("chunk_reruns", 0.0) + 1
                 (say or _stderr)(f"worker {w} died ({type(e).__name__}); re-running chunk {c}")
                 pending.insert(0, (c, ts, seed))
-                dispatch()
+                if queued[w] == 0:
+                    dispatch()
                 continue
             dispatch()
-            yield ChunkDone(c, ts, results, stats, w, version)
+            yield ChunkDone(c, ts, results, stats, w, version, sent, started, finished)
 
     # -- learning and weights -------------------------------------------------------------------
     def train(self, index: int, checkpoint_dir: str, tasks: list | None) -> tuple[dict[str, Any], bool]:
