@@ -42,7 +42,7 @@ from agents.base import Task
 from agents.registry import make_environment
 from orchestrator.config import RunConfig, resume_config
 from orchestrator.inspector import DATA_VERSIONS
-from orchestrator.rollouts import chunk_seed
+from orchestrator.rollouts import chunk_seed, worker_idle_s
 from orchestrator.run_start import (  # noqa: F401 - prepare_model: re-exported for its callers
     check_startable,
     console,
@@ -228,18 +228,6 @@ class Loop:
     def shutdown(self) -> None:
         self._writer.shutdown(wait=True)  # what came back is written before the actors go
         self.fleet.shutdown()
-
-
-def worker_idle_s(spans: dict[int, list[tuple[float, float]]]) -> float:
-    """Seconds the rollout workers stood idle between two chunks of one iteration, summed over the
-    workers: from the end of one chunk to the start of that worker's next (what queued chunks,
-    ``rollout.chunks_per_worker``, save). ``spans``: each worker's (started, finished) wall-clock
-    times per chunk."""
-    idle = 0.0
-    for chunks in spans.values():
-        chunks = sorted(chunks)
-        idle += sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(chunks, chunks[1:], strict=False))
-    return idle
 
 
 class Lane:

@@ -419,6 +419,18 @@ def _answer_budget(policy: Policy, prompt: str, limit: int) -> int:
     return min(limit, max_len - len(encode(prompt, prompt=True)))
 
 
+def worker_idle_s(spans: dict[int, list[tuple[float, float]]]) -> float:
+    """Seconds the rollout workers stood idle between two chunks of one iteration, summed over the
+    workers: from the end of one chunk to the start of that worker's next (what queued chunks,
+    ``rollout.chunks_per_worker``, save). ``spans``: each worker's (started, finished) wall-clock
+    times per chunk."""
+    idle = 0.0
+    for chunks in spans.values():
+        chunks = sorted(chunks)
+        idle += sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(chunks, chunks[1:], strict=False))
+    return idle
+
+
 def rollout_summary(stats: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Merge per-chunk stats: sums for counts, task-weighted means for rates."""
     total = sum(s.get("tasks", 0.0) for s in stats) or 1.0

@@ -14,7 +14,7 @@ import pytest
 
 from agents.registry import make_environment
 from orchestrator.config import load_config
-from orchestrator.loop import worker_idle_s
+from orchestrator.rollouts import worker_idle_s
 
 pytestmark = pytest.mark.timeout(600)
 
