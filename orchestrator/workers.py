@@ -200,7 +200,7 @@ class Evaluator(PolicyHost):
 
     def __init__(self, cfg: dict[str, Any], index: int) -> None:
         super().__init__(cfg, index)
-        self.nice = lane_priority(self.cfg)
+        lane_priority(self.cfg)
 
 
 @ray.remote(max_restarts=0)
@@ -469,7 +469,8 @@ class Fleet:
         pending = list(chunks)
         in_flight: dict[Any, tuple[int, list, int, int, int, float]] = {}
         queued = [0] * len(self.workers)  # chunks sent to each worker and not yet back
-        depth = max(1, self.cfg.rollout.chunks_per_worker)
+        died: set[int] = set()  # workers that lost a chunk: nothing is queued on them until ensure_version
+        depth = self.cfg.rollout.chunks_per_worker
 
         def send(w: int, version: int) -> None:
             c, ts, seed = pending.pop(0)
@@ -482,6 +483,7 @@ class Fleet:
             # free while it has nothing to do).
             for w in range(len(self.workers)):
                 if pending and queued[w] == 0:
+                    died.discard(w)
                     version, restarted = self.ensure_version(w)
                     tally["weights_reapplied"] = tally.get("weights_reapplied", 0.0) + restarted
                     send(w, version)
@@ -490,7 +492,7 @@ class Fleet:
             # happens between chunks) and while there is work left for every worker, so the last
             # chunks are not queued behind a busy worker while another stands idle.
             for w in range(len(self.workers)):
-                while (pending and 0 < queued[w] < depth and self.known[w] == self.version
+                while (pending and 0 < queued[w] < depth and w not in died and self.known[w] == self.version
                        and len(pending) >= len(self.workers)):
                     send(w, self.known[w])
 
@@ -507,8 +509,8 @@ class Fleet:
                 tally["chunk_reruns"] = tally.get("chunk_reruns", 0.0) + 1
                 (say or _stderr)(f"worker {w} died ({type(e).__name__}); re-running chunk {c}")
                 pending.insert(0, (c, ts, seed))
-                if queued[w] == 0:
-                    dispatch()
+                died.add(w)
+                dispatch()
                 continue
             dispatch()
             yield ChunkDone(c, ts, results, stats, w, version, sent, started, finished)
