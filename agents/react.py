@@ -6,7 +6,8 @@ One step of the loop::
                           \\--(pass, or already retried)--> observe --(done / step limit)--> END
                                                               \\--> rubric (next step)
 
-- **rubric**: skipped at the first step. The rubric generator gets the question, the trajectory,
+- **rubric**: from the second step on, or at every step with ``rubric_first_step`` (Co-ReAct writes
+  one at each decision step). The rubric generator gets the question, the trajectory,
   the tools and a phase hint keyed on the number of tool calls so far (``rubrics.phase_hint``).
   No line matching the rubric marker: one retry at temperature 0; still nothing usable: the step
   goes on without a rubric.
@@ -65,6 +66,9 @@ class ReActConfig:
     Attributes:
         max_steps: Actions per episode at most (Co-ReAct: 10 tool calls); also the phase hints' max.
         rubrics: False = plain ReAct.
+        rubric_first_step: Also write a rubric before the first action, as Co-ReAct does (a rubric
+            at each decision step). Off by default: the toolqa warm start's demonstrations have no
+            first-step rubric, so a warm-started generator has never seen one there.
         max_tokens / temperature: The generator's sampling (Co-ReAct's agent: temperature 0.7).
         rubric_max_tokens / rubric_temperature: The rubric generator's (spec: temperature 0).
         verify_max_tokens: The verifier's budget (greedy).
@@ -84,6 +88,7 @@ class ReActConfig:
 
     max_steps: int = 10
     rubrics: bool = True
+    rubric_first_step: bool = False
     max_tokens: int = 64
     temperature: float = 0.7
     rubric_max_tokens: int = 256
@@ -243,7 +248,7 @@ class ReActAgent:
     def _rubric(self, state: ReActState) -> dict[str, Any]:
         ep = state["episode"]
         fresh = {"rubric": None, "verdict": None, "failed_action": None, "retried": False}
-        if not self.config.rubrics or not ep.traj.steps:
+        if not self.config.rubrics or (not ep.traj.steps and not self.config.rubric_first_step):
             return fresh
         prompt = self._fitted(ep, lambda: rubric_prompt(self.config, ep.traj.task, ep.traj.steps))
         if prompt is None:

@@ -19,7 +19,8 @@ Per tree the search follows MCTS-DPO (Xie et al. 2024; our account: docs/algorit
    ``V = Σ max(1,N_c)·Q_c / Σ max(1,N_c)`` over all its children, ``N += 1``, ``Q = r + γV``.
 5. **Receding horizon**: after ``iterations`` iterations (× ``first_root_multiplier`` at the tree
    root) commit the root to the child with the largest ``N_c·(1 + gap_c)`` (gap = max − min visits
-   among c's children; ties by Q then V), mark it ``selected`` and repeat until the root is terminal
+   among c's children; ties by Q then V), keep every child's N and Q as they are at that moment
+   (``commit_visits``, ``commit_value``: the pair statistics), mark it ``selected`` and repeat until the root is terminal
    or ``max_depth`` is reached.
 
 **Batching across trees** is the point of this module: ``search_many`` advances every active tree to
@@ -277,6 +278,7 @@ def _commit(run: TreeRun, cfg: MCTSConfig) -> None:
         return (tree[c]["visits"] * (1 + gap), tree[c]["value"], tree[c]["V"])
 
     best = max(kids, key=key)
+    _snapshot(tree, kids)
     tree[best]["selected"] = True
     run.root = best
     run.iters_left = cfg.iterations
@@ -284,11 +286,25 @@ def _commit(run: TreeRun, cfg: MCTSConfig) -> None:
         run.done = True
 
 
+def _snapshot(tree: PreferenceTree, kids: list[int]) -> None:
+    """Keep each child's N and Q as they are when the step among them is committed.
+
+    MCTS-DPO makes a level's pair from these numbers (the authors' trainer records the children's
+    Q and N right after each search, before the next one starts below the committed child), not
+    from the finished tree, where the committed child keeps gaining visits and value from the
+    searches below it and its unselected siblings stay as they were.
+    """
+    for c in kids:
+        tree[c]["commit_visits"] = int(tree[c]["visits"])
+        tree[c]["commit_value"] = float(tree[c]["value"])
+
+
 def _commit_greedily(run: TreeRun) -> None:
     """After a time-out: follow the same rule along what is already expanded, with no new calls."""
     tree = run.tree
     node = run.root
     while kids := tree.children(node):
+        _snapshot(tree, kids)
         node = max(kids, key=lambda c: (tree[c]["visits"], tree[c]["value"], tree[c]["V"]))
         tree[node]["selected"] = True
     run.root = node

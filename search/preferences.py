@@ -10,10 +10,13 @@
   run token in, token out), ``info["tokens"]`` carries the prompt's and both responses' ids with the
   token spans the policy wrote (``PreferenceTree.response_tokens``); ranked lists carry the same. The
   pair carries MCTS-DPO's visit-count label smoothing ``α = 1 / (N_w/N_l + 1)`` (clipped to ≤ 0.5),
+  with Q and N read as they were when the search committed that level's step (``node_stats``),
   the length of the shared text prefix (so a learner can start the loss at the divergence), the Q
   gap as margin, and its provenance (tree index, node keys, task id).
 - ``ranked_lists``: for listwise learners (TPO, LiPO): at each branching point of the selected path,
-  every child with its best-Q branch below it, scored by the child's Q, with per-step rewards.
+  every child with its best-ranked branch below it, scored by the child's Q (at commit), with
+  per-step rewards. Siblings are ranked as the authors' trainer sorts them: Q, then the commit
+  policy, then r, then v, then N (``_order_keys``).
 - ``tree_result``: bundles a tree and everything derived from it as one ``TaskResult`` (one store
   transaction).
 - ``smallest_margin_first`` ("Not All Preference Pairs Are Created Equal": spend the budget on the
@@ -38,26 +41,52 @@ def forced_end(tree: PreferenceTree, node: int) -> int:
 
 
 def label_smoothing(chosen_visits: float, rejected_visits: float, max_alpha: float = 0.5) -> float:
-    """MCTS-DPO's conservative-DPO weight ``α = 1/(N_w/N_l + 1)`` with ``max(1, N)``, clipped to ≤ 0.5.
+    """MCTS-DPO's conservative-DPO weight ``α = 1/(N_w/N_l + 1) = N_l/(N_w + N_l)``, clipped to ≤ 0.5.
 
-    A chosen step visited much more than the rejected one gets α near 0 (trust the pair); equal visits
-    give 0.5, the clip (``max_alpha``), so that a pair never pushes towards its rejected side. Counts
-    below 1 are read as 1: an unvisited sibling still counts once, as in the authors' code.
+    Only the chosen count is floored at 1 (the authors' ``calculate_preference_confidence``,
+    ``1/(1 + N_l/max(1, N_w))``, with ``α = min(1 − confidence, 0.5)``): a rejected step that was
+    never visited gives α = 0, full trust in the pair; equal visits give 0.5, the clip, so a pair
+    never pushes towards its rejected side. A chosen step visited much more than its rejected
+    sibling gets α near 0.
 
     This is the formula's one definition: the MCTS-DPO loss applies it to tensors of visit counts
     (``orchestrator.learners.losses.visit_alpha``).
     """
-    ratio = max(1, chosen_visits) / max(1, rejected_visits)
-    return min(max_alpha, 1.0 / (ratio + 1.0))
+    n_l = max(0.0, float(rejected_visits))
+    return min(max_alpha, n_l / (max(1.0, float(chosen_visits)) + n_l))
 
 
 def _alternatives(tree: PreferenceTree, parent: int, include_errors: bool) -> list[int]:
     return [c for c in tree.children(parent) if include_errors or not tree[c]["error"]]
 
 
-def _order_key(tree: PreferenceTree, n: int) -> tuple[float, float, float, float, int]:
-    d = tree[n]
-    return (d["value"], d["prior"], d["reward"], d["estimate"], d["visits"])
+def node_stats(tree: PreferenceTree, node: int, when: str = "commit") -> tuple[float, int]:
+    """A node's ``(Q, N)`` as a pair sees them.
+
+    ``when="commit"`` (MCTS-DPO's rule): the values kept when the search committed the step among
+    the node and its siblings (``commit_value``, ``commit_visits``); a node never compared at a
+    commit (a hand-built tree, a level below the search's last commit) falls back to the final
+    values. ``when="final"``: the finished tree's values.
+    """
+    d = tree[node]
+    if when == "commit" and d.get("commit_visits") is not None:
+        return float(d["commit_value"]), int(d["commit_visits"])
+    if when not in ("commit", "final"):
+        raise ValueError(f"unknown pair statistics {when!r}; expected 'commit' or 'final'")
+    return float(d["value"]), int(d["visits"])
+
+
+def _order_keys(tree: PreferenceTree, kids: list[int], when: str) -> dict[int, tuple[float, ...]]:
+    """The authors' ranking of siblings: by Q, then the commit policy π (at temperature 0 the share
+    of the most-visited children: 1/k for each of k tied leaders, 0 for the rest), then r, then
+    the value estimate v, then N."""
+    stats = {c: node_stats(tree, c, when) for c in kids}
+    top = max(n for _, n in stats.values())
+    leaders = sum(1 for _, n in stats.values() if n == top)
+    return {
+        c: (q, (1.0 / leaders if n == top else 0.0), float(tree[c]["reward"]), float(tree[c]["estimate"]), float(n))
+        for c, (q, n) in stats.items()
+    }
 
 
 def _response(tree: PreferenceTree, end: int, parent: int) -> tuple[str, list[list[int]]]:
@@ -76,6 +105,7 @@ def step_pairs(
     tree_index: int = 0,
     include_errors: bool = False,
     min_margin: float = 0.0,
+    stats: str = "commit",
 ) -> list[PairRecord]:
     """Step-level preference pairs along the selected path of a searched tree.
 
@@ -89,6 +119,9 @@ def step_pairs(
         include_errors: Also pair against children whose step failed (empty step, environment error).
             Off by default: an environment crash says nothing about the step.
         min_margin: Keep a pair only if Q(chosen) − Q(rejected) exceeds this (equal Q is no preference).
+        stats: ``"commit"`` (default, MCTS-DPO's): rank, label and weigh the siblings by their Q and N
+            at the moment the search committed that level's step; ``"final"``: by the finished
+            tree's (see ``node_stats``).
 
     Returns:
         ``PairRecord``s with ``source="mcts"``.
@@ -99,16 +132,18 @@ def step_pairs(
     for parent in tree.selected_path():
         if len(pairs) >= max_pairs:
             break
-        alts = sorted(_alternatives(tree, parent, include_errors), key=lambda n: _order_key(tree, n))
+        alts = _alternatives(tree, parent, include_errors)
         if len(alts) < 2:
             continue
+        keys = _order_keys(tree, alts, stats)
+        alts.sort(key=keys.__getitem__)
         chosen, rejected = alts[-1], alts[0] if choose_worst else alts[-2]
-        margin = float(tree[chosen]["value"] - tree[rejected]["value"])
+        (q_w, n_w), (q_l, n_l) = node_stats(tree, chosen, stats), node_stats(tree, rejected, stats)
+        margin = q_w - q_l
         if margin <= min_margin:
             continue
         chosen_text, chosen_spans = _response(tree, forced_end(tree, chosen), parent)
         rejected_text, rejected_spans = _response(tree, forced_end(tree, rejected), parent)
-        n_w, n_l = int(tree[chosen]["visits"]), int(tree[rejected]["visits"])
         pairs.append(
             PairRecord(
                 prompt=tree.text(parent),
@@ -127,8 +162,9 @@ def step_pairs(
                 info={
                     "parent_node": parent,
                     "depth": int(tree[parent]["depth"]),
-                    "chosen_q": float(tree[chosen]["value"]),
-                    "rejected_q": float(tree[rejected]["value"]),
+                    "chosen_q": q_w,
+                    "rejected_q": q_l,
+                    "pair_stats": stats,
                     "chosen_end": forced_end(tree, chosen),
                     "rejected_end": forced_end(tree, rejected),
                     "chosen_correct": tree[forced_end(tree, chosen)]["correct"],
@@ -142,11 +178,13 @@ def step_pairs(
     return pairs
 
 
-def best_branch(tree: PreferenceTree, node: int) -> list[int]:
-    """``node`` and then, at each level below it, the highest-Q child, down to a leaf."""
+def best_branch(tree: PreferenceTree, node: int, stats: str = "commit") -> list[int]:
+    """``node`` and then, at each level below it, the highest-ranked child (``_order_keys``), down to
+    a leaf."""
     out = [node]
     while kids := tree.children(out[-1]):
-        out.append(max(kids, key=lambda n: _order_key(tree, n)))
+        keys = _order_keys(tree, kids, stats)
+        out.append(max(kids, key=keys.__getitem__))
     return out
 
 
@@ -158,6 +196,7 @@ def ranked_lists(
     max_lists: int = 8,
     include_errors: bool = False,
     filter_incorrect: bool = False,
+    stats: str = "commit",
 ) -> list[RankedListRecord]:
     """Ranked lists for TPO: at each branching point of the selected path, the alternatives' branches.
 
@@ -172,6 +211,8 @@ def ranked_lists(
         max_lists: At most this many lists, from the root down.
         include_errors: Also list children whose step failed.
         filter_incorrect: Return nothing unless the selected path ends correct.
+        stats: Which Q scores the items: at the level's commit (default) or in the finished tree
+            (see ``node_stats``).
     """
     if filter_incorrect and not tree.solved():
         return []
@@ -183,14 +224,15 @@ def ranked_lists(
         if len(alts) < min_items:
             continue
         items, spans = [], []
-        for child in sorted(alts, key=lambda n: _order_key(tree, n), reverse=True):
-            branch = best_branch(tree, child)
+        keys = _order_keys(tree, alts, stats)
+        for child in sorted(alts, key=keys.__getitem__, reverse=True):
+            branch = best_branch(tree, child, stats)
             text, item_spans = _response(tree, branch[-1], parent)
             spans.append(item_spans)
             items.append(
                 RankedItem(
                     text=text,
-                    score=float(tree[child]["value"]),
+                    score=keys[child][0],
                     step_rewards=[float(tree[n]["reward"]) for n in branch],
                     node=child,
                 )
@@ -205,15 +247,15 @@ def ranked_lists(
                     "tree_index": tree_index,
                     "parent_node": parent,
                     "depth": int(tree[parent]["depth"]),
-                    "end_nodes": [best_branch(tree, it.node)[-1] for it in items if it.node is not None],
+                    "end_nodes": [best_branch(tree, it.node, stats)[-1] for it in items if it.node is not None],
                     "correct": [
-                        tree[best_branch(tree, it.node)[-1]]["correct"] for it in items if it.node is not None
+                        tree[best_branch(tree, it.node, stats)[-1]]["correct"] for it in items if it.node is not None
                     ],
                     ACTION_SPANS: spans,
                 },
             )
         )
-        ends = [best_branch(tree, it.node)[-1] for it in items if it.node is not None]
+        ends = [best_branch(tree, it.node, stats)[-1] for it in items if it.node is not None]
         if len(ends) == len(items) and (ids := tree.response_tokens(parent, ends)) is not None:
             lists[-1].info["tokens"] = ids
     return lists
@@ -306,6 +348,7 @@ __all__ = [
     "curriculum",
     "forced_end",
     "label_smoothing",
+    "node_stats",
     "ranked_lists",
     "smallest_margin_first",
     "step_pairs",

@@ -22,6 +22,8 @@ env_reward  the environment's reward for the step
 terminal    the episode ended here (environment done, an error, or the depth cap)
 correct     outcome of a terminal node (None elsewhere)
 selected    on the committed (receding-horizon) path
+commit_visits, commit_value  N and Q of the node when the search committed its parent's next step
+            (the statistics MCTS-DPO's pairs are made from); None if that never happened
 policy_version  version of the policy that sampled the step
 logprob     Σ log π of the step's tokens; ``tokens`` their count
 token_ids   the policy's token ids of the step and its newline (at the root: of the prompt), when
@@ -70,7 +72,7 @@ _RECORD_FIELDS = (
 )
 # Our own extra statistics, flattened into NodeRecord.info next to the user's info.
 _STAT_FIELDS = ("observation", "V", "estimate", "self_eval", "env_reward", "logprob", "tokens", "token_ids",
-                "observation_ids")
+                "observation_ids", "commit_visits", "commit_value")
 
 
 def _defaults() -> dict[str, Any]:
@@ -89,6 +91,8 @@ def _defaults() -> dict[str, Any]:
         "terminal": False,
         "correct": None,
         "selected": False,
+        "commit_visits": None,
+        "commit_value": None,
         "policy_version": 0,
         "logprob": 0.0,
         "tokens": 0,

@@ -65,6 +65,9 @@ class DPOConfig(LearnerConfig):
     nll_weight: float = Field(
         1.0, ge=0.0, description="Weight of the chosen-response NLL term (RPO); 0 = plain."
     )
+    pair_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the pairwise (preference) term; 0 = the NLL term alone, "
+        "the ablation that tells what the preference term adds.")
     label_smoothing: float = Field(
         0.0, ge=0.0, le=0.5, description="Conservative-DPO epsilon for pairs whose record has none."
     )
@@ -270,7 +273,7 @@ class DPOLearner(LearnerOutput):
             out = losses.simpo_loss(
                 pol_c, pol_r, lengths[:b], lengths[b:], cfg.beta, cfg.simpo_gamma, weights
             )
-        total = out.loss
+        total = cfg.pair_weight * out.loss
         meter.add("pair_loss", out.loss.detach(), b)
         if cfg.nll_weight > 0:
             chosen_len = torch.tensor([sum(ex.chosen_mask) for ex in batch], device=dev, dtype=torch.float32)

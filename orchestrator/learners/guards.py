@@ -28,7 +28,11 @@ def shuffled_control(data: Any, seed: int) -> Any:
     chosen and rejected visits) and the loss's weighting are those of the real run. (Swapping the
     visits as well would make alpha 1/(N_l/N_w + 1), clipped to 0.5, which cancels the preference
     gradient: the control would measure NLL on wrong answers, not reversed preferences.) A ranked
-    list keeps its scores and per-step rewards in rank order and gets its texts shuffled.
+    list keeps its scores, per-step rewards and ``correct`` flags in rank order and gets its texts
+    shuffled: TPO's NLL term trains on the text in the slot of the best verified-correct item,
+    whatever text now sits there, just as DPO's trains on whatever text sits in the chosen slot.
+    The control reverses the preference signal, nothing else; a flag that moved with its text would
+    keep an NLL on verified-correct answers in the control.
     """
     import dataclasses
     import random
@@ -49,8 +53,20 @@ def _swap_texts(p: Any) -> Any:
     if info and isinstance(info.get(_SPANS), dict):
         spans = info[_SPANS]
         info[_SPANS] = {**spans, "chosen": spans.get("rejected"), "rejected": spans.get("chosen")}
+    if info and isinstance(info.get("tokens"), dict):  # the ids of each text travel with it
+        info["tokens"] = _reorder_token_ids(info["tokens"], [1, 0])
     return dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, chosen_node=p.rejected_node,
                                rejected_node=p.chosen_node, info=info)
+
+
+def _reorder_token_ids(tokens: dict, order: list[int]) -> dict:
+    """A record's ``info["tokens"]`` with its responses (and their policy spans) in ``order``, so a
+    text that moves keeps the ids the policy generated it as (else the learner re-tokenizes it)."""
+    out = dict(tokens)
+    for key in ("responses", "spans"):
+        if isinstance(out.get(key), list) and len(out[key]) == len(order):
+            out[key] = [out[key][j] for j in order]
+    return out
 
 
 def _permute_texts(r: Any, rng: Any) -> Any:
@@ -63,9 +79,12 @@ def _permute_texts(r: Any, rng: Any) -> Any:
     info = dict(r.info) if r.info else r.info
     if info and isinstance(info.get(_SPANS), list) and len(info[_SPANS]) == len(order):
         info[_SPANS] = [info[_SPANS][j] for j in order]
-    for key in ("end_nodes", "correct"):  # per-item facts about the texts travel with them
-        if info and isinstance(info.get(key), list) and len(info[key]) == len(order):
-            info[key] = [info[key][j] for j in order]
+    # Which node a text ends at describes the text and travels with it; "correct" is the verifier's
+    # label of the slot, the preference signal the control scrambles, and stays in rank order.
+    if info and isinstance(info.get("end_nodes"), list) and len(info["end_nodes"]) == len(order):
+        info["end_nodes"] = [info["end_nodes"][j] for j in order]
+    if info and isinstance(info.get("tokens"), dict):
+        info["tokens"] = _reorder_token_ids(info["tokens"], order)
     return dataclasses.replace(r, items=items, info=info)
 
 

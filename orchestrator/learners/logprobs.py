@@ -346,7 +346,9 @@ def _decoder_and_head(model):
     return base, head
 
 
-def packed_logprobs(model, batch: PackedBatch, with_hidden: bool = False) -> TokenLogprobs:
+def packed_logprobs(
+    model, batch: PackedBatch, with_hidden: bool = False, temperature: float = 1.0
+) -> TokenLogprobs:
     """Run the model once over a PackedBatch and return the log-probs of its scored tokens.
 
     Gradients flow if the caller has them enabled. Works for decoder-only Hugging Face models
@@ -357,6 +359,8 @@ def packed_logprobs(model, batch: PackedBatch, with_hidden: bool = False) -> Tok
         model: A ``*ForCausalLM`` model.
         batch: The packed batch, on the model's device.
         with_hidden: Also return the last hidden state at each scored token.
+        temperature: Divide the logits by this first: the log-probs of the distribution the tokens
+            were sampled from when they were sampled at that temperature (SLHF's REINFORCE term).
 
     Returns:
         TokenLogprobs.
@@ -371,6 +375,8 @@ def packed_logprobs(model, batch: PackedBatch, with_hidden: bool = False) -> Tok
     )
     hidden = out.last_hidden_state.flatten(0, 1)
     logits = head(hidden.index_select(0, batch.pred_index)).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     values = logits.gather(1, batch.target_ids[:, None]).squeeze(1) - logits.logsumexp(-1)
     tok_hidden = hidden.index_select(0, batch.token_index) if with_hidden else None
     return TokenLogprobs(values, tok_hidden)

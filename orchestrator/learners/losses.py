@@ -346,16 +346,18 @@ def adaptive_step_scores(step_logratios: Tensor, weights: Tensor) -> Tensor:
     return (w * step_logratios).sum(-1) / w.sum(-1).clamp(min=1e-12)
 
 
-def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k1") -> Tensor:
+def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k1", clamp: float = 40.0) -> Tensor:
     """Per-token KL(policy || ref) estimates on samples from the policy.
 
-    ``k1 = logp - ref``; ``k3 = exp(ref - logp) - (ref - logp) - 1`` (non-negative, lower variance).
+    ``k1 = logp - ref``; ``k3 = exp(d) - d - 1`` with ``d = ref - logp`` clamped to ``[-clamp, clamp]``
+    first (non-negative, lower variance; the clamp, 40 in the SLHF authors' trainer, keeps ``exp(d)``
+    finite when the reference gives a sampled token almost no mass).
     """
     if kind == "k1":
         return logps - ref_logps
     if kind == "k3":
-        d = ref_logps - logps
-        return torch.exp(d) - d - 1
+        d = (ref_logps - logps).clamp(-clamp, clamp)
+        return torch.expm1(d) - d
     raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1' or 'k3'")
 
 

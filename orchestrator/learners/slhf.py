@@ -15,8 +15,13 @@ Each step (StackelbergGDA, REINFORCE, both players every step):
 2. ``p = p(y > y' | x)``;
 3. leader loss ``mean_b sum_t [beta k_t - (p - 0.5)] log pi(y_t)``, follower loss
    ``mean_b sum_t [beta k'_t - ((1 - p) - 0.5)] log omega(y'_t)`` with per-token KL estimates ``k``
-   (k1 or k3, detached) against the reference model on the same input (for the follower, the
-   full follower prompt: the "standard follower KL regularisation");
+   (k1 or k3 with its log-ratio clamped to [-40, 40], detached) against the reference model. Every
+   log-prob is of the tempered distribution the token was sampled from (logits divided by
+   ``temperature``), for the policy and the reference alike. The leader's reference input is x; the
+   follower's is, by default (``follower_kl="prompt"``, the authors' default), also the bare x: the
+   refinement is kept near what the reference model would answer to the question itself, so the
+   follower cannot drift into text that only makes sense as an edit of y. ``follower_prompt`` is
+   the authors' "standard" option, the reference given the full follower prompt;
 4. ``L = L_leader + follower_weight * L_follower``, ``follower_weight > 1`` (two timescales: the
    follower must adapt faster than the leader for the game to converge); the leader's term can be
    applied only every ``leader_update_frequency`` steps.
@@ -173,7 +178,17 @@ class SLHFConfig(LearnerConfig):
     leader_update_frequency: int = Field(
         1, ge=1, description="Apply the leader's loss every this many steps."
     )
-    temperature: float = Field(0.9, gt=0.0, description="Sampling temperature for both players.")
+    temperature: float = Field(
+        0.9, gt=0.0,
+        description="Sampling temperature for both players; the log-probs the REINFORCE term and the "
+        "KL use are those of the tempered distribution the samples came from (logits / temperature).",
+    )
+    follower_kl: Literal["prompt", "follower_prompt"] = Field(
+        "prompt",
+        description="What the follower's refinement is regularised toward: the reference model's answer "
+        "to the bare prompt x ('prompt', the SLHF authors' default) or the reference model given the "
+        "full follower prompt with x and y ('follower_prompt', their 'standard' option).",
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(64, ge=1, description="Longest sampled response.")
     batch_size: int = Field(8, ge=1, description="Prompts per step.")
@@ -276,9 +291,19 @@ class SLHFLearner(LearnerOutput):
             for fp, y in zip(rollout["follower_prompts"], rollout["follower"], strict=True)
         ]
         packed = pack(groups, tok.pad_token_id).to(self.policy.device)
-        pol = per_sequence(packed, packed_logprobs(self.policy.model, packed).values)
+        temp = cfg.temperature  # score the samples under the distribution they were drawn from
+        pol = per_sequence(packed, packed_logprobs(self.policy.model, packed, temperature=temp).values)
         with torch.no_grad():
-            ref = per_sequence(packed, packed_logprobs(self.policy.reference, packed).values)
+            if cfg.follower_kl == "prompt":
+                # The reference scores the follower's tokens as an answer to the bare prompt x.
+                ref_groups = groups[:b] + [
+                    Group(encode_prompt(tok, p), [y])
+                    for p, y in zip(rollout["prompts"], rollout["follower"], strict=True)
+                ]
+                ref_packed = pack(ref_groups, tok.pad_token_id).to(self.policy.device)
+            else:
+                ref_packed = packed
+            ref = per_sequence(ref_packed, packed_logprobs(self.policy.reference, ref_packed, temperature=temp).values)
         kl = [losses.kl_estimate(p.detach(), r, cfg.kl) for p, r in zip(pol, ref, strict=True)]
         pref = torch.tensor(rollout["preference"], device=self.policy.device, dtype=torch.float32)
         lead_lp, lead_mask = padded(pol[:b])

@@ -284,7 +284,7 @@ class TPOLearner(LearnerOutput):
         if self.config.nll_weight > 0 and bool(has_nll.any()):
             # Mean over the lists that have a verified-correct item; the others add no NLL.
             w = weights * has_nll
-            total = total + self.config.nll_weight * (nll * w).sum() / n
+            total = total + self.config.nll_weight * (nll * w).sum() / has_nll.sum()
             meter.add("nll_loss", (nll[has_nll]).mean().detach(), int(has_nll.sum()))
         s, lab = scores.detach().cpu(), labels.cpu()
         for b in range(n):

@@ -400,3 +400,17 @@ def test_regression_rubric_pairs_are_prompted_as_the_plain_policy_acts():
     assert pair.prompt == act_prompts(plain_gen)[1]
     assert pair.prompt.startswith(cfg.instructions + task.prompt)
     assert pair.prompt.endswith(traj.steps[0].observation + "\n")
+
+
+def test_rubric_first_step_writes_a_rubric_before_the_first_action():
+    """Co-ReAct writes a rubric at each decision step; ``rubric_first_step`` includes the first."""
+    env, task = env_and_task()
+    gen = ScriptedPolicy.replay(reference_actions(task))
+    judge = judge_policy()
+    config = ReActConfig(max_steps=6, rubric_first_step=True)
+    traj = ReActAgent(gen, rubric_generator=judge, config=config).run(env, task)
+    assert traj.outcome == 1.0 and len(traj.steps) == 4
+    prompts = act_prompts(gen)
+    assert "R1" in prompts[0] and prompts[0].count(RUBRIC_MARK) == 1
+    assert "R2" in prompts[1] and "R1" not in prompts[1]
+    assert traj.steps[0].rubric is not None and traj.info["rubrics"] == 4

@@ -74,9 +74,29 @@ def test_shuffle_control_permutes_list_texts_but_keeps_scores_in_rank_order():
         k = [texts.index(it.text) for it in r.items]
         assert [it.node for it in r.items] == k
         assert r.info["action_spans"] == [[[0, j + 1]] for j in k]
-        assert r.info["correct"] == [j == 0 for j in k]
+        assert r.info["correct"] == [True, False, False, False]  # the verifier's labels stay with the ranks
         moved += k != [0, 1, 2, 3]
     assert moved > 20
+
+
+def test_regression_tpo_control_does_not_keep_nll_on_verified_text(tiny_model_dir):
+    """The control reverses the preference signal and nothing else: TPO's NLL trains on the text in
+    the best verified slot, which after the shuffle is any of the list's texts (as DPO's NLL trains on
+    whatever text sits in the chosen slot). When the correct flags moved with their texts, the
+    control still trained NLL on the verified-correct answer in every list."""
+    from orchestrator.learners.guards import shuffled_control
+    from orchestrator.learners.tpo import TPOLearner
+    from store.records import PreferenceData, RankedItem, RankedListRecord
+
+    texts = ["=12\n", "=13\n", "=14\n"]
+    lists = [RankedListRecord(prompt=f"{i}+5\n", items=[RankedItem(text=t, score=1.0 - 0.5 * k)
+                                                      for k, t in enumerate(texts)],
+                              info={"correct": [True, False, False]}) for i in range(40)]
+    learner = TPOLearner(tiny_model_dir, num_threads=1)
+    real = learner.prepare(shuffled_control(PreferenceData(ranked_lists=lists), seed=3).ranked_lists)
+    nll_texts = {learner.policy.tokenizer.decode(ex.responses[ex.nll_item], skip_special_tokens=True)
+                 for ex in real}
+    assert len(nll_texts) == 3  # the NLL follows the slot, so every text gets it in some list
 
 
 def test_usable_data_names_what_each_learner_lacks():

@@ -63,8 +63,8 @@ def test_ipo_by_hand():
 
 def test_visit_alpha_and_mcts_dpo_by_hand():
     alpha = losses.visit_alpha(torch.tensor([3, 1, 0, 8]), torch.tensor([1, 3, 0, 2]))
-    # 1/(3/1+1) = .25; 1/(1/3+1) = .75 -> clipped .5; counts 0 read as 1 -> .5; 1/(8/2+1) = .2
-    assert alpha.tolist() == pytest.approx([0.25, 0.5, 0.5, 0.2])
+    # 1/(3/1+1) = .25; 1/(1/3+1) = .75 -> clipped .5; N_l = 0 -> 0 (only N_w is floored); 1/(8/2+1) = .2
+    assert alpha.tolist() == pytest.approx([0.25, 0.5, 0.0, 0.2])
     out = losses.mcts_dpo_loss(PC, PR, RC, RR, torch.tensor([3, 8]), torch.tensor([1, 2]), beta=0.5)
     l1 = 0.75 * softplus(-0.5) + 0.25 * softplus(0.5)
     l2 = 0.8 * softplus(0.5) + 0.2 * softplus(-0.5)

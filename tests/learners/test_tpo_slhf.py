@@ -191,3 +191,72 @@ def test_regression_slhf_oracle_scores_partial_solutions():
     assert oracle("count:\n1\nok 9\n", "2\n3\n", "x\n") == 0.5  # not what the environment says: unplaced
     assert oracle("another task:\n", "1\n", "x\n") == 0.5
     assert oracle.counts() == {"oracle_calls": 3.0, "oracle_unscored": 2 / 3}
+
+
+@pytest.mark.parametrize("follower_kl", ["prompt", "follower_prompt"])
+def test_regression_slhf_scores_samples_at_their_sampling_temperature(small_model_dir, follower_kl):
+    """The REINFORCE term and the KL use the log-probs of the distribution the tokens were drawn
+    from: logits / temperature for the policy and the reference alike (the SLHF authors' trainer).
+    Scoring samples drawn at 0.5 with temperature-1 log-probs was a different estimator. The
+    follower's KL is against the reference given the bare prompt (the authors' default) or the
+    full follower prompt. Checked against a plain forward pass per sequence, by hand."""
+    from orchestrator.learners.epochs import StatsMeter
+    from orchestrator.learners.logprobs import encode_prompt
+
+    temp, beta = 0.5, 0.1
+    learner = SLHFLearner(small_model_dir, preference=lambda p, a, b: 0.8 if len(a) > len(b) else 0.3,
+                          temperature=temp, beta=beta, kl="k1", max_new_tokens=6, follower_kl=follower_kl,
+                          num_threads=1)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy away from its reference, so the KL is not zero
+        for p in learner.policy.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["12+3=", "7+8="]
+    rollout = learner.rollout(prompts)
+    got = learner._losses(rollout, StatsMeter(), train_leader=True).item()
+
+    tok, model, ref_model = learner.policy.tokenizer, learner.policy.model, learner.policy.reference
+
+    def token_logps(m, prompt_ids, response):
+        ids = torch.tensor([prompt_ids + response])
+        logits = m(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double() / temp
+        return logits.log_softmax(-1).gather(1, ids[0, len(prompt_ids):, None]).squeeze(1).tolist()
+
+    def term(prompt_ids, ref_prompt_ids, response, reward):
+        lp = token_logps(model, prompt_ids, response)
+        rf = token_logps(ref_model, ref_prompt_ids, response)
+        return sum((beta * (a - b) - (reward - 0.5)) * a for a, b in zip(lp, rf, strict=True))
+
+    with torch.no_grad():
+        lead = [term(encode_prompt(tok, x), encode_prompt(tok, x), y, p)
+                for x, y, p in zip(prompts, rollout["leader"], rollout["preference"], strict=True)]
+        fol = []
+        for x, fx, y2, p in zip(prompts, rollout["follower_prompts"], rollout["follower"], rollout["preference"],
+                                strict=True):
+            ref_ctx = encode_prompt(tok, x if follower_kl == "prompt" else fx)
+            fol.append(term(encode_prompt(tok, fx), ref_ctx, y2, 1 - p))
+    expected = sum(lead) / 2 + learner.config.follower_weight * sum(fol) / 2
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_regression_tpo_nll_is_the_mean_over_lists_with_a_verified_item(small_model_dir):
+    """TPO's NLL term averages over the lists that have a verified-correct item (the others add
+    none), not over all lists of the batch."""
+    from orchestrator.learners.epochs import StatsMeter
+
+    lists = ranked_lists(4)
+    for k, rec in enumerate(lists):
+        best = max(range(len(rec.items)), key=lambda i: rec.items[i].score)
+        rec.info["correct"] = [i == best and k < 1 for i in range(len(rec.items))]  # one list of four
+    learner = TPOLearner(small_model_dir, num_threads=1, nll_weight=1.0)
+    batch = learner.prepare(lists)
+    with torch.no_grad():
+        with_nll = learner.micro_loss(batch, StatsMeter()).loss.item()
+        learner.config.nll_weight = 0.0
+        without = learner.micro_loss(batch, StatsMeter()).loss.item()
+        meter = StatsMeter()
+        learner.config.nll_weight = 1.0
+        learner.micro_loss(batch, meter)
+    nll_of_the_one_list = meter.means()["nll_loss"]
+    assert nll_of_the_one_list > 0
+    assert with_nll - without == pytest.approx(nll_of_the_one_list, rel=1e-5)  # not a quarter of it

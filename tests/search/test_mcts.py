@@ -14,6 +14,7 @@ from search.mcts import MCTSConfig, normalise_step, prior, puct, search, search_
 from search.preferences import (
     curriculum,
     label_smoothing,
+    node_stats,
     ranked_lists,
     smallest_margin_first,
     step_pairs,
@@ -82,8 +83,9 @@ def test_prior_puct_and_normalisation_by_hand():
     assert puct(0.2, 0.5, 0, 0, 2.0) == pytest.approx(0.2 + 2.0 * 0.5)
     assert normalise_step("  12 + 5 =17\n") == normalise_step("12+5= 17") == "12+5=17"
     assert label_smoothing(9, 3) == pytest.approx(0.25)
-    assert label_smoothing(0, 0) == 0.5 and label_smoothing(1, 10) == 0.5  # clipped
-    assert label_smoothing(3, 0) == pytest.approx(0.25)  # max(1, N)
+    assert label_smoothing(1, 10) == 0.5 and label_smoothing(4, 4) == 0.5  # clipped
+    assert label_smoothing(0, 2) == 0.5  # only the chosen count is floored at 1: 2/(1+2), clipped
+    assert label_smoothing(3, 0) == 0.0 and label_smoothing(0, 0) == 0.0  # unvisited rejected: trust the pair
 
 
 def test_backup_formula_by_hand():
@@ -307,8 +309,8 @@ def test_pairs_lists_and_bundle_from_a_solved_tree():
         assert p.chosen.startswith(t[p.chosen_node]["step"] + "\n")
         assert p.chosen[: p.shared_prefix_chars] == p.rejected[: p.shared_prefix_chars]
         assert p.label_smoothing == pytest.approx(label_smoothing(p.chosen_visits, p.rejected_visits))
-        qs = [t[c]["value"] for c in t.children(parent) if not t[c]["error"]]
-        assert t[p.chosen_node]["value"] == max(qs) and t[p.rejected_node]["value"] == min(qs)
+        qs = [node_stats(t, c)[0] for c in t.children(parent) if not t[c]["error"]]
+        assert p.info["chosen_q"] == max(qs) and p.info["rejected_q"] == min(qs)
     second = step_pairs(t, choose_worst=False)
     assert all(p.info["rejected_q"] >= q.info["rejected_q"] for p, q in zip(second, pairs, strict=False))
 
@@ -346,3 +348,40 @@ def test_smallest_margin_first_and_curriculum():
     ]
     with pytest.raises(ValueError):
         curriculum(pairs, 0)
+
+
+def test_regression_pair_statistics_are_read_at_commit_time():
+    """MCTS-DPO's pair at a level uses the siblings' Q and N from when that level's step was
+    committed (the authors' trainer records them right after the search at that root). The
+    committed child keeps gaining visits and Q from the searches below it; reading the finished
+    tree shrank its alpha and informed its Q better than the reference does."""
+    policy = ScriptedPolicy(random_digits, seed=11)
+    trees = search_many(digit_tasks(12), DigitEnv, policy, MCTSConfig(iterations=8, seed=11, **WIDE))
+    t = next(t for t in trees if t.solved())
+    root_pair = step_pairs(t)[0]
+    assert root_pair.info["parent_node"] == t.root
+    chosen = root_pair.chosen_node
+    commit_n, final_n = t[chosen]["commit_visits"], t[chosen]["visits"]
+    assert commit_n is not None and final_n > commit_n  # the search went on below the committed step
+    assert root_pair.chosen_visits == commit_n
+    assert root_pair.label_smoothing == pytest.approx(label_smoothing(commit_n, root_pair.rejected_visits))
+    assert root_pair.info["chosen_q"] == t[chosen]["commit_value"]
+    late = step_pairs(t, stats="final")[0]
+    assert late.chosen_visits == final_n  # the other reading stays one argument away
+    # the snapshot survives the store's record round trip
+    back = PreferenceTree.from_record(t.to_record())
+    assert step_pairs(back)[0] == root_pair
+
+
+def test_sibling_ties_are_broken_by_the_commit_policy_not_the_prior():
+    """Equal Q: the authors sort by the visit policy π next (the most visited sibling wins), then r,
+    v and N; the prior no longer decides."""
+    t = PreferenceTree("q\n")
+    a = t.add_child(t.root, "1", value=0.5, visits=1, prior=0.9, terminal=True, correct=False)
+    b = t.add_child(t.root, "2", value=0.5, visits=4, prior=0.1, terminal=True, correct=True)
+    c = t.add_child(t.root, "3", value=-1.0, visits=1, prior=0.5, terminal=True, correct=False)
+    t[b]["selected"] = True
+    [rl] = ranked_lists(t)
+    assert [it.node for it in rl.items] == [b, a, c]
+    [pair] = step_pairs(t)
+    assert (pair.chosen_node, pair.rejected_node) == (b, c)
