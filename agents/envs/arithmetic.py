@@ -151,8 +151,11 @@ class ArithmeticEnv:
     def tasks(self, split: str, n: int, seed: int) -> list[Task]:
         """``n`` tasks of ``split``, a pure function of (split, n, seed, knobs).
 
-        Expressions are distinct while the split has enough of them; a tiny space (1 digit, 1 op)
-        repeats expressions rather than returning fewer than ``n`` tasks.
+        Expressions are distinct while the split has enough of them; a space smaller than ``n``
+        (1 digit, 1 op; or 2 digits, 1 op and the warm start's 20,000 examples) repeats expressions
+        rather than returning fewer than ``n`` tasks. The split counts as exhausted once
+        ``10 × distinct-so-far`` draws in a row found nothing new (at that point the chance that an
+        unseen expression is left is small); draws stop being rejected as repeats from then on.
         """
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; ArithmeticEnv has {SPLITS}")
@@ -161,14 +164,16 @@ class ArithmeticEnv:
         )
         out: list[Task] = []
         seen: dict[str, int] = {}
-        attempts = 0
+        misses, exhausted = 0, False
         while len(out) < n:
-            attempts += 1
             expr = self._draw(rng)
             if expr is None or self.split_of(expr) != split:
                 continue
-            if expr in seen and attempts < 200 * (n + 10):
+            if expr in seen and not exhausted:
+                misses += 1
+                exhausted = misses > 10 * len(seen) + 1000
                 continue
+            misses = 0
             seen[expr] = seen.get(expr, 0) + 1
             value, reference = solve(expr)
             task_id = expr if seen[expr] == 1 else f"{expr}#{seen[expr]}"
