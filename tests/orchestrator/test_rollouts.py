@@ -8,6 +8,7 @@ from agents.registry import environment_factory
 from orchestrator.config import load_config
 from orchestrator.engines import make_engine
 from orchestrator.rollouts import evaluate, rollout_summary, run_rollouts
+from search.preferences import label_smoothing
 from store import queries
 from store.database import open_store
 
@@ -42,7 +43,8 @@ def test_mcts_mode_writes_trees_whose_pairs_prefer_correct_steps(engine, tmp_pat
     for p in pairs:
         task = by_id[p.task_id]
         assert env.verify(task, p.chosen) and not env.verify(task, p.rejected)
-        assert 0 < p.label_smoothing <= 0.5
+        # MCTS-DPO's alpha: 0 when the rejected sibling was never visited, at most 0.5
+        assert p.label_smoothing == label_smoothing(p.chosen_visits, p.rejected_visits) and 0 <= p.label_smoothing <= 0.5
     assert counts["preference_pairs"] == len(pairs)
     assert 0 < stats["solved"] <= 1
 
