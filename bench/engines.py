@@ -113,8 +113,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orchestrator.engines.hf import HFEngine
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.orchestrator.engines.hf import HFEngine
+    from treeplay.orchestrator.engines.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
     if args.model:
@@ -208,7 +208,7 @@ def main() -> None:
         except Exception as e:
             vllm_note = f"vllm not importable: {type(e).__name__}: {e}"
     if vllm_note is None:
-        from orchestrator.engines.vllm import VLLMEngine
+        from treeplay.orchestrator.engines.vllm import VLLMEngine
 
         t0 = time.perf_counter()
         v = VLLMEngine(model_dir, seed=0, dtype="float32", max_model_len=512)

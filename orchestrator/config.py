@@ -18,15 +18,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agents.base import DemonstrationKind
-from agents.panel import PanelConfig
-from agents.react import ReActConfig
-from orchestrator.learners.dpo import DPOConfig
-from orchestrator.learners.rft import RFTConfig
-from orchestrator.learners.slhf import SLHFConfig
-from orchestrator.learners.tpo import TPOConfig
-from search.mcts import MCTSConfig
-from store.redact import REDACTED, is_secret_key, redact, redacted_keys
+from treeplay.agents.base import DemonstrationKind
+from treeplay.agents.panel import PanelConfig
+from treeplay.agents.react import ReActConfig
+from treeplay.orchestrator.learners.dpo import DPOConfig
+from treeplay.orchestrator.learners.rft import RFTConfig
+from treeplay.orchestrator.learners.slhf import SLHFConfig
+from treeplay.orchestrator.learners.tpo import TPOConfig
+from treeplay.search.mcts import MCTSConfig
+from treeplay.store.redact import REDACTED, is_secret_key, redact, redacted_keys
 
 
 class ConfigError(ValueError):

@@ -61,9 +61,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.base import Environment, Policy, Task
-from search.expansion import close_env, expand_wave, normalise_step, prior
-from search.tree import PreferenceTree
+from treeplay.agents.base import Environment, Policy, Task
+from treeplay.search.expansion import close_env, expand_wave, normalise_step, prior
+from treeplay.search.tree import PreferenceTree
 
 
 class MCTSConfig(BaseModel):

@@ -25,9 +25,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from agents.base import Task, action_spans
-from search.tree import PreferenceTree
-from store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
+from treeplay.agents.base import Task, action_spans
+from treeplay.search.tree import PreferenceTree
+from treeplay.store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
 
 
 def forced_end(tree: PreferenceTree, node: int) -> int:

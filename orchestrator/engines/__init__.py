@@ -38,24 +38,24 @@ def make_engine(kind: str, model_path: str | Path, **kwargs: Any):
         ValueError: ``kind`` is not a known engine.
     """
     if kind == "hf":
-        from orchestrator.engines.hf import HFEngine
+        from treeplay.orchestrator.engines.hf import HFEngine
 
         return HFEngine(model_path, **kwargs)
     if kind == "vllm":
-        from orchestrator.engines.vllm import VLLMEngine
+        from treeplay.orchestrator.engines.vllm import VLLMEngine
 
         return VLLMEngine(model_path, **kwargs)
     raise ValueError(f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
 
 
 def __getattr__(name: str):
-    # Lazy exports, so `import orchestrator.engines` does not pull in torch or vllm.
+    # Lazy exports, so `import treeplay.orchestrator.engines` does not pull in torch or vllm.
     if name == "HFEngine":
-        from orchestrator.engines.hf import HFEngine
+        from treeplay.orchestrator.engines.hf import HFEngine
 
         return HFEngine
     if name == "VLLMEngine":
-        from orchestrator.engines.vllm import VLLMEngine
+        from treeplay.orchestrator.engines.vllm import VLLMEngine
 
         return VLLMEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

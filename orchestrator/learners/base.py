@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from orchestrator.learners.checkpoints import (
+from treeplay.orchestrator.learners.checkpoints import (
     TRAINER_DIR,
     TRAINER_META,
     TRAINER_STATE,
@@ -23,7 +23,7 @@ from orchestrator.learners.checkpoints import (
 )
 
 if TYPE_CHECKING:
-    from orchestrator.learners.trainable import TrainablePolicy
+    from treeplay.orchestrator.learners.trainable import TrainablePolicy
 
 
 @runtime_checkable

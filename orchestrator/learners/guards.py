@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.learners.base import Learner
+from treeplay.orchestrator.learners.base import Learner
 
 
 def shuffled_control(data: Any, seed: int) -> Any:
@@ -88,7 +88,7 @@ def usable_data(algorithm: str, data: Any) -> tuple[Any, str | None]:
     The DPO family trains on pairs, TPO and RFT on ranked lists, SLHF on the prompts of both. Finer checks
     (TPO drops lists whose items are tied) are the learner's: ``train_guarded`` reports them.
     """
-    from store.records import PreferenceData
+    from treeplay.store.records import PreferenceData
 
     if algorithm == "dpo":
         if not data.pairs:
@@ -119,7 +119,7 @@ def within_staleness(data: Any, iteration: int, learner_version: int, max_stalen
     """
     import dataclasses
 
-    from orchestrator.rollouts import POLICY_VERSION
+    from treeplay.orchestrator.rollouts import POLICY_VERSION
 
     kept_ages: list[int] = []
     refused = 0

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from search.preferences import label_smoothing
+from treeplay.search.preferences import label_smoothing
 
 
 class LossOutput(NamedTuple):

@@ -8,15 +8,15 @@ import random
 import pytest
 import torch
 
-from orchestrator.engines.tiny import CHARS
-from orchestrator.learners.slhf import SLHFLearner, load_follower_template
-from orchestrator.learners.tpo import TPOLearner, kendall_tau, ndcg, token_steps
-from store.records import PreferenceData, RankedItem, RankedListRecord
+from treeplay.orchestrator.engines.tiny import CHARS
+from treeplay.orchestrator.learners.slhf import SLHFLearner, load_follower_template
+from treeplay.orchestrator.learners.tpo import TPOLearner, kendall_tau, ndcg, token_steps
+from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.orchestrator.engines.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tpo") / "model", hidden_size=64, num_layers=2, seed=2)
 
@@ -149,7 +149,7 @@ class _EchoEnv:
         return task.prompt
 
     def step(self, action):
-        from agents.base import StepResult
+        from treeplay.agents.base import StepResult
 
         self.t += 1
         right = action.strip() == str(self.t)
@@ -161,9 +161,9 @@ class _EchoEnv:
 def test_regression_slhf_oracle_scores_partial_solutions():
     """The oracle looked prompts up among the task prompts only, so every step-level prompt (a
     task prompt plus the steps so far) got 0.5: no signal from most of MCTS's data."""
-    from agents.base import Step, Task, transcript
-    from agents.envs.arithmetic import ArithmeticEnv
-    from orchestrator.learners.slhf import VerifierOracle
+    from treeplay.agents.base import Step, Task, transcript
+    from treeplay.agents.envs.arithmetic import ArithmeticEnv
+    from treeplay.orchestrator.learners.slhf import VerifierOracle
 
     env = ArithmeticEnv(ops=2, digits=2)
     task = env.tasks("train", 1, seed=3)[0]
