@@ -6,7 +6,7 @@
 ``load_prompt`` is the one loader of the project's prompt files: the agents' live in
 ``agents/prompts/`` (the default), MCTS's self-evaluation prompts in ``search/prompts/``
 (``load_prompt("self_eval.txt", "treeplay.search")``) and the SLHF follower's in
-``orchestrator/learners/prompts/``. It reads them as package resources, so they are found in an
+``learners/prompts/``. It reads them as package resources, so they are found in an
 installed wheel as well as in a checkout. This module imports nothing from the project, so search
 may use it as well as agents and the orchestrator.
 

@@ -81,8 +81,8 @@ def main() -> None:
     import ray
 
     from treeplay.agents.registry import make_environment
+    from treeplay.engines.tiny import build_tiny_model
     from treeplay.orchestrator.config import load_config
-    from treeplay.orchestrator.engines.tiny import build_tiny_model
     from treeplay.orchestrator.loop import run_loop
     from treeplay.orchestrator.warmstart import supervised_warm_start
     from treeplay.store import queries

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/lora.py [--hidden 512] [--layers 8] [--pairs 32] [--rank 16] [--vllm]
 
-Model: a random-init Qwen2 with a byte-level BPE tokenizer built here (orchestrator/engines/bpe.py;
+Model: a random-init Qwen2 with a byte-level BPE tokenizer built here (engines/bpe.py;
 hidden 512, 8 layers, 8 heads / 4 KV heads, vocabulary 4096: ~26M parameters), fp32, 1 thread.
 
 - **Redeploy** (what the loop does after each learner update, minus Ray's object store): the
@@ -56,8 +56,8 @@ def learner_job(model_dir: str, pairs: int, lora: dict | None, queue) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from treeplay.orchestrator.learners.dpo import DPOLearner
-    from treeplay.orchestrator.learners.trainable import LoRAConfig
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.learners.trainable import LoRAConfig
 
     learner = DPOLearner(model_dir, num_threads=1, batch_size=8, lr=1e-4, reference="fixed",
                          lora=LoRAConfig(**lora) if lora else None)
@@ -121,10 +121,10 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
-    from treeplay.orchestrator.engines import make_engine
-    from treeplay.orchestrator.engines.bpe import build_bpe_model, environment_corpus, parameter_count
-    from treeplay.orchestrator.learners.dpo import DPOLearner
-    from treeplay.orchestrator.learners.trainable import LoRAConfig
+    from treeplay.engines import make_engine
+    from treeplay.engines.bpe import build_bpe_model, environment_corpus, parameter_count
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.learners.trainable import LoRAConfig
 
     lora = {"rank": a.rank, "alpha": 2.0 * a.rank}
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,9 +57,9 @@ def main() -> None:
 
     from treeplay.agents.envs.toolqa import ToolQAEnv
     from treeplay.agents.react import ReActAgent
+    from treeplay.engines import make_engine
+    from treeplay.engines.bpe import build_bpe_model
     from treeplay.orchestrator.config import load_config
-    from treeplay.orchestrator.engines import make_engine
-    from treeplay.orchestrator.engines.bpe import build_bpe_model
     from treeplay.orchestrator.run_start import tokenizer_corpus
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "react.yaml", [])

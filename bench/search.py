@@ -38,8 +38,8 @@ def main() -> None:
     import torch
 
     from treeplay.agents.envs.arithmetic import ArithmeticEnv
-    from treeplay.orchestrator.engines.hf import HFEngine
-    from treeplay.orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.hf import HFEngine
+    from treeplay.engines.tiny import build_tiny_model
     from treeplay.search.mcts import MCTSConfig, search_many
 
     torch.set_num_threads(args.threads)

@@ -1,2 +1,2 @@
-"""treeplay's distributed runtime: config, engines, learners, Ray workers, the loop, the CLI and the
-inspector. Imports run downward from here to agents/, search/ and store/."""
+"""treeplay's distributed runtime: config, Ray workers, the loop, the CLI and the inspector.
+Imports run downward from here to engines/, learners/, agents/, search/ and store/."""

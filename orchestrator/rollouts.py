@@ -93,7 +93,7 @@ def stamp_version(results: Sequence[TaskResult], version: int) -> None:
     """Record in each pair's and ranked list's ``info`` the weights version that produced it.
 
     Trees and trajectories carry the version in a column of their own; pairs and lists get it here,
-    so that a learner can measure how stale its data is (``orchestrator.learners.guards.within_staleness``).
+    so that a learner can measure how stale its data is (``learners.guards.within_staleness``).
     """
     for r in results:
         for rec in [*r.pairs, *r.ranked_lists]:
@@ -258,7 +258,7 @@ def _peer_engine(cfg: RunConfig, name: str, path: str) -> Policy:
     """The engine of a panel peer with its own model, built like the worker's (same kind and kwargs)."""
     from pathlib import Path
 
-    from treeplay.orchestrator.engines import make_engine
+    from treeplay.engines import make_engine
 
     key = (cfg.engine.kind, path, repr(sorted(cfg.engine.kwargs.items())))
     if key not in _PEER_ENGINES:
@@ -377,7 +377,7 @@ def refine_answers(
         One trajectory per input, in order: the refined answer's, with ``info["refined_from"]`` the
         leader's answer and ``info["refinements"]`` every follower answer.
     """
-    from treeplay.orchestrator.learners.slhf import fill_follower_prompt, load_follower_template
+    from treeplay.learners.slhf import fill_follower_prompt, load_follower_template
 
     template = load_follower_template(cfg.learner.slhf.follower_prompt)
     answers = [transcript("", t.steps) for t in trajs]

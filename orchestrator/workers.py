@@ -4,7 +4,7 @@ Fleet that starts, feeds and stops them for one run.
 Ray is imported here and in ``placement.py`` only; the loop drives the run through ``Fleet``
 (actor start and placement, chunks streamed with ``ray.wait``, weights, evaluation, kill). The
 actors are thin shells around plain Python objects (engines, ``orchestrator.rollouts``, learners
-and their guard rails in ``orchestrator.learners.guards``) that are tested without Ray.
+and their guard rails in ``learners.guards``) that are tested without Ray.
 
 Nothing assumes a shared filesystem between actors: a model directory travels as a ``ModelFiles``
 blob through the object store (put once, read by every node), and new weights travel as a
@@ -29,7 +29,7 @@ from typing import Any
 
 import ray
 
-from treeplay.orchestrator.learners.guards import (
+from treeplay.learners.guards import (
     canonical_order,
     shuffled_control,
     train_guarded,
@@ -117,7 +117,7 @@ class PolicyHost:
     @ray.method(max_task_retries=-1)  # a worker that dies while loading is restarted and asked again
     def load_model(self, model: str | ModelFiles, version: int) -> dict[str, Any]:
         """Build the engine from ``model`` (a path or a blob) as weights ``version``; returns ``info()``."""
-        from treeplay.orchestrator.engines import make_engine
+        from treeplay.engines import make_engine
 
         model_dir = _materialise(model, f"treeplay-worker{self.index}-")
         engine = make_engine(self.cfg.engine.kind, model_dir, seed=self.cfg.seed + self.index, **self.cfg.engine.kwargs)
@@ -215,9 +215,9 @@ class LearnerActor:
     def __init__(self, cfg: dict[str, Any], model: str | ModelFiles, run_id: int, version: int,
                  reference: str | ModelFiles | None = None, reference_uri: str | None = None) -> None:
         from treeplay.agents.registry import make_environment
+        from treeplay.learners import make_learner
+        from treeplay.learners.slhf import VerifierOracle
         from treeplay.orchestrator.config import RunConfig
-        from treeplay.orchestrator.learners import make_learner
-        from treeplay.orchestrator.learners.slhf import VerifierOracle
         from treeplay.store.database import open_store
 
         self.cfg = RunConfig.model_validate(cfg)
@@ -351,7 +351,7 @@ class Fleet:
         reference came from, recorded in checkpoints (default: ``model``'s URI)."""
         import math
 
-        from treeplay.orchestrator.learners.checkpoints import TRAINER_DIR
+        from treeplay.learners.checkpoints import TRAINER_DIR
         from treeplay.orchestrator.placement import place_actors
 
         self.cfg = cfg

@@ -16,7 +16,7 @@ import pytest
 from treeplay.store import queries
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("agents", "search", "store", "orchestrator", "bench")
+PACKAGES = ("agents", "search", "store", "orchestrator", "engines", "learners", "bench")
 
 
 def _sources() -> dict[str, str]:
@@ -48,7 +48,7 @@ def test_each_concept_is_defined_once(pattern, home):
 
 def test_load_prompt_reads_every_package_prompt_folder():
     from treeplay.agents.prompt_files import load_prompt
-    from treeplay.orchestrator.learners.slhf import load_follower_template
+    from treeplay.learners.slhf import load_follower_template
     from treeplay.search import expansion
 
     assert load_prompt("rubric_verifier.txt") == (ROOT / "agents/prompts/rubric_verifier.txt").read_text(
@@ -56,8 +56,8 @@ def test_load_prompt_reads_every_package_prompt_folder():
     )
     assert expansion._SELF_EVAL == (ROOT / "search/prompts/self_eval.txt").read_text("utf-8")
     assert expansion._SELF_EVAL_REFERENCE == load_prompt("self_eval_reference.txt", "treeplay.search")
-    follower = (ROOT / "orchestrator/learners/prompts/slhf_follower.txt").read_text("utf-8")
-    assert load_follower_template() == load_prompt("slhf_follower.txt", "treeplay.orchestrator.learners") == follower
+    follower = (ROOT / "learners/prompts/slhf_follower.txt").read_text("utf-8")
+    assert load_follower_template() == load_prompt("slhf_follower.txt", "treeplay.learners") == follower
 
 
 def test_jsonable_is_strict_json():
@@ -122,7 +122,7 @@ def test_chunk_seed_is_the_loops_and_the_rollouts_formula():
 def test_visit_alpha_is_label_smoothing_elementwise():
     import torch
 
-    from treeplay.orchestrator.learners.losses import visit_alpha
+    from treeplay.learners.losses import visit_alpha
     from treeplay.search.preferences import label_smoothing
 
     chosen = torch.arange(0, 40).repeat_interleave(40)

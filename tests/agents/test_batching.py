@@ -71,8 +71,8 @@ def test_a_failing_prompt_fails_only_its_own_episode():
 
 
 def test_sampled_episodes_are_reproducible_under_threads(tmp_path):
-    from treeplay.orchestrator.engines import make_engine
-    from treeplay.orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines import make_engine
+    from treeplay.engines.tiny import build_tiny_model
 
     engine = make_engine("hf", build_tiny_model(tmp_path / "m", 32, 1, 2, max_positions=512), num_threads=1)
     env = ToolQAEnv(n_entities=20)

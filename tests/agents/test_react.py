@@ -347,7 +347,7 @@ def _run_tokenizer(cfg):
     if cfg.model.tiny.tokenizer != "bpe":
         return None
     from treeplay.agents.registry import make_environment
-    from treeplay.orchestrator.engines.bpe import train_bpe_tokenizer
+    from treeplay.engines.bpe import train_bpe_tokenizer
     from treeplay.orchestrator.run_start import tokenizer_corpus
 
     t = cfg.model.tiny

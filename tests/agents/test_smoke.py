@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from treeplay.orchestrator.engines.hf import HFEngine
+    from treeplay.engines.hf import HFEngine
 
     eng = HFEngine(tiny_model_dir, seed=0, num_threads=1)
     yield eng
@@ -33,8 +33,8 @@ def engine(tiny_model_dir):
 def long_engine(tmp_path_factory):
     """The tiny model with a 2048-character context: a rubric generator prompt alone is ~1.5k
     characters, and prompts are never cut into their instructions (agents/prompt_files.py)."""
-    from treeplay.orchestrator.engines.hf import HFEngine
-    from treeplay.orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.hf import HFEngine
+    from treeplay.engines.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("tiny-long") / "model", max_positions=2048)
     eng = HFEngine(path, seed=0, num_threads=1)

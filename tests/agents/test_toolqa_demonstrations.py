@@ -175,7 +175,7 @@ def test_a_cut_transcript_gives_one_demonstration_per_step_with_the_agents_promp
 def test_an_episode_demonstration_is_tokenized_as_the_engine_tokenizes_each_prompt():
     # With a BPE split as Qwen2's (configs/react.yaml), the tokens before each action in the one
     # sequence of a whole episode are the tokens of that step's prompt encoded on its own.
-    from treeplay.orchestrator.engines.bpe import train_bpe_tokenizer
+    from treeplay.engines.bpe import train_bpe_tokenizer
     from treeplay.orchestrator.warmstart import _encode
 
     env, tasks = env_and_tasks(30)

@@ -15,8 +15,8 @@ import pytest
 
 from treeplay.agents.base import TokenIds
 from treeplay.agents.envs.arithmetic import ArithmeticEnv
-from treeplay.orchestrator.engines import make_engine
-from treeplay.orchestrator.engines.contract import align_ids, cut_at_stop, decode
+from treeplay.engines import make_engine
+from treeplay.engines.contract import align_ids, cut_at_stop, decode
 from treeplay.search.mcts import MCTSConfig, search_many
 from treeplay.search.preferences import ranked_lists, step_pairs, tree_result
 
@@ -102,7 +102,7 @@ def test_steps_keep_the_sampled_ids(engine, trees):
 def test_regression_pairs_train_on_generated_tokens(engine, trees, bpe_model_dir):
     """DPO's chosen/rejected ids are the ids the engine generated in context, not the text
     re-tokenized alone (which for this model differs on some pair: the check would then fail)."""
-    from treeplay.orchestrator.learners.dpo import DPOLearner
+    from treeplay.learners.dpo import DPOLearner
 
     pairs = _pairs(trees)
     assert pairs, "the injected reference steps should give pairs with a margin"
@@ -139,7 +139,7 @@ def test_stop_string_inside_a_token(bpe_model_dir):
 
 def test_store_round_trip_keeps_tokens(trees, bpe_model_dir, tmp_path):
     """Pairs and lists read back from the store still carry their ids, and DPO uses them."""
-    from treeplay.orchestrator.learners.dpo import DPOLearner
+    from treeplay.learners.dpo import DPOLearner
     from treeplay.store import queries
     from treeplay.store.database import open_store
 
@@ -216,7 +216,7 @@ def test_export_and_inspector_read_a_bpe_store(engine, trees, tmp_path):
 
 def test_text_is_the_truth_when_ids_do_not_spell_it(trees, bpe_model_dir):
     """Ids that do not decode to the record's text (another tokenizer, edited text) are ignored."""
-    from treeplay.orchestrator.learners.dpo import DPOLearner
+    from treeplay.learners.dpo import DPOLearner
 
     pair = _pairs(trees)[0]
     pair.info["tokens"]["responses"][0] = pair.info["tokens"]["responses"][0][:-1]
@@ -230,8 +230,8 @@ def test_packing_matches_plain_forwards_on_bpe(trees, bpe_model_dir):
     compared, not text), and every response's packed log-probs equal its own plain forward."""
     import torch
 
-    from treeplay.orchestrator.learners.dpo import DPOLearner
-    from treeplay.orchestrator.learners.logprobs import (
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.learners.logprobs import (
         Group,
         pack,
         packed_logprobs,
@@ -253,10 +253,10 @@ def test_packing_matches_plain_forwards_on_bpe(trees, bpe_model_dir):
 
 def test_every_learner_trains_on_bpe_records(trees, bpe_model_dir):
     """DPO family, TPO, RFT and SLHF each make an update on the BPE model's own records."""
-    from treeplay.orchestrator.learners.dpo import DPOLearner
-    from treeplay.orchestrator.learners.rft import RFTLearner
-    from treeplay.orchestrator.learners.slhf import SLHFLearner
-    from treeplay.orchestrator.learners.tpo import TPOLearner
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.learners.rft import RFTLearner
+    from treeplay.learners.slhf import SLHFLearner
+    from treeplay.learners.tpo import TPOLearner
     from treeplay.store.records import PreferenceData
 
     pairs = _pairs(trees)

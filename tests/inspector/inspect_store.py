@@ -44,7 +44,7 @@ def build_inspect_store(folder: Path, model_dir: Path) -> InspectStore:
     import torch
 
     from treeplay.agents.envs.arithmetic import ArithmeticEnv
-    from treeplay.orchestrator.engines.hf import HFEngine
+    from treeplay.engines.hf import HFEngine
     from treeplay.search.mcts import MCTSConfig, search_many
     from treeplay.search.preferences import tree_result
     from treeplay.store import queries

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from treeplay.orchestrator.learners.guards import train_guarded, update_is_deployable
+from treeplay.learners.guards import train_guarded, update_is_deployable
 
 
 def test_shuffled_control_swaps_about_half_the_pairs_consistently():
-    from treeplay.orchestrator.learners.guards import shuffled_control
+    from treeplay.learners.guards import shuffled_control
     from treeplay.store.records import PairRecord, PreferenceData
 
     pairs = [PairRecord(prompt=f"p{i}", chosen=f"good{i}", rejected=f"bad{i}", chosen_node=1, rejected_node=2,
@@ -29,8 +29,8 @@ def test_regression_shuffle_control_keeps_alpha():
     clipped to 0.5, which cancels the preference gradient of every swapped pair."""
     import torch
 
-    from treeplay.orchestrator.learners.guards import shuffled_control
-    from treeplay.orchestrator.learners.losses import dpo_loss, visit_alpha
+    from treeplay.learners.guards import shuffled_control
+    from treeplay.learners.losses import dpo_loss, visit_alpha
     from treeplay.store.records import PairRecord, PreferenceData
 
     spans = {"chosen": [[0, 3]], "rejected": [[0, 2]]}
@@ -59,7 +59,7 @@ def test_regression_shuffle_control_keeps_alpha():
 
 
 def test_shuffle_control_permutes_list_texts_but_keeps_scores_in_rank_order():
-    from treeplay.orchestrator.learners.guards import shuffled_control
+    from treeplay.learners.guards import shuffled_control
     from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
     texts = [f"answer {k}\n" for k in range(4)]
@@ -80,7 +80,7 @@ def test_shuffle_control_permutes_list_texts_but_keeps_scores_in_rank_order():
 
 
 def test_usable_data_names_what_each_learner_lacks():
-    from treeplay.orchestrator.learners.guards import usable_data
+    from treeplay.learners.guards import usable_data
     from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
     lists = [RankedListRecord(prompt="q\n", items=[RankedItem("a\n", 1.0), RankedItem("b\n", 1.0)])]
@@ -98,7 +98,7 @@ def test_usable_data_names_what_each_learner_lacks():
 def test_a_learner_with_nothing_to_train_on_makes_no_update(tiny_model_dir):
     """TPO drops lists whose items all tie; with only such lists it trains on nothing: no update,
     the learner untouched, the reason in the metrics."""
-    from treeplay.orchestrator.learners.tpo import TPOConfig, TPOLearner
+    from treeplay.learners.tpo import TPOConfig, TPOLearner
     from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
@@ -124,7 +124,7 @@ def test_a_nan_learning_rate_update_is_rejected_and_weights_stay(warm_model_dir)
     rule refuses to deploy, so the served weights are the ones from before the iteration."""
     import torch
 
-    from treeplay.orchestrator.learners.dpo import DPOConfig, DPOLearner
+    from treeplay.learners.dpo import DPOConfig, DPOLearner
     from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PairRecord, PreferenceData
 
@@ -153,7 +153,7 @@ class ThroughTheProtocol:
         self._learner = learner
 
     def __getattr__(self, name):
-        from treeplay.orchestrator.learners.base import Learner
+        from treeplay.learners.base import Learner
 
         if name.startswith("_") or name not in vars(Learner):
             raise AttributeError(f"{name!r} is not part of the Learner protocol")
@@ -165,8 +165,8 @@ def test_train_guarded_needs_nothing_but_the_learner_protocol(tiny_model_dir):
 
     Without rollback, lr=1e30 leaves weights that give a non-finite loss: the learner is unhealthy
     after ``train``, and only ``load_weights`` of the weights from before makes it healthy again."""
-    from treeplay.orchestrator.learners.base import Learner
-    from treeplay.orchestrator.learners.dpo import DPOConfig, DPOLearner
+    from treeplay.learners.base import Learner
+    from treeplay.learners.dpo import DPOConfig, DPOLearner
     from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PairRecord, PreferenceData
 
@@ -189,7 +189,7 @@ def test_the_learner_refuses_this_iterations_data_older_than_the_staleness_bound
     """rollout.max_staleness: rows of the iteration being learned that are more than k versions
     behind the learner are refused and counted; replayed rows (older by design) and rows without a
     recorded version are kept."""
-    from treeplay.orchestrator.learners.guards import within_staleness
+    from treeplay.learners.guards import within_staleness
     from treeplay.orchestrator.rollouts import POLICY_VERSION
     from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
@@ -237,9 +237,9 @@ def _fixed_outcome_data(mode: str, solved: bool):
 @pytest.fixture(scope="module")
 def learners(tiny_model_dir):
     from tests.orchestrator.fixed_outcome_env import FixedOutcomeEnv
+    from treeplay.learners import make_learner
+    from treeplay.learners.slhf import VerifierOracle
     from treeplay.orchestrator.config import load_config
-    from treeplay.orchestrator.learners import make_learner
-    from treeplay.orchestrator.learners.slhf import VerifierOracle
 
     out = {}
     for algorithm in ("dpo", "tpo", "rft", "slhf"):
@@ -257,7 +257,7 @@ def test_regression_every_learner_and_mode_without_data_makes_no_update(learners
     actor's sequence (usable_data, then train_guarded) must give no update and a reason, for every
     learner and rollout mode, and train only where there is something to learn (RFT on verified-
     correct samples, SLHF on prompts, which its oracle scores)."""
-    from treeplay.orchestrator.learners.guards import canonical_order, train_guarded, usable_data
+    from treeplay.learners.guards import canonical_order, train_guarded, usable_data
     from treeplay.orchestrator.weights import fingerprint
 
     data = _fixed_outcome_data(mode, solved)

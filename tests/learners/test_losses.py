@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from treeplay.orchestrator.learners import losses
+from treeplay.learners import losses
 
 
 def softplus(x: float) -> float:

@@ -7,8 +7,8 @@ import torch
 
 from treeplay.agents.registry import make_environment
 from treeplay.agents.scripted import ScriptedPolicy
+from treeplay.learners.rft import RFTConfig, RFTLearner
 from treeplay.orchestrator.config import RunConfig
-from treeplay.orchestrator.learners.rft import RFTConfig, RFTLearner
 from treeplay.orchestrator.rollouts import run_rollouts
 from treeplay.store.records import RankedItem, RankedListRecord
 

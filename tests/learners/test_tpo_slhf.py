@@ -8,15 +8,15 @@ import random
 import pytest
 import torch
 
-from treeplay.orchestrator.engines.tiny import CHARS
-from treeplay.orchestrator.learners.slhf import SLHFLearner, load_follower_template
-from treeplay.orchestrator.learners.tpo import TPOLearner, kendall_tau, ndcg, token_steps
+from treeplay.engines.tiny import CHARS
+from treeplay.learners.slhf import SLHFLearner, load_follower_template
+from treeplay.learners.tpo import TPOLearner, kendall_tau, ndcg, token_steps
 from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    from treeplay.orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tpo") / "model", hidden_size=64, num_layers=2, seed=2)
 
@@ -163,7 +163,7 @@ def test_regression_slhf_oracle_scores_partial_solutions():
     task prompt plus the steps so far) got 0.5: no signal from most of MCTS's data."""
     from treeplay.agents.base import Step, Task, transcript
     from treeplay.agents.envs.arithmetic import ArithmeticEnv
-    from treeplay.orchestrator.learners.slhf import VerifierOracle
+    from treeplay.learners.slhf import VerifierOracle
 
     env = ArithmeticEnv(ops=2, digits=2)
     task = env.tasks("train", 1, seed=3)[0]

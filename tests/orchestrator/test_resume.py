@@ -25,15 +25,15 @@ import pytest
 import torch
 import yaml
 
-from treeplay.orchestrator.config import load_config
-from treeplay.orchestrator.learners.checkpoints import (
+from treeplay.learners.checkpoints import (
     TRAINER_DIR,
     read_checkpoint_meta,
     write_directory_atomically,
 )
-from treeplay.orchestrator.learners.dpo import DPOConfig, DPOLearner
-from treeplay.orchestrator.learners.guards import train_guarded
-from treeplay.orchestrator.learners.slhf import SLHFConfig, SLHFLearner
+from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.learners.guards import train_guarded
+from treeplay.learners.slhf import SLHFConfig, SLHFLearner
+from treeplay.orchestrator.config import load_config
 from treeplay.orchestrator.weights import fingerprint
 from treeplay.orchestrator.workers import ModelFiles
 from treeplay.store import queries
@@ -43,7 +43,7 @@ from treeplay.store.records import PairRecord, PreferenceData
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    from treeplay.orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("resume") / "model", hidden_size=32, num_layers=1)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from treeplay.agents.registry import environment_factory
+from treeplay.engines import make_engine
 from treeplay.orchestrator.config import load_config
-from treeplay.orchestrator.engines import make_engine
 from treeplay.orchestrator.rollouts import evaluate, rollout_summary, run_rollouts
 from treeplay.store import queries
 from treeplay.store.database import open_store

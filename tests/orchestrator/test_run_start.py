@@ -171,7 +171,7 @@ def test_regression_every_shipped_config_can_start(path, tmp_path):
     not have. Every shipped run config passes the start checks, and a warm-started one gets
     examples of every kind it asks for, rendered with its own settings (a prompt its
     max_prompt_chars refuses gives none)."""
-    from treeplay.orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.tiny import build_tiny_model
     from treeplay.orchestrator.run_start import check_startable
 
     cfg = load_config(path)

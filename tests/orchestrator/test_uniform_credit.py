@@ -87,7 +87,7 @@ def test_config_choice():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from treeplay.orchestrator.engines import make_engine
+    from treeplay.engines import make_engine
 
     eng = make_engine("hf", tiny_model_dir, seed=0, num_threads=1)
     yield eng

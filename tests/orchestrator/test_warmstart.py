@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 from treeplay.agents.base import Demonstration
+from treeplay.engines import make_engine
+from treeplay.engines.tiny import build_tiny_model
 from treeplay.orchestrator.config import ConfigError, load_config
-from treeplay.orchestrator.engines import make_engine
-from treeplay.orchestrator.engines.tiny import build_tiny_model
 from treeplay.orchestrator.warmstart import _encode, batch_counts, supervised_warm_start
 
 

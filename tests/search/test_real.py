@@ -14,7 +14,7 @@ from treeplay.search.tree import PreferenceTree
 def engine(tiny_model_dir):
     import torch
 
-    from treeplay.orchestrator.engines.hf import HFEngine
+    from treeplay.engines.hf import HFEngine
 
     torch.set_num_threads(1)
     eng = HFEngine(tiny_model_dir, seed=0)

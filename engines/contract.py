@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from treeplay.agents.base import Scored, TokenIds
-from treeplay.orchestrator.engines import EngineError
+from treeplay.engines import EngineError
 
 
 def check_model_dir(model_path: str | Path) -> Path:

@@ -41,8 +41,8 @@ import torch
 from pydantic import Field
 
 from treeplay.agents.prompt_files import load_prompt
-from treeplay.orchestrator.learners import losses
-from treeplay.orchestrator.learners.logprobs import (
+from treeplay.learners import losses
+from treeplay.learners.logprobs import (
     Group,
     encode_prompt,
     pack,
@@ -50,7 +50,7 @@ from treeplay.orchestrator.learners.logprobs import (
     padded,
     per_sequence,
 )
-from treeplay.orchestrator.learners.trainable import LearnerConfig, LearnerOutput, StatsMeter, TrainablePolicy
+from treeplay.learners.trainable import LearnerConfig, LearnerOutput, StatsMeter, TrainablePolicy
 from treeplay.store.records import PreferenceData
 
 Preference = Callable[[str, str, str], float]
@@ -158,7 +158,7 @@ def load_follower_template(path: str | Path | None = None) -> str:
     """The follower prompt template (``{prompt}`` and ``{response}`` placeholders)."""
     if path is not None:
         return Path(path).read_text(encoding="utf-8")
-    return load_prompt("slhf_follower.txt", "treeplay.orchestrator.learners")
+    return load_prompt("slhf_follower.txt", "treeplay.learners")
 
 
 def fill_follower_prompt(template: str, prompt: str, response: str) -> str:

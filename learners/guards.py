@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from treeplay.orchestrator.learners.base import Learner
+from treeplay.learners.base import Learner
 
 
 def shuffled_control(data: Any, seed: int) -> Any:

@@ -21,7 +21,7 @@ Conventions follow Qwen2: no BOS is added, ``<|endoftext|>`` pads and ends raw t
 ``<|im_end|>`` ends a chat turn (both are EOS ids in the generation config), and the chat template
 is ChatML. Run it directly to make one:
 
-    python -m treeplay.orchestrator.engines.bpe runs/bpe-model --hidden 512 --layers 8 --vocab 4096
+    python -m treeplay.engines.bpe runs/bpe-model --hidden 512 --layers 8 --vocab 4096
 """
 
 from __future__ import annotations
