@@ -42,6 +42,8 @@ from pydantic import Field
 
 from treeplay.agents.prompt_files import load_prompt
 from treeplay.learners import losses
+from treeplay.learners.base import LearnerOutput
+from treeplay.learners.epochs import StatsMeter
 from treeplay.learners.logprobs import (
     Group,
     encode_prompt,
@@ -50,7 +52,7 @@ from treeplay.learners.logprobs import (
     padded,
     per_sequence,
 )
-from treeplay.learners.trainable import LearnerConfig, LearnerOutput, StatsMeter, TrainablePolicy
+from treeplay.learners.trainable import LearnerConfig, TrainablePolicy
 from treeplay.store.records import PreferenceData
 
 Preference = Callable[[str, str, str], float]

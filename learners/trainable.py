@@ -23,7 +23,7 @@ A learner (``DPOLearner``, ``TPOLearner``, ``SLHFLearner``, ``RFTLearner``) *has
 This module holds the settings (``LearnerConfig``, ``LoRAConfig``), ``TrainablePolicy`` and
 ``AdapterReference``. The shared loop (``run_epochs``: shuffle, micro-batches, gradient
 accumulation, metrics) is in epochs.py, checkpoint I/O in checkpoints.py, ``LearnerOutput`` in
-base.py; all are re-exported here.
+base.py; import them from there.
 
 LoRA (``LearnerConfig.lora``, with peft): the base weights are frozen and only the adapter trains;
 the reference is the same model with the adapter switched off (``fixed``: the base, i.e. the
@@ -45,21 +45,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-# Re-exported: the learners' shared parts lived here before they got modules of their own, and
-# slhf.py and outside code import them from here.
-from treeplay.learners.base import LearnerOutput  # noqa: F401
-from treeplay.learners.checkpoints import (  # noqa: F401
-    STATE_FORMAT,
-    TRAINER_DIR,
-    TRAINER_META,
-    TRAINER_STATE,
-    read_checkpoint_meta,
-    rng_state,
-    set_rng_state,
-    to_cpu,
-    write_directory_atomically,
-)
-from treeplay.learners.epochs import StatsMeter, evaluate_batches, run_epochs  # noqa: F401
+from treeplay.learners.checkpoints import STATE_FORMAT, rng_state, set_rng_state, to_cpu
 
 
 class LoRAConfig(BaseModel):
