@@ -10,7 +10,8 @@ import pytest
 
 from treeplay.agents.base import StepResult, Task
 from treeplay.agents.scripted import ScriptedPolicy
-from treeplay.search.mcts import MCTSConfig, normalise_step, prior, puct, search, search_many
+from treeplay.search.expansion import normalise_step, prior
+from treeplay.search.mcts import MCTSConfig, puct, search, search_many
 from treeplay.search.preferences import (
     curriculum,
     label_smoothing,
