@@ -43,11 +43,10 @@ from treeplay.agents.registry import make_environment
 from treeplay.orchestrator.config import RunConfig, resume_config
 from treeplay.orchestrator.inspector import DATA_VERSIONS
 from treeplay.orchestrator.rollouts import chunk_seed, worker_idle_s
-from treeplay.orchestrator.run_start import (  # noqa: F401 - prepare_model: re-exported for its callers
+from treeplay.orchestrator.run_start import (
     check_startable,
     console,
     free_name,
-    prepare_model,
     resume_reference,
     uri_to_path,
     warm_start_model,

@@ -163,7 +163,7 @@ def _warm_key(cfg: RunConfig) -> str:
 def _warm_model(cfg: RunConfig, root: Path, built: dict[str, Path]) -> Path:
     """The study's warm-started tiny model for ``cfg`` (model, env, warm start, seed): built under
     ``root/warm/<key>/`` on first use, found there (``DONE``) or in ``built`` afterwards."""
-    from treeplay.orchestrator.loop import console, warm_start_model
+    from treeplay.orchestrator.run_start import console, warm_start_model
 
     key = _warm_key(cfg)
     if key not in built:
@@ -308,7 +308,8 @@ def run_study(study: StudyConfig, runs: dict[tuple[str, int], RunConfig]) -> dic
     Returns:
         The results (what ``results.json`` holds).
     """
-    from treeplay.orchestrator.loop import console, launch_run, resume_run
+    from treeplay.orchestrator.loop import launch_run, resume_run
+    from treeplay.orchestrator.run_start import console
     from treeplay.store import queries
     from treeplay.store.database import open_store
 
