@@ -269,7 +269,7 @@ def test_store_modules_stay_small_and_say_what_they_hold():
 
 
 def test_package_modules_stay_under_600_lines():
-    """Issue 13: a module over ~600 lines is split along its seams (the old module re-exports)."""
+    """Issue 13: a module over ~600 lines is split along its seams (users import from the new modules)."""
     long = {path: len(text.splitlines()) for path, text in _sources().items()
             if not path.startswith("bench/") and len(text.splitlines()) > 600}
     assert not long, f"modules over 600 lines: {long}"
