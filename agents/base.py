@@ -6,7 +6,7 @@ Everything else imports from here; this module imports nothing from the project.
 - ``TokenIds``: text already in a policy's token ids, for the paths that must not re-tokenize.
 - ``Environment``: what an agent acts in (``tasks``, ``reset``, ``step``, ``score``). A reasoning
   task is an environment whose actions are reasoning steps.
-- ``Policy``: what acts. Engines (``orchestrator/engines``) and scripted test policies implement it.
+- ``Policy``: what acts. Engines (``engines/``) and scripted test policies implement it.
 - ``Judge``: what scores candidates (verifiers, rubric judges, peers, critics).
 - ``Demonstration``: a warm-start example an environment offers (``demonstrations``).
 

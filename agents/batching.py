@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from agents.base import Completion, Policy, Prompt
+from treeplay.agents.base import Completion, Policy, Prompt
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from agents.base import Environment, Policy, Step, Trajectory, transcript
-from agents.episode import apply_action, generate_guarded, start_episode
-from agents.multi import Agent, normalise_action, propose
-from agents.prompt_files import Cut, PromptTooLong, fill_fit, load_prompt
-from store.records import PairRecord
+from treeplay.agents.base import Environment, Policy, Step, Trajectory, transcript
+from treeplay.agents.episode import apply_action, generate_guarded, start_episode
+from treeplay.agents.multi import Agent, normalise_action, propose
+from treeplay.agents.prompt_files import Cut, PromptTooLong, fill_fit, load_prompt
+from treeplay.store.records import PairRecord
 
 CLUMSY_SUFFIX = ":clumsy"
 _SCORE = re.compile(r"agent[_\s-]*(\d+)\s*[:=]\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)

@@ -20,9 +20,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.base import Completion, Environment, Policy, Prompt, Step, Task, Trajectory, transcript
-from agents.guards import safe_reset, safe_score, safe_step
-from store.records import JudgmentRecord, PairRecord, StepRecord, TaskResult, TrajectoryRecord, jsonable
+from treeplay.agents.base import Completion, Environment, Policy, Prompt, Step, Task, Trajectory, transcript
+from treeplay.agents.guards import safe_reset, safe_score, safe_step
+from treeplay.store.records import (
+    JudgmentRecord,
+    PairRecord,
+    StepRecord,
+    TaskResult,
+    TrajectoryRecord,
+    jsonable,
+)
 
 Render = Callable[[Task, Sequence[Step]], Prompt]
 

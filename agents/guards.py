@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from agents.base import Environment, StepResult, Task, Trajectory
+from treeplay.agents.base import Environment, StepResult, Task, Trajectory
 
 T = TypeVar("T")
 

@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agents.base import Environment, Policy, Step, Task, Trajectory
-from agents.episode import (
+from treeplay.agents.base import Environment, Policy, Step, Task, Trajectory
+from treeplay.agents.episode import (
     Render,
     action_line,
     apply_action,

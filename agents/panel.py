@@ -47,10 +47,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.base import Judge, Judgment, Policy, Task
-from agents.episode import generate_guarded
-from agents.prompt_files import PromptTooLong, fill_fit, load_prompt
-from store.records import JudgmentRecord, PairRecord, RankedItem, RankedListRecord, TaskResult
+from treeplay.agents.base import Judge, Judgment, Policy, Task
+from treeplay.agents.episode import generate_guarded
+from treeplay.agents.prompt_files import PromptTooLong, fill_fit, load_prompt
+from treeplay.store.records import JudgmentRecord, PairRecord, RankedItem, RankedListRecord, TaskResult
 
 DIMENSIONS = ("helpfulness", "correctness", "detail", "coherence", "complexity")
 _DIM_ALIASES = {

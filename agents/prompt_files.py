@@ -5,8 +5,8 @@
 
 ``load_prompt`` is the one loader of the project's prompt files: the agents' live in
 ``agents/prompts/`` (the default), MCTS's self-evaluation prompts in ``search/prompts/``
-(``load_prompt("self_eval.txt", "search")``) and the SLHF follower's in
-``orchestrator/learners/prompts/``. It reads them as package resources, so they are found in an
+(``load_prompt("self_eval.txt", "treeplay.search")``) and the SLHF follower's in
+``learners/prompts/``. It reads them as package resources, so they are found in an
 installed wheel as well as in a checkout. This module imports nothing from the project, so search
 may use it as well as agents and the orchestrator.
 
@@ -38,7 +38,7 @@ import yaml
 
 
 @cache
-def load_prompt(name: str, package: str = "agents") -> str:
+def load_prompt(name: str, package: str = "treeplay.agents") -> str:
     """The text of ``<package>/prompts/<name>`` (``package`` a dotted package name), read as UTF-8."""
     return (files(package) / "prompts" / name).read_text(encoding="utf-8")
 

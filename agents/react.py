@@ -39,11 +39,18 @@ from typing import Any, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 
-from agents.base import Environment, Policy, Step, Task, Trajectory, transcript
-from agents.batching import LockstepBatcher
-from agents.episode import Episode, action_line, apply_action, finish_episode, generate_guarded, start_episode
-from agents.prompt_files import Cut, Part, PromptTooLong, fill_fit, fit, load_prompt
-from agents.rubrics import (
+from treeplay.agents.base import Environment, Policy, Step, Task, Trajectory, transcript
+from treeplay.agents.batching import LockstepBatcher
+from treeplay.agents.episode import (
+    Episode,
+    action_line,
+    apply_action,
+    finish_episode,
+    generate_guarded,
+    start_episode,
+)
+from treeplay.agents.prompt_files import Cut, Part, PromptTooLong, fill_fit, fit, load_prompt
+from treeplay.agents.rubrics import (
     VERIFY_THRESHOLD,
     Rubric,
     Verdict,
@@ -54,7 +61,7 @@ from agents.rubrics import (
     parse_verdict,
     phase_hint,
 )
-from store.records import PairRecord
+from treeplay.store.records import PairRecord
 
 DEFAULT_TOOLS = "search[name], lookup[attribute], calculate[expression], answer[value]"
 

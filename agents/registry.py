@@ -12,7 +12,7 @@ replace them. Errors are one line and say what to fix::
 
     make_environment("arithmetic", ops=2)         # built-in
     make_environment("mypkg.envs:Maze", size=5)   # dotted path
-    available_environments()                      # {"arithmetic": "agents.envs.arithmetic:ArithmeticEnv", ...}
+    available_environments()                      # {"arithmetic": "treeplay.agents.envs.arithmetic:ArithmeticEnv", ...}
 
 Agent classes (anything a config names to act) load the same way from the ``treeplay.agents``
 group through ``load_agent_class``.
@@ -26,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agents.base import Environment
+from treeplay.agents.base import Environment
 
 ENV_GROUP = "treeplay.environments"
 AGENT_GROUP = "treeplay.agents"
 BUILTIN_ENVIRONMENTS = {
-    "arithmetic": "agents.envs.arithmetic:ArithmeticEnv",
-    "toolqa": "agents.envs.toolqa:ToolQAEnv",
+    "arithmetic": "treeplay.agents.envs.arithmetic:ArithmeticEnv",
+    "toolqa": "treeplay.agents.envs.toolqa:ToolQAEnv",
 }
 ENV_METHODS = ("tasks", "reset", "step", "score")
 

@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agents.prompt_files import fill, load_prompt, load_prompt_yaml
+from treeplay.agents.prompt_files import fill, load_prompt, load_prompt_yaml
 
 VERIFY_THRESHOLD = 0.6
 REPETITION_GATE = 0.40

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.base import Completion, Prompt, Scored
+from treeplay.agents.base import Completion, Prompt, Scored
 
 
 def _as_text(prompt: Prompt) -> str:

@@ -80,13 +80,13 @@ def main() -> None:
 
     import ray
 
-    from agents.registry import make_environment
-    from orchestrator.config import load_config
-    from orchestrator.engines.tiny import build_tiny_model
-    from orchestrator.loop import run_loop
-    from orchestrator.warmstart import supervised_warm_start
-    from store import queries
-    from store.database import open_store
+    from treeplay.agents.registry import make_environment
+    from treeplay.engines.tiny import build_tiny_model
+    from treeplay.orchestrator.config import load_config
+    from treeplay.orchestrator.loop import run_loop
+    from treeplay.orchestrator.warmstart import supervised_warm_start
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     tmp = Path(tempfile.mkdtemp(prefix="treeplay-bench-cluster-"))
     demo = load_config(None)

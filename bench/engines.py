@@ -107,14 +107,14 @@ def main() -> None:
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", help="a model directory to measure instead of the tiny char model "
-                    "(e.g. one built by orchestrator.engines.bpe, or a real checkpoint on a GPU box)")
+                    "(e.g. one built by treeplay.engines.bpe, or a real checkpoint on a GPU box)")
     args = ap.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orchestrator.engines.hf import HFEngine
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.hf import HFEngine
+    from treeplay.engines.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
     if args.model:
@@ -208,7 +208,7 @@ def main() -> None:
         except Exception as e:
             vllm_note = f"vllm not importable: {type(e).__name__}: {e}"
     if vllm_note is None:
-        from orchestrator.engines.vllm import VLLMEngine
+        from treeplay.engines.vllm import VLLMEngine
 
         t0 = time.perf_counter()
         v = VLLMEngine(model_dir, seed=0, dtype="float32", max_model_len=512)

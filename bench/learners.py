@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from orchestrator.engines.tiny import build_tiny_model  # noqa: E402
-from orchestrator.learners.dpo import DPOConfig, DPOLearner  # noqa: E402
-from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord  # noqa: E402
+from treeplay.engines.tiny import build_tiny_model  # noqa: E402
+from treeplay.learners.dpo import DPOConfig, DPOLearner  # noqa: E402
+from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord  # noqa: E402
 
 WORDS = "alpha beta gamma delta step carry add sum total digit left right check answer so then".split()
 
@@ -143,7 +143,7 @@ def bench_dpo(model_dir: Path, pairs: list[PairRecord], a, tmp: str) -> dict:
 
 
 def bench_tpo(model_dir: Path, a) -> float:
-    from orchestrator.learners.tpo import TPOConfig, TPOLearner
+    from treeplay.learners.tpo import TPOConfig, TPOLearner
 
     rng = random.Random(1)
     lists = []
@@ -164,7 +164,7 @@ def bench_tpo(model_dir: Path, a) -> float:
 
 
 def bench_slhf(model_dir: Path, a) -> float:
-    from orchestrator.learners.slhf import SLHFConfig, SLHFLearner
+    from treeplay.learners.slhf import SLHFConfig, SLHFLearner
 
     rng = random.Random(2)
     prompts = [f"Q{i}: " + text(rng, 60) for i in range(32)]

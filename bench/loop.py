@@ -48,10 +48,10 @@ LAST_K = 3
 def run_once(model: Path, tmp: Path, seed: int, staleness: int, args: argparse.Namespace) -> dict:
     import ray
 
-    from orchestrator.config import load_config
-    from orchestrator.loop import run_loop
-    from store import queries
-    from store.database import open_store
+    from treeplay.orchestrator.config import load_config
+    from treeplay.orchestrator.loop import run_loop
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     name = f"bench-s{seed}-k{staleness}"
     overrides = [
@@ -109,8 +109,8 @@ def main() -> None:
     if args.max_staleness < 1:
         ap.error("--max-staleness must be at least 1 (0 is the synchronous baseline, always run)")
 
-    from orchestrator.config import load_config
-    from orchestrator.run_start import prepare_model
+    from treeplay.orchestrator.config import load_config
+    from treeplay.orchestrator.run_start import prepare_model
 
     tmp = Path(tempfile.mkdtemp(prefix="treeplay-bench-loop-"))
     demo = load_config(None, [f"warm_start.steps={args.warm_steps}"] if args.warm_steps is not None else [])

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/lora.py [--hidden 512] [--layers 8] [--pairs 32] [--rank 16] [--vllm]
 
-Model: a random-init Qwen2 with a byte-level BPE tokenizer built here (orchestrator/engines/bpe.py;
+Model: a random-init Qwen2 with a byte-level BPE tokenizer built here (engines/bpe.py;
 hidden 512, 8 layers, 8 heads / 4 KV heads, vocabulary 4096: ~26M parameters), fp32, 1 thread.
 
 - **Redeploy** (what the loop does after each learner update, minus Ray's object store): the
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_pairs(n: int):
-    from store.records import PairRecord
+    from treeplay.store.records import PairRecord
 
     out = []
     for i in range(n):
@@ -56,8 +56,8 @@ def learner_job(model_dir: str, pairs: int, lora: dict | None, queue) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from orchestrator.learners.dpo import DPOLearner
-    from orchestrator.learners.trainable import LoRAConfig
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.learners.trainable import LoRAConfig
 
     learner = DPOLearner(model_dir, num_threads=1, batch_size=8, lr=1e-4, reference="fixed",
                          lora=LoRAConfig(**lora) if lora else None)
@@ -88,7 +88,7 @@ def run_learner(model_dir: Path, pairs: int, lora: dict | None) -> dict:
 
 
 def redeploy_seconds(engine, state_dict, repeats: int) -> float:
-    from orchestrator.weights import from_payload, to_payload
+    from treeplay.orchestrator.weights import from_payload, to_payload
 
     # One untimed load first: the engine's first adapter wraps its layers (once per engine, not per
     # redeploy), and the first full load pays allocator warm-up.
@@ -121,10 +121,10 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
-    from orchestrator.engines import make_engine
-    from orchestrator.engines.bpe import build_bpe_model, environment_corpus, parameter_count
-    from orchestrator.learners.dpo import DPOLearner
-    from orchestrator.learners.trainable import LoRAConfig
+    from treeplay.engines import make_engine
+    from treeplay.engines.bpe import build_bpe_model, environment_corpus, parameter_count
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.learners.trainable import LoRAConfig
 
     lora = {"rank": a.rank, "alpha": 2.0 * a.rank}
     with tempfile.TemporaryDirectory() as tmp:

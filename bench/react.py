@@ -55,12 +55,12 @@ def main() -> None:
 
     import dataclasses
 
-    from agents.envs.toolqa import ToolQAEnv
-    from agents.react import ReActAgent
-    from orchestrator.config import load_config
-    from orchestrator.engines import make_engine
-    from orchestrator.engines.bpe import build_bpe_model
-    from orchestrator.run_start import tokenizer_corpus
+    from treeplay.agents.envs.toolqa import ToolQAEnv
+    from treeplay.agents.react import ReActAgent
+    from treeplay.engines import make_engine
+    from treeplay.engines.bpe import build_bpe_model
+    from treeplay.orchestrator.config import load_config
+    from treeplay.orchestrator.run_start import tokenizer_corpus
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "react.yaml", [])
     t = cfg.model.tiny

@@ -37,10 +37,10 @@ def main() -> None:
 
     import torch
 
-    from agents.envs.arithmetic import ArithmeticEnv
-    from orchestrator.engines.hf import HFEngine
-    from orchestrator.engines.tiny import build_tiny_model
-    from search.mcts import MCTSConfig, search_many
+    from treeplay.agents.envs.arithmetic import ArithmeticEnv
+    from treeplay.engines.hf import HFEngine
+    from treeplay.engines.tiny import build_tiny_model
+    from treeplay.search.mcts import MCTSConfig, search_many
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))

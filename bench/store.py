@@ -32,9 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from store import queries, schema  # noqa: E402
-from store.database import Store, open_store  # noqa: E402
-from store.records import NodeRecord, PairRecord, TaskResult, TreeRecord  # noqa: E402
+from treeplay.store import queries, schema  # noqa: E402
+from treeplay.store.database import Store, open_store  # noqa: E402
+from treeplay.store.records import NodeRecord, PairRecord, TaskResult, TreeRecord  # noqa: E402
 
 
 def make_task(rng: random.Random, task_id: str, n_nodes: int, n_pairs: int) -> TaskResult:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator import __version__
+from treeplay import __version__
 
 app = typer.Typer(
     name="treeplay",
@@ -53,14 +53,14 @@ def db_upgrade(
     url: str = typer.Option(DEFAULT_DB, "--url", envvar=STORE_ENV, help="Database URL (sqlite:///path or postgresql://...)."),
 ) -> None:
     """Create or migrate the store's schema to the newest version (Alembic)."""
-    from store.database import StoreError, upgrade
+    from treeplay.store.database import StoreError, upgrade
 
     try:
         rev = upgrade(url)
     except StoreError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
-    from store.redact import redact_url
+    from treeplay.store.redact import redact_url
 
     typer.echo(f"store at {redact_url(url)} is at revision {rev}")
 
@@ -73,10 +73,10 @@ def _fail(e: Exception) -> typer.Exit:
 def _launch(config: str | None, overrides: list[str]) -> None:
     import os
 
-    from agents.registry import RegistryError
-    from orchestrator.config import ConfigError, load_config
-    from orchestrator.loop import final_line, launch_run
-    from store.database import StoreError
+    from treeplay.agents.registry import RegistryError
+    from treeplay.orchestrator.config import ConfigError, load_config
+    from treeplay.orchestrator.loop import final_line, launch_run
+    from treeplay.store.database import StoreError
 
     if os.environ.get(STORE_ENV):
         # The environment overrides the config file; the command line overrides the environment.
@@ -96,7 +96,7 @@ def _launch(config: str | None, overrides: list[str]) -> None:
 def _after_run(report, url: str) -> None:
     from rich.console import Console
 
-    from store.redact import redact_url
+    from treeplay.store.redact import redact_url
 
     c = Console(stderr=True)
     url = redact_url(url)  # the hint is printed, so never with the password
@@ -142,13 +142,13 @@ def study(
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.config import ConfigError
-    from orchestrator.study import TABLE_HEADER, final_line, load_study, run_study, table_rows
+    from treeplay.orchestrator.config import ConfigError
+    from treeplay.orchestrator.study import TABLE_HEADER, final_line, load_study, run_study, table_rows
 
     extra = list(overrides or [])
     if os.environ.get(STORE_ENV):
         extra = [f"store.url={os.environ[STORE_ENV]}", *extra]
-    from store.database import StoreError, open_store
+    from treeplay.store.database import StoreError, open_store
 
     try:
         spec, runs = load_study(config, extra, name=name)
@@ -184,9 +184,9 @@ def resume(
     The stored config holds no credentials: the store is the one --db names (its password from the
     URL, $TREEPLAY_STORE_URL, $PGPASSWORD or ~/.pgpass), and redacted values are given again here.
     """
-    from agents.registry import RegistryError
-    from orchestrator.loop import final_line, resume_run
-    from store.database import StoreError
+    from treeplay.agents.registry import RegistryError
+    from treeplay.orchestrator.loop import final_line, resume_run
+    from treeplay.store.database import StoreError
 
     try:
         report = resume_run(int(run) if run.isdigit() else run, db, list(overrides or []))
@@ -209,8 +209,8 @@ def status(
     from rich.markup import escape
     from rich.table import Table
 
-    from store import queries
-    from store.database import StoreError, open_store
+    from treeplay.store import queries
+    from treeplay.store.database import StoreError, open_store
 
     try:
         store = open_store(db, create=False)
@@ -230,7 +230,7 @@ def status(
         its = queries.list_iterations(store, info.id)
     except StoreError as e:
         raise _fail(e) from None
-    from orchestrator.inspector import data_versions, data_versions_text
+    from treeplay.orchestrator.inspector import data_versions, data_versions_text
 
     rows = [{"iteration": i.index, "status": i.status, "policy_version": i.policy_version,
              "data_versions": data_versions(i), "data": data_versions_text(i),
@@ -268,7 +268,7 @@ def envs_list() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from agents.registry import list_environments
+    from treeplay.agents.registry import list_environments
 
     table = Table(title="treeplay environments")
     for column in ("name", "target", "source"):
@@ -302,8 +302,8 @@ def runs(
     """List the runs in the store."""
     from rich.console import Console
 
-    from orchestrator import inspector
-    from store.database import StoreError
+    from treeplay.orchestrator import inspector
+    from treeplay.store.database import StoreError
 
     try:
         rows = inspector.list_runs(inspector.open_for_reading(db))
@@ -312,7 +312,7 @@ def runs(
     if as_json:
         _print_json(rows)
         return
-    from store.redact import redact_url
+    from treeplay.store.redact import redact_url
 
     Console().print(inspector.runs_table(rows, title=f"runs in {redact_url(db)}"))
 
@@ -327,8 +327,8 @@ def tree_show(
     """Draw a preference tree: step, N, Q, reward; ● selected path, ✓/✗ chosen/rejected sides of pairs."""
     from rich.console import Console
 
-    from orchestrator import inspector
-    from store.database import StoreError
+    from treeplay.orchestrator import inspector
+    from treeplay.store.database import StoreError
 
     try:
         store = inspector.open_for_reading(db)
@@ -352,8 +352,8 @@ def pairs(
     """List a run's preference pairs with the tree nodes they came from."""
     from rich.console import Console
 
-    from orchestrator import inspector
-    from store.database import StoreError
+    from treeplay.orchestrator import inspector
+    from treeplay.store.database import StoreError
 
     try:
         rows = inspector.list_pairs(inspector.open_for_reading(db), run, iteration, source)
@@ -375,8 +375,8 @@ def export_pairs(
     db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
 ) -> None:
     """Export a run's pairs as TRL preference data: {"prompt", "chosen", "rejected"}."""
-    from orchestrator import inspector
-    from store.database import StoreError
+    from treeplay.orchestrator import inspector
+    from treeplay.store.database import StoreError
 
     try:
         n, text = inspector.export_pairs(inspector.open_for_reading(db), run, fmt, out, iteration, source)
@@ -398,8 +398,8 @@ def export_tree(
     """Export a stored tree as node-link JSON, GraphML or Graphviz DOT."""
     from pathlib import Path
 
-    from orchestrator import inspector
-    from store.database import StoreError
+    from treeplay.orchestrator import inspector
+    from treeplay.store.database import StoreError
 
     try:
         text = inspector.export_tree(inspector.open_for_reading(db), inspector.parse_id(tree, "tree id"), fmt)
@@ -428,9 +428,9 @@ def serve(
                               "a non-local bind without one gets a generated token, printed here."),
 ) -> None:
     """Serve the read-only inspector page and JSON API (http://127.0.0.1:8765/ by default)."""
-    from orchestrator.web import app as web
-    from store.database import StoreError
-    from store.redact import redact_url
+    from treeplay.orchestrator.web import app as web
+    from treeplay.store.database import StoreError
+    from treeplay.store.redact import redact_url
 
     generated = token is None and not web.is_local(host)
     try:

@@ -18,15 +18,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agents.base import DemonstrationKind
-from agents.panel import PanelConfig
-from agents.react import ReActConfig
-from orchestrator.learners.dpo import DPOConfig
-from orchestrator.learners.rft import RFTConfig
-from orchestrator.learners.slhf import SLHFConfig
-from orchestrator.learners.tpo import TPOConfig
-from search.mcts import MCTSConfig
-from store.redact import REDACTED, is_secret_key, redact, redacted_keys
+from treeplay.agents.base import DemonstrationKind
+from treeplay.agents.panel import PanelConfig
+from treeplay.agents.react import ReActConfig
+from treeplay.learners.dpo import DPOConfig
+from treeplay.learners.rft import RFTConfig
+from treeplay.learners.slhf import SLHFConfig
+from treeplay.learners.tpo import TPOConfig
+from treeplay.search.mcts import MCTSConfig
+from treeplay.store.redact import REDACTED, is_secret_key, redact, redacted_keys
 
 
 class ConfigError(ValueError):
@@ -40,7 +40,7 @@ class _Strict(BaseModel):
 class TinyModelConfig(_Strict):
     """A random-init model built on the spot when ``model.path`` is unset: a Llama with the char
     tokenizer (the demo), or a Qwen2/Llama with a byte-level BPE tokenizer trained on the
-    environments' text (``tokenizer: bpe``, orchestrator/engines/bpe.py; configs/real.yaml)."""
+    environments' text (``tokenizer: bpe``, engines/bpe.py; configs/real.yaml)."""
 
     tokenizer: Literal["char", "bpe"] = Field("char", description="char: one token per character; bpe: "
                                                "byte-level BPE trained here, merges across lines, ChatML.")
@@ -55,7 +55,7 @@ class TinyModelConfig(_Strict):
     pretokenizer: Literal["none", "qwen2", "llama3"] = Field(
         "none", description="bpe: 'none' lets merges cross spaces, newlines and digits; 'qwen2' splits first as "
         "Qwen2 does (each digit alone, words whole), the only split a qwen2-architecture model loads back as "
-        "trained; 'llama3' as Llama 3 does (digits in runs of three), for arch llama (orchestrator/engines/bpe.py).")
+        "trained; 'llama3' as Llama 3 does (digits in runs of three), for arch llama (engines/bpe.py).")
     max_positions: int = Field(128, ge=32, description="Context length (characters with char, tokens with bpe).")
     seed: int = Field(0, description="Seed of the random init (and of the tokenizer's corpus).")
 
@@ -204,7 +204,7 @@ def _demo_dpo() -> DPOConfig:
 
 
 class LearnerSection(_Strict):
-    """Which learner runs, on which data, with its own settings (orchestrator/learners)."""
+    """Which learner runs, on which data, with its own settings (learners/)."""
 
     algorithm: Literal["dpo", "tpo", "slhf", "rft"] = Field(
         "dpo", description="Learner of the run; 'rft' = rejection-sampling fine-tuning (the baseline).")

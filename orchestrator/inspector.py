@@ -12,7 +12,7 @@ Model text is untrusted: the terminal renders it as ``rich.text.Text`` (never pa
 control characters and Unicode bidirectional controls shown as visible escapes, and the web page
 inserts it only as DOM text. A run's config is shown only through ``store.redact`` (no credentials).
 
-    from orchestrator import inspector
+    from treeplay.orchestrator import inspector
     store = inspector.open_for_reading("sqlite:///runs/treeplay.db")
     inspector.node_detail(store, 42)["text"]     # prompt + steps from the root down to node 42
 """
@@ -25,11 +25,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.base import transcript
-from store import queries
-from store.database import Store, StoreError, open_store
-from store.records import PAIR_SOURCES, NodeRecord, PairRecord, jsonable
-from store.redact import redact
+from treeplay.agents.base import transcript
+from treeplay.store import queries
+from treeplay.store.database import Store, StoreError, open_store
+from treeplay.store.records import PAIR_SOURCES, NodeRecord, PairRecord, jsonable
+from treeplay.store.redact import redact
 
 if TYPE_CHECKING:
     from rich.tree import Tree as RichTree
@@ -471,7 +471,7 @@ def export_pairs(
 
 def export_tree(store: Store, tree_id: int, fmt: str) -> str:
     """A stored tree as node-link JSON, GraphML or Graphviz DOT (``PreferenceTree``'s exports)."""
-    from search.tree import PreferenceTree
+    from treeplay.search.tree import PreferenceTree
 
     if fmt not in TREE_FORMATS:
         raise StoreError(f"unknown tree format {fmt!r}; known: {', '.join(TREE_FORMATS)}")

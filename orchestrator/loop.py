@@ -38,22 +38,21 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agents.base import Task
-from agents.registry import make_environment
-from orchestrator.config import RunConfig, resume_config
-from orchestrator.inspector import DATA_VERSIONS
-from orchestrator.rollouts import chunk_seed, worker_idle_s
-from orchestrator.run_start import (  # noqa: F401 - prepare_model: re-exported for its callers
+from treeplay.agents.base import Task
+from treeplay.agents.registry import make_environment
+from treeplay.orchestrator.config import RunConfig, resume_config
+from treeplay.orchestrator.inspector import DATA_VERSIONS
+from treeplay.orchestrator.rollouts import chunk_seed, worker_idle_s
+from treeplay.orchestrator.run_start import (
     check_startable,
     console,
     free_name,
-    prepare_model,
     resume_reference,
     uri_to_path,
     warm_start_model,
 )
-from store import queries
-from store.database import Store, open_store
+from treeplay.store import queries
+from treeplay.store.database import Store, open_store
 
 
 @dataclass
@@ -106,7 +105,7 @@ class Loop:
         """``model``: the starting model or a checkpoint; ``reference``: the model a resumed learner's
         fixed reference is (None: the learner copies ``model``); ``reference_uri``: where the
         reference came from, recorded in checkpoints (default: ``model``'s URI)."""
-        from orchestrator.workers import Fleet, lane_priority
+        from treeplay.orchestrator.workers import Fleet, lane_priority
 
         self.cfg, self.store, self.run_id = cfg, store, run_id
         # Absolute on the driver: the learner resolves paths on its own node and working directory.
@@ -145,7 +144,7 @@ class Loop:
         ``flush``: return only once every result is written (else ``flush(index)`` waits for it).
         ``check`` is called after each chunk (the pipeline stops here if the learner's side failed).
         """
-        from orchestrator.rollouts import rollout_summary
+        from treeplay.orchestrator.rollouts import rollout_summary
 
         done = queries.completed_task_ids(self.store, self.run_id, index)
         size = self.cfg.rollout.chunk_size
@@ -270,7 +269,7 @@ def _live_line(index: int, stats: list[dict[str, float]], seconds: float,
                workers: Sequence[int | None] = (), learning: str = "") -> str:
     """The progress bar's text while chunks stream in: what the rollouts have found so far, the
     version each worker serves and, in a pipelined run, what the learner is doing."""
-    from orchestrator.rollouts import rollout_summary
+    from treeplay.orchestrator.rollouts import rollout_summary
 
     s = rollout_summary(stats)
     parts = [f"iter {index} rollouts"]

@@ -34,7 +34,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import RayConfig
+from treeplay.orchestrator.config import RayConfig
 
 ROLLOUT_RESOURCE = "rollout"
 LEARNER_RESOURCE = "learner"

@@ -27,8 +27,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agents.base import Environment, Policy, Task, Trajectory, action_spans, step_segments, transcript
-from agents.episode import (
+from treeplay.agents.base import (
+    Environment,
+    Policy,
+    Task,
+    Trajectory,
+    action_spans,
+    step_segments,
+    transcript,
+)
+from treeplay.agents.episode import (
     action_line,
     apply_action,
     finish_episode,
@@ -37,8 +45,8 @@ from agents.episode import (
     start_episode,
     task_result,
 )
-from orchestrator.config import RunConfig
-from store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
+from treeplay.orchestrator.config import RunConfig
+from treeplay.store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
 
 EnvFactory = Callable[[], Environment]
 
@@ -85,7 +93,7 @@ def stamp_version(results: Sequence[TaskResult], version: int) -> None:
     """Record in each pair's and ranked list's ``info`` the weights version that produced it.
 
     Trees and trajectories carry the version in a column of their own; pairs and lists get it here,
-    so that a learner can measure how stale its data is (``orchestrator.learners.guards.within_staleness``).
+    so that a learner can measure how stale its data is (``learners.guards.within_staleness``).
     """
     for r in results:
         for rec in [*r.pairs, *r.ranked_lists]:
@@ -112,8 +120,8 @@ class TokenCounter:
 
 
 def _mcts(cfg, tasks, policy, env_factory, seed):
-    from search.mcts import search_many
-    from search.preferences import tree_result
+    from treeplay.search.mcts import search_many
+    from treeplay.search.preferences import tree_result
 
     trees = search_many(tasks, env_factory, policy, cfg.search.model_copy(update={"seed": seed}))
     results = [
@@ -232,7 +240,7 @@ def _agent_stats(tasks, trajs, results) -> dict[str, float]:
 
 def _react(cfg, tasks, policy, env_factory, seed):
     """Rubric-guided ReAct (Co-ReAct) or plain ReAct; pairs from verify-and-retry steps."""
-    from agents.react import ReActAgent, rubric_pairs
+    from treeplay.agents.react import ReActAgent, rubric_pairs
 
     agent = ReActAgent(policy, config=dataclasses.replace(cfg.rollout.react, seed=seed))
     trajs = agent.run_many(env_factory, tasks)
@@ -250,7 +258,7 @@ def _peer_engine(cfg: RunConfig, name: str, path: str) -> Policy:
     """The engine of a panel peer with its own model, built like the worker's (same kind and kwargs)."""
     from pathlib import Path
 
-    from orchestrator.engines import make_engine
+    from treeplay.engines import make_engine
 
     key = (cfg.engine.kind, path, repr(sorted(cfg.engine.kwargs.items())))
     if key not in _PEER_ENGINES:
@@ -271,8 +279,8 @@ def _panel(cfg, tasks, policy, env_factory, seed):
     the candidate's lines replayed from ``reset``, ``agents.episode.verify_completion``); it is a verifier: no peer vote can make a
     verified-wrong candidate the chosen side of a pair (agents/panel.py).
     """
-    from agents.episode import verify_completion
-    from agents.panel import ExactAnswerJudge, Peer, run_panel
+    from treeplay.agents.episode import verify_completion
+    from treeplay.agents.panel import ExactAnswerJudge, Peer, run_panel
 
     specs = [(p.name, p.model_path) for p in cfg.rollout.panel_peers] or [
         (f"peer-{i}", None) for i in range(cfg.rollout.num_agents)
@@ -303,8 +311,8 @@ def _multi_agent(cfg, tasks, policy, env_factory, seed):
     both add clumsy negatives. "uniform" is the baseline without re-assignment: no critic, no
     clumsy negatives, every executed step credited with the episode's outcome (``OutcomeCredit``).
     """
-    from agents.credit import OutcomeCredit, PolicyCritic, StepCheckCritic, assign_credit
-    from agents.multi import Agent, run_multi_agent_episodes
+    from treeplay.agents.credit import OutcomeCredit, PolicyCritic, StepCheckCritic, assign_credit
+    from treeplay.agents.multi import Agent, run_multi_agent_episodes
 
     agents = [Agent(f"agent-{i}", policy) for i in range(cfg.rollout.num_agents)]
     trajs = run_multi_agent_episodes(
@@ -336,7 +344,7 @@ def evaluate(
     before it is scored (``refine_answers``).
     """
     if cfg.eval.agent == "react":
-        from agents.react import ReActAgent
+        from treeplay.agents.react import ReActAgent
 
         agent = ReActAgent(policy, config=dataclasses.replace(
             cfg.rollout.react, temperature=temperature, seed=cfg.seed + EVAL_SEED_OFFSET))
@@ -369,7 +377,7 @@ def refine_answers(
         One trajectory per input, in order: the refined answer's, with ``info["refined_from"]`` the
         leader's answer and ``info["refinements"]`` every follower answer.
     """
-    from orchestrator.learners.slhf import fill_follower_prompt, load_follower_template
+    from treeplay.learners.slhf import fill_follower_prompt, load_follower_template
 
     template = load_follower_template(cfg.learner.slhf.follower_prompt)
     answers = [transcript("", t.steps) for t in trajs]

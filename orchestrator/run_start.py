@@ -16,10 +16,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agents.registry import make_environment
-from orchestrator.config import STUDY_PEER_PREFIX, RunConfig
-from store import queries
-from store.database import Store
+from treeplay.agents.registry import make_environment
+from treeplay.orchestrator.config import STUDY_PEER_PREFIX, RunConfig
+from treeplay.store import queries
+from treeplay.store.database import Store
 
 console = Console(stderr=True)
 
@@ -31,14 +31,14 @@ def prepare_model(cfg: RunConfig, run_dir: Path, on_step: Callable[[int, float],
         if not (path / "config.json").is_file():
             raise ValueError(f"model.path '{path}' is not a Hugging Face model directory (no config.json)")
         return path, {}
-    from orchestrator.engines.tiny import build_tiny_model
-    from orchestrator.warmstart import supervised_warm_start
+    from treeplay.engines.tiny import build_tiny_model
+    from treeplay.orchestrator.warmstart import supervised_warm_start
 
     t = cfg.model.tiny
     ws = cfg.warm_start
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
     if t.tokenizer == "bpe":
-        from orchestrator.engines.bpe import build_bpe_model
+        from treeplay.engines.bpe import build_bpe_model
 
         path = build_bpe_model(run_dir / "model-v0", t.arch or "qwen2", t.hidden_size, t.num_layers, t.num_heads,
                                t.num_kv_heads, t.intermediate_size, t.max_positions, t.vocab_size, t.seed,
@@ -67,7 +67,7 @@ def tokenizer_corpus(cfg: RunConfig, env: Any) -> list[str]:
     """The text a run's BPE tokenizer is trained on: the environments' transcripts and, when the warm
     start teaches rubrics or verdicts, a sample of those demonstrations (their prompts are not in any
     transcript; no other run's vocabulary changes)."""
-    from orchestrator.engines.bpe import DEFAULT_ENVIRONMENTS, environment_corpus
+    from treeplay.engines.bpe import DEFAULT_ENVIRONMENTS, environment_corpus
 
     t, ws = cfg.model.tiny, cfg.warm_start
     kinds = [k for k in ws.demonstrations if k != "actions"] if ws.enabled and ws.steps > 0 else []
@@ -174,7 +174,7 @@ def free_name(store: Store, name: str) -> str:
 
 def resume_reference(checkpoint: Path, version: int) -> tuple[Path | None, str | None]:
     """The model a checkpoint's fixed reference is (to load it again) and the reference's origin."""
-    from orchestrator.learners.checkpoints import read_checkpoint_meta
+    from treeplay.learners.checkpoints import read_checkpoint_meta
 
     meta = read_checkpoint_meta(checkpoint)
     if meta is None:

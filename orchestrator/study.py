@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.config import STUDY_PEER_PREFIX, ConfigError, RunConfig, load_config
+from treeplay.orchestrator.config import STUDY_PEER_PREFIX, ConfigError, RunConfig, load_config
 
 
 class _Strict(BaseModel):
@@ -163,7 +163,7 @@ def _warm_key(cfg: RunConfig) -> str:
 def _warm_model(cfg: RunConfig, root: Path, built: dict[str, Path]) -> Path:
     """The study's warm-started tiny model for ``cfg`` (model, env, warm start, seed): built under
     ``root/warm/<key>/`` on first use, found there (``DONE``) or in ``built`` afterwards."""
-    from orchestrator.loop import console, warm_start_model
+    from treeplay.orchestrator.run_start import console, warm_start_model
 
     key = _warm_key(cfg)
     if key not in built:
@@ -259,8 +259,8 @@ def config_drift(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     when it starts a run (``model.path`` and ``warm_start.enabled`` of the shared warm start, the
     peers' resolved ``model_path``) and the store URL (stored without its password).
     """
-    from orchestrator.config import config_from_dict
-    from store.redact import redact
+    from treeplay.orchestrator.config import config_from_dict
+    from treeplay.store.redact import redact
 
     def comparable(data: dict[str, Any]) -> dict[str, Any]:
         data = redact(data)  # a copy
@@ -286,8 +286,8 @@ def check_existing_runs(runs: dict[tuple[str, int], RunConfig]) -> None:
     Raises:
         ConfigError: The first such run and the keys that differ (one line).
     """
-    from store import queries
-    from store.database import open_store
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     for url in dict.fromkeys(cfg.store.url for cfg in runs.values()):
         with open_store(url) as store:
@@ -308,9 +308,10 @@ def run_study(study: StudyConfig, runs: dict[tuple[str, int], RunConfig]) -> dic
     Returns:
         The results (what ``results.json`` holds).
     """
-    from orchestrator.loop import console, launch_run, resume_run
-    from store import queries
-    from store.database import open_store
+    from treeplay.orchestrator.loop import launch_run, resume_run
+    from treeplay.orchestrator.run_start import console
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     check_existing_runs(runs)
     root = study_dir(study, runs)
@@ -365,7 +366,7 @@ def interval(values: Sequence[float]) -> dict[str, float | None]:
 
 
 def _run_figures(store: Any, name: str) -> dict[str, Any] | None:
-    from store import queries
+    from treeplay.store import queries
 
     try:
         info = queries.get_run(store, name)
@@ -393,7 +394,7 @@ def _run_figures(store: Any, name: str) -> dict[str, Any] | None:
 
 def summarise(study: StudyConfig, runs: dict[tuple[str, int], RunConfig], failures: dict[str, str] | None = None) -> dict[str, Any]:
     """Per-cell figures over seeds, read back from the store."""
-    from store.database import open_store
+    from treeplay.store.database import open_store
 
     failures = failures or {}
     stores: dict[str, Any] = {}

@@ -5,7 +5,7 @@ Self-improvement needs a policy that already solves some tasks (the demo aims fo
 tokens of (prompt, completion) pairs, prompt tokens masked, with the tokenization search prompts
 the policy with (the prompt, then each line of the completion, each tokenized on its own).
 
-    python -m orchestrator.warmstart MODEL_DIR --steps 600   # on arithmetic demonstrations
+    python -m treeplay.orchestrator.warmstart MODEL_DIR --steps 600   # on arithmetic demonstrations
 """
 
 from __future__ import annotations

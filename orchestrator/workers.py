@@ -4,7 +4,7 @@ Fleet that starts, feeds and stops them for one run.
 Ray is imported here and in ``placement.py`` only; the loop drives the run through ``Fleet``
 (actor start and placement, chunks streamed with ``ray.wait``, weights, evaluation, kill). The
 actors are thin shells around plain Python objects (engines, ``orchestrator.rollouts``, learners
-and their guard rails in ``orchestrator.learners.guards``) that are tested without Ray.
+and their guard rails in ``learners.guards``) that are tested without Ray.
 
 Nothing assumes a shared filesystem between actors: a model directory travels as a ``ModelFiles``
 blob through the object store (put once, read by every node), and new weights travel as a
@@ -29,14 +29,14 @@ from typing import Any
 
 import ray
 
-from orchestrator.learners.guards import (
+from treeplay.learners.guards import (
     canonical_order,
     shuffled_control,
     train_guarded,
     usable_data,
     within_staleness,
 )
-from orchestrator.weights import WeightsPayload, from_payload, to_payload
+from treeplay.orchestrator.weights import WeightsPayload, from_payload, to_payload
 
 
 @dataclass
@@ -105,8 +105,8 @@ class PolicyHost:
     """
 
     def __init__(self, cfg: dict[str, Any], index: int) -> None:
-        from agents.registry import environment_factory
-        from orchestrator.config import RunConfig
+        from treeplay.agents.registry import environment_factory
+        from treeplay.orchestrator.config import RunConfig
 
         self.cfg = RunConfig.model_validate(cfg)
         self.index = index
@@ -117,7 +117,7 @@ class PolicyHost:
     @ray.method(max_task_retries=-1)  # a worker that dies while loading is restarted and asked again
     def load_model(self, model: str | ModelFiles, version: int) -> dict[str, Any]:
         """Build the engine from ``model`` (a path or a blob) as weights ``version``; returns ``info()``."""
-        from orchestrator.engines import make_engine
+        from treeplay.engines import make_engine
 
         model_dir = _materialise(model, f"treeplay-worker{self.index}-")
         engine = make_engine(self.cfg.engine.kind, model_dir, seed=self.cfg.seed + self.index, **self.cfg.engine.kwargs)
@@ -148,7 +148,7 @@ class PolicyHost:
     @ray.method(max_task_retries=-1)
     def fingerprint(self) -> str | None:
         """A hash of the served weights (engines that expose ``state_dict``), to compare workers."""
-        from orchestrator.weights import fingerprint
+        from treeplay.orchestrator.weights import fingerprint
 
         sd = getattr(self.engine, "state_dict", None)
         return fingerprint(sd()) if callable(sd) else None
@@ -170,7 +170,7 @@ class PolicyHost:
         The whole chunk runs on one version: weights are loaded by ``apply_weights``, a separate
         call, and an actor runs one call at a time, so new weights can only arrive between chunks.
         """
-        from orchestrator.rollouts import run_rollouts
+        from treeplay.orchestrator.rollouts import run_rollouts
 
         engine = self._engine()
         if engine.version != version:
@@ -181,7 +181,7 @@ class PolicyHost:
         return results, stats, (started, time.time())
 
     def evaluate(self, tasks: list, temperature: float) -> list[float]:
-        from orchestrator.rollouts import evaluate
+        from treeplay.orchestrator.rollouts import evaluate
 
         return evaluate(self.cfg, tasks, self._engine(), self.env_factory, temperature=temperature)
 
@@ -214,11 +214,11 @@ class LearnerActor:
 
     def __init__(self, cfg: dict[str, Any], model: str | ModelFiles, run_id: int, version: int,
                  reference: str | ModelFiles | None = None, reference_uri: str | None = None) -> None:
-        from agents.registry import make_environment
-        from orchestrator.config import RunConfig
-        from orchestrator.learners import make_learner
-        from orchestrator.learners.slhf import VerifierOracle
-        from store.database import open_store
+        from treeplay.agents.registry import make_environment
+        from treeplay.learners import make_learner
+        from treeplay.learners.slhf import VerifierOracle
+        from treeplay.orchestrator.config import RunConfig
+        from treeplay.store.database import open_store
 
         self.cfg = RunConfig.model_validate(cfg)
         _set_threads(self.cfg.engine.num_threads)
@@ -241,7 +241,7 @@ class LearnerActor:
         (NaN/inf, exploding gradients). Then ``no_update_reason`` says which, and the old weights
         (and the learner's whole training state) stay. ``tasks`` (those of the iteration and its
         replay window) let the SLHF oracle verify answers."""
-        from store import queries
+        from treeplay.store import queries
 
         if tasks:
             self.oracle.add_tasks(tasks)
@@ -351,8 +351,8 @@ class Fleet:
         reference came from, recorded in checkpoints (default: ``model``'s URI)."""
         import math
 
-        from orchestrator.learners.checkpoints import TRAINER_DIR
-        from orchestrator.placement import place_actors
+        from treeplay.learners.checkpoints import TRAINER_DIR
+        from treeplay.orchestrator.placement import place_actors
 
         self.cfg = cfg
         self.pipelined = cfg.rollout.max_staleness > 0

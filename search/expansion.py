@@ -16,15 +16,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agents.base import Environment, Policy, StepResult, TokenIds
-from agents.prompt_files import load_prompt
+from treeplay.agents.base import Environment, Policy, StepResult, TokenIds
+from treeplay.agents.prompt_files import load_prompt
 
 if TYPE_CHECKING:
-    from search.mcts import MCTSConfig, TreeRun
+    from treeplay.search.mcts import MCTSConfig, TreeRun
 
 # The fixed instructions come first so that all self-evaluation prompts of a wave share a prefix.
-_SELF_EVAL = load_prompt("self_eval.txt", "search")
-_SELF_EVAL_REFERENCE = load_prompt("self_eval_reference.txt", "search")
+_SELF_EVAL = load_prompt("self_eval.txt", "treeplay.search")
+_SELF_EVAL_REFERENCE = load_prompt("self_eval_reference.txt", "treeplay.search")
 
 
 def normalise_step(text: str) -> str:

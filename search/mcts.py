@@ -62,9 +62,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.base import Environment, Policy, Task
-from search.expansion import close_env, expand_wave, normalise_step, prior
-from search.tree import PreferenceTree
+from treeplay.agents.base import Environment, Policy, Task
+from treeplay.search.expansion import close_env, expand_wave
+from treeplay.search.tree import PreferenceTree
 
 
 class MCTSConfig(BaseModel):
@@ -326,4 +326,4 @@ def _backup(tree: PreferenceTree, path: list[int], gamma: float) -> None:
             d["value"] = d["reward"] + gamma * d["V"]
 
 
-__all__ = ["MCTSConfig", "normalise_step", "prior", "puct", "search", "search_many"]
+__all__ = ["MCTSConfig", "puct", "search", "search_many"]

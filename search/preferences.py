@@ -28,9 +28,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from agents.base import Task, action_spans
-from search.tree import PreferenceTree
-from store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
+from treeplay.agents.base import Task, action_spans
+from treeplay.search.tree import PreferenceTree
+from treeplay.store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
 
 
 def forced_end(tree: PreferenceTree, node: int) -> int:
@@ -50,7 +50,7 @@ def label_smoothing(chosen_visits: float, rejected_visits: float, max_alpha: flo
     sibling gets α near 0.
 
     This is the formula's one definition: the MCTS-DPO loss applies it to tensors of visit counts
-    (``orchestrator.learners.losses.visit_alpha``).
+    (``learners.losses.visit_alpha``).
     """
     n_l = max(0.0, float(rejected_visits))
     return min(max_alpha, n_l / (max(1.0, float(chosen_visits)) + n_l))

@@ -53,8 +53,8 @@ from typing import Any
 
 import networkx as nx
 
-from agents.base import Segment, step_segments, transcript
-from store.records import NodeRecord, TreeRecord
+from treeplay.agents.base import Segment, step_segments, transcript
+from treeplay.store.records import NodeRecord, TreeRecord
 
 # Attributes that NodeRecord has as columns; everything else of ours travels in NodeRecord.info.
 _RECORD_FIELDS = (

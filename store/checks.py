@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from store.database import StoreError, first_line
-from store.records import NodeRecord, TreeRecord
+from treeplay.store.database import StoreError, first_line
+from treeplay.store.records import NodeRecord, TreeRecord
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 JUDGMENT_TARGETS = ("trajectory", "node", "step", "candidate")

@@ -27,11 +27,11 @@ from typing import Any
 from sqlalchemy import Connection, Table, select
 from sqlalchemy.exc import IntegrityError
 
-from store import schema as db
-from store.checks import _db_errors, _int
-from store.database import Store, StoreError
-from store.records import TaskResult, WriteReceipt
-from store.writes import (
+from treeplay.store import schema as db
+from treeplay.store.checks import _db_errors, _int
+from treeplay.store.database import Store, StoreError
+from treeplay.store.records import TaskResult, WriteReceipt
+from treeplay.store.writes import (
     ROW_TABLES,
     _allocate_ids,
     _already_written,

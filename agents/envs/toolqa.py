@@ -62,12 +62,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
-from agents.base import Demonstration, DemonstrationKind, Step, StepResult, Task, Trajectory
-from agents.envs.arithmetic import split_of_bucket
-from agents.guards import call_with_timeout
+from treeplay.agents.base import Demonstration, DemonstrationKind, Step, StepResult, Task, Trajectory
+from treeplay.agents.envs.arithmetic import split_of_bucket
+from treeplay.agents.guards import call_with_timeout
 
 if TYPE_CHECKING:
-    from agents.react import ReActConfig
+    from treeplay.agents.react import ReActConfig
 
 SPLITS = ("train", "validation", "test")
 QUESTION_KINDS = ("ratio", "sum2", "diff2", "sum3")
@@ -415,9 +415,9 @@ class ToolQAEnv:
         Raises:
             ValueError: An unknown kind, or a kind none of whose prompts fits ``max_prompt_chars``.
         """
-        from agents.prompt_files import PromptTooLong
-        from agents.react import ReActConfig, act_prompt, rubric_prompt, verifier_prompt
-        from agents.rubrics import parse_rubric
+        from treeplay.agents.prompt_files import PromptTooLong
+        from treeplay.agents.react import ReActConfig, act_prompt, rubric_prompt, verifier_prompt
+        from treeplay.agents.rubrics import parse_rubric
 
         unknown = [k for k in kinds if k not in self.demonstration_kinds]
         if not kinds or unknown:
@@ -557,9 +557,9 @@ def _action_demonstrations(config: ReActConfig, task: Task, steps: Sequence[Step
     lines: before each action the model sees exactly the agent's prompt, in one sequence. Otherwise
     one demonstration per step whose prompt fits.
     """
-    from agents.base import step_segments, transcript
-    from agents.prompt_files import PromptTooLong
-    from agents.react import act_prompt
+    from treeplay.agents.base import step_segments, transcript
+    from treeplay.agents.prompt_files import PromptTooLong
+    from treeplay.agents.react import act_prompt
 
     prompts: list[str | None] = []
     for i in range(len(steps)):

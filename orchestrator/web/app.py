@@ -43,10 +43,10 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from orchestrator import inspector
-from store import queries
-from store.database import Store, StoreError
-from store.records import PAIR_SOURCES
+from treeplay.orchestrator import inspector
+from treeplay.store import queries
+from treeplay.store.database import Store, StoreError
+from treeplay.store.records import PAIR_SOURCES
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from store.schema import Base
+from treeplay.store.schema import Base
 
 config = context.config
 

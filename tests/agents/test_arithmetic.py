@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agents.base import Step, Trajectory, transcript
-from agents.envs.arithmetic import ArithmeticEnv, final_answer, solve
-from agents.registry import make_environment
+from treeplay.agents.base import Step, Trajectory, transcript
+from treeplay.agents.envs.arithmetic import ArithmeticEnv, final_answer, solve
+from treeplay.agents.registry import make_environment
 
 
 def test_format_of_prompt_answer_reference():

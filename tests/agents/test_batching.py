@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-from agents.batching import LockstepBatcher
-from agents.envs.toolqa import ToolQAEnv
-from agents.react import ReActAgent, ReActConfig
-from agents.scripted import ScriptedPolicy
+from treeplay.agents.batching import LockstepBatcher
+from treeplay.agents.envs.toolqa import ToolQAEnv
+from treeplay.agents.react import ReActAgent, ReActConfig
+from treeplay.agents.scripted import ScriptedPolicy
 
 KINDS = ["actions", "rubrics", "verdicts"]
 
@@ -71,8 +71,8 @@ def test_a_failing_prompt_fails_only_its_own_episode():
 
 
 def test_sampled_episodes_are_reproducible_under_threads(tmp_path):
-    from orchestrator.engines import make_engine
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines import make_engine
+    from treeplay.engines.tiny import build_tiny_model
 
     engine = make_engine("hf", build_tiny_model(tmp_path / "m", 32, 1, 2, max_positions=512), num_threads=1)
     env = ToolQAEnv(n_entities=20)

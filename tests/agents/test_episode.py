@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from agents.base import StepResult, Task
-from agents.envs.arithmetic import ArithmeticEnv
-from agents.episode import run_episode, run_episodes, task_result, trajectory_records
-from agents.multi import Agent, majority_vote, run_multi_agent_episodes
-from agents.scripted import ScriptedPolicy
+from treeplay.agents.base import StepResult, Task
+from treeplay.agents.envs.arithmetic import ArithmeticEnv
+from treeplay.agents.episode import run_episode, run_episodes, task_result, trajectory_records
+from treeplay.agents.multi import Agent, majority_vote, run_multi_agent_episodes
+from treeplay.agents.scripted import ScriptedPolicy
 
 
 def reference_policy(tasks, wrong_agent_answer: int | None = None) -> ScriptedPolicy:

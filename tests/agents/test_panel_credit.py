@@ -6,13 +6,19 @@ import re
 
 import pytest
 
-from agents.base import Task
-from agents.credit import PolicyCritic, StepCheckCritic, assign_credit, credit_states, parse_critic_scores
-from agents.envs.arithmetic import ArithmeticEnv
-from agents.multi import Agent, run_multi_agent_episodes
-from agents.panel import ExactAnswerJudge, PanelConfig, Peer, parse_likert, run_panel
-from agents.prompt_files import fill, load_prompt
-from agents.scripted import ScriptedPolicy
+from treeplay.agents.base import Task
+from treeplay.agents.credit import (
+    PolicyCritic,
+    StepCheckCritic,
+    assign_credit,
+    credit_states,
+    parse_critic_scores,
+)
+from treeplay.agents.envs.arithmetic import ArithmeticEnv
+from treeplay.agents.multi import Agent, run_multi_agent_episodes
+from treeplay.agents.panel import ExactAnswerJudge, PanelConfig, Peer, parse_likert, run_panel
+from treeplay.agents.prompt_files import fill, load_prompt
+from treeplay.agents.scripted import ScriptedPolicy
 
 QUALITY = {"great answer": 5, "fine answer": 3, "poor answer": 1}
 
@@ -323,7 +329,7 @@ def test_shipped_panel_config_records_judgments_the_tiny_model_cannot_take():
     # judgment is recorded failed with the reason and the verifier alone decides the pairs.
     from pathlib import Path
 
-    from orchestrator.config import load_config
+    from treeplay.orchestrator.config import load_config
 
     cfg = load_config(Path(__file__).parents[2] / "configs" / "panel.yaml")
     env = ArithmeticEnv(**cfg.env.kwargs)

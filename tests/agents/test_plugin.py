@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agents.episode import run_episode
-from agents.multi import Agent, run_multi_agent_episodes
-from agents.registry import available_environments, list_environments, make_environment
-from agents.scripted import ScriptedPolicy
+from treeplay.agents.episode import run_episode
+from treeplay.agents.multi import Agent, run_multi_agent_episodes
+from treeplay.agents.registry import available_environments, list_environments, make_environment
+from treeplay.agents.scripted import ScriptedPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "tests" / "helpers" / "plugin_example" / "countdown_env.py"
@@ -74,7 +74,7 @@ def test_example_by_entry_point(fake_distribution):
 
 
 def test_cli_envs_list(fake_distribution):
-    from orchestrator.cli import app
+    from treeplay.orchestrator.cli import app
 
     result = CliRunner().invoke(app, ["envs", "list"])
     assert result.exit_code == 0, result.output

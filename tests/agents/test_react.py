@@ -9,11 +9,11 @@ import re
 
 import pytest
 
-from agents.base import StepResult, Task
-from agents.envs.toolqa import ToolQAEnv
-from agents.prompt_files import Cut, PromptTooLong, fill_fit, fit, load_prompt
-from agents.react import DEFAULT_TOOLS, ReActAgent, ReActConfig, rubric_pairs
-from agents.rubrics import (
+from treeplay.agents.base import StepResult, Task
+from treeplay.agents.envs.toolqa import ToolQAEnv
+from treeplay.agents.prompt_files import Cut, PromptTooLong, fill_fit, fit, load_prompt
+from treeplay.agents.react import DEFAULT_TOOLS, ReActAgent, ReActConfig, rubric_pairs
+from treeplay.agents.rubrics import (
     format_score,
     injection,
     parse_rubric,
@@ -23,7 +23,7 @@ from agents.rubrics import (
     rubric_reward,
     spearman,
 )
-from agents.scripted import ScriptedPolicy
+from treeplay.agents.scripted import ScriptedPolicy
 
 RUBRIC_MARK = "[Rubric for next action]"
 
@@ -346,9 +346,9 @@ def _run_tokenizer(cfg):
     or None for the character tokenizer (one position per character)."""
     if cfg.model.tiny.tokenizer != "bpe":
         return None
-    from agents.registry import make_environment
-    from orchestrator.engines.bpe import train_bpe_tokenizer
-    from orchestrator.run_start import tokenizer_corpus
+    from treeplay.agents.registry import make_environment
+    from treeplay.engines.bpe import train_bpe_tokenizer
+    from treeplay.orchestrator.run_start import tokenizer_corpus
 
     t = cfg.model.tiny
     corpus = tokenizer_corpus(cfg, make_environment(cfg.env.name, **cfg.env.kwargs))
@@ -361,7 +361,7 @@ def test_shipped_react_config_fits_its_prompts_into_the_tiny_model():
     in the run's own tokens (a BPE model's prompt is far fewer tokens than characters)."""
     from pathlib import Path
 
-    from orchestrator.config import load_config
+    from treeplay.orchestrator.config import load_config
 
     cfg = load_config(Path(__file__).parents[2] / "configs" / "react.yaml")
     react = cfg.rollout.react

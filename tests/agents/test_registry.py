@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agents.envs.arithmetic import ArithmeticEnv
-from agents.registry import (
+from treeplay.agents.envs.arithmetic import ArithmeticEnv
+from treeplay.agents.registry import (
     RegistryError,
     available_environments,
     environment_factory,
@@ -23,11 +23,11 @@ class NotAnEnv:
 
 def test_builtins_and_dotted_path():
     envs = available_environments()
-    assert envs["arithmetic"] == "agents.envs.arithmetic:ArithmeticEnv"
+    assert envs["arithmetic"] == "treeplay.agents.envs.arithmetic:ArithmeticEnv"
     assert "toolqa" in envs
     assert {e.source for e in list_environments() if e.name == "arithmetic"} == {"built-in"}
     assert isinstance(make_environment("arithmetic", ops=2), ArithmeticEnv)
-    env = make_environment("agents.envs.arithmetic:ArithmeticEnv", digits=1)
+    env = make_environment("treeplay.agents.envs.arithmetic:ArithmeticEnv", digits=1)
     assert env.digits == 1
     make = environment_factory("arithmetic", ops=3)
     assert make() is not make() and make().ops == 3
@@ -38,7 +38,7 @@ def test_builtins_and_dotted_path():
     [
         ("no-such-env", "unknown environment 'no-such-env'"),
         ("nosuchmodule_xyz:Env", "cannot import module"),
-        ("agents.envs.arithmetic:Nope", "has no attribute"),
+        ("treeplay.agents.envs.arithmetic:Nope", "has no attribute"),
         (":Env", "bad dotted path"),
         ("tests.agents.test_registry:NotAnEnv", "missing reset, step, score"),
     ],

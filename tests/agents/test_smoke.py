@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import pytest
 
-from agents.credit import StepCheckCritic, assign_credit
-from agents.envs.arithmetic import ArithmeticEnv
-from agents.envs.toolqa import ToolQAEnv
-from agents.episode import task_result
-from agents.multi import Agent, run_multi_agent_episodes
-from agents.panel import ExactAnswerJudge, PanelConfig, Peer, run_panel
-from agents.react import ReActAgent, ReActConfig
-from agents.scripted import ScriptedPolicy
+from treeplay.agents.credit import StepCheckCritic, assign_credit
+from treeplay.agents.envs.arithmetic import ArithmeticEnv
+from treeplay.agents.envs.toolqa import ToolQAEnv
+from treeplay.agents.episode import task_result
+from treeplay.agents.multi import Agent, run_multi_agent_episodes
+from treeplay.agents.panel import ExactAnswerJudge, PanelConfig, Peer, run_panel
+from treeplay.agents.react import ReActAgent, ReActConfig
+from treeplay.agents.scripted import ScriptedPolicy
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from orchestrator.engines.hf import HFEngine
+    from treeplay.engines.hf import HFEngine
 
     eng = HFEngine(tiny_model_dir, seed=0, num_threads=1)
     yield eng
@@ -33,8 +33,8 @@ def engine(tiny_model_dir):
 def long_engine(tmp_path_factory):
     """The tiny model with a 2048-character context: a rubric generator prompt alone is ~1.5k
     characters, and prompts are never cut into their instructions (agents/prompt_files.py)."""
-    from orchestrator.engines.hf import HFEngine
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.hf import HFEngine
+    from treeplay.engines.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("tiny-long") / "model", max_positions=2048)
     eng = HFEngine(path, seed=0, num_threads=1)
@@ -44,8 +44,8 @@ def long_engine(tmp_path_factory):
 
 @pytest.fixture
 def store(tmp_path):
-    from store import queries
-    from store.database import open_store
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     s = open_store(f"sqlite:///{tmp_path / 'agents.db'}")
     run_id = queries.start_run(s, "agents-smoke", {"test": True})
@@ -55,7 +55,7 @@ def store(tmp_path):
 
 
 def write(store, results):
-    from store import queries
+    from treeplay.store import queries
 
     s, run_id = store
     for r in results:
@@ -75,7 +75,7 @@ def reference_policy(tasks) -> ScriptedPolicy:
 
 
 def test_react_with_rubrics_smoke(long_engine, store):
-    from store import queries
+    from treeplay.store import queries
 
     env = ToolQAEnv(n_entities=8, kinds=("ratio",), show_tools=False)
     tasks = env.tasks("train", 2, seed=0)
@@ -102,7 +102,7 @@ def test_react_with_rubrics_smoke(long_engine, store):
 
 
 def test_panel_smoke(long_engine, store):
-    from store import queries
+    from treeplay.store import queries
 
     env = ArithmeticEnv(ops=1)
     tasks = env.tasks("train", 2, seed=0)
@@ -125,7 +125,7 @@ def test_panel_smoke(long_engine, store):
 
 
 def test_multi_agent_credit_smoke(engine, store):
-    from store import queries
+    from treeplay.store import queries
 
     tasks = ArithmeticEnv(ops=2).tasks("train", 2, seed=0)
     agents = [Agent("tiny-0", engine), Agent("tiny-1", engine), Agent("reference", reference_policy(tasks))]

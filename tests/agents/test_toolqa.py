@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from agents.base import Step, Trajectory
-from agents.envs.toolqa import CalculatorError, ToolQAEnv, calculate
-from agents.episode import run_episode
-from agents.scripted import ScriptedPolicy
+from treeplay.agents.base import Step, Trajectory
+from treeplay.agents.envs.toolqa import CalculatorError, ToolQAEnv, calculate
+from treeplay.agents.episode import run_episode
+from treeplay.agents.scripted import ScriptedPolicy
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,12 @@ import json
 
 import pytest
 
-from agents.base import Demonstration
-from agents.envs.toolqa import QUESTION_KINDS, ToolQAEnv
-from agents.episode import run_episodes
-from agents.react import ReActAgent, ReActConfig
-from agents.rubrics import format_score, has_rubric_lines, parse_rubric, parse_verdict
-from agents.scripted import ScriptedPolicy
+from treeplay.agents.base import Demonstration
+from treeplay.agents.envs.toolqa import QUESTION_KINDS, ToolQAEnv
+from treeplay.agents.episode import run_episodes
+from treeplay.agents.react import ReActAgent, ReActConfig
+from treeplay.agents.rubrics import format_score, has_rubric_lines, parse_rubric, parse_verdict
+from treeplay.agents.scripted import ScriptedPolicy
 
 ALL = ("actions", "rubrics", "verdicts")
 RUBRIC_PROMPT = "You write a short rubric"
@@ -175,8 +175,8 @@ def test_a_cut_transcript_gives_one_demonstration_per_step_with_the_agents_promp
 def test_an_episode_demonstration_is_tokenized_as_the_engine_tokenizes_each_prompt():
     # With a BPE split as Qwen2's (configs/react.yaml), the tokens before each action in the one
     # sequence of a whole episode are the tokens of that step's prompt encoded on its own.
-    from orchestrator.engines.bpe import train_bpe_tokenizer
-    from orchestrator.warmstart import _encode
+    from treeplay.engines.bpe import train_bpe_tokenizer
+    from treeplay.orchestrator.warmstart import _encode
 
     env, tasks = env_and_tasks(30)
     demos = env.demonstrations(tasks)
@@ -192,8 +192,8 @@ def test_an_episode_demonstration_is_tokenized_as_the_engine_tokenizes_each_prom
 
 
 def test_evaluation_with_the_react_agent_uses_rubric_guidance():
-    from orchestrator.config import ConfigError, load_config
-    from orchestrator.rollouts import evaluate
+    from treeplay.orchestrator.config import ConfigError, load_config
+    from treeplay.orchestrator.rollouts import evaluate
 
     env, tasks = env_and_tasks(6)
     overrides = ["env.name=toolqa", "env.kwargs={n_entities: 20}", "rollout.max_steps=6", "rollout.react.max_steps=6"]

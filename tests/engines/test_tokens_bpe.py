@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import pytest
 
-from agents.base import TokenIds
-from agents.envs.arithmetic import ArithmeticEnv
-from orchestrator.engines import make_engine
-from orchestrator.engines.contract import align_ids, cut_at_stop, decode
-from search.mcts import MCTSConfig, search_many
-from search.preferences import ranked_lists, step_pairs, tree_result
+from treeplay.agents.base import TokenIds
+from treeplay.agents.envs.arithmetic import ArithmeticEnv
+from treeplay.engines import make_engine
+from treeplay.engines.contract import align_ids, cut_at_stop, decode
+from treeplay.search.mcts import MCTSConfig, search_many
+from treeplay.search.preferences import ranked_lists, step_pairs, tree_result
 
 
 class Recording:
@@ -102,7 +102,7 @@ def test_steps_keep_the_sampled_ids(engine, trees):
 def test_regression_pairs_train_on_generated_tokens(engine, trees, bpe_model_dir):
     """DPO's chosen/rejected ids are the ids the engine generated in context, not the text
     re-tokenized alone (which for this model differs on some pair: the check would then fail)."""
-    from orchestrator.learners.dpo import DPOLearner
+    from treeplay.learners.dpo import DPOLearner
 
     pairs = _pairs(trees)
     assert pairs, "the injected reference steps should give pairs with a margin"
@@ -139,9 +139,9 @@ def test_stop_string_inside_a_token(bpe_model_dir):
 
 def test_store_round_trip_keeps_tokens(trees, bpe_model_dir, tmp_path):
     """Pairs and lists read back from the store still carry their ids, and DPO uses them."""
-    from orchestrator.learners.dpo import DPOLearner
-    from store import queries
-    from store.database import open_store
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
     run = queries.start_run(store, "bpe", {})
@@ -171,11 +171,11 @@ def test_export_and_inspector_read_a_bpe_store(engine, trees, tmp_path):
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
-    from orchestrator.web.app import create_app
-    from search.tree import PreferenceTree
-    from store import queries
-    from store.database import open_store
+    from treeplay.orchestrator.cli import app
+    from treeplay.orchestrator.web.app import create_app
+    from treeplay.search.tree import PreferenceTree
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = open_store(url)
@@ -216,7 +216,7 @@ def test_export_and_inspector_read_a_bpe_store(engine, trees, tmp_path):
 
 def test_text_is_the_truth_when_ids_do_not_spell_it(trees, bpe_model_dir):
     """Ids that do not decode to the record's text (another tokenizer, edited text) are ignored."""
-    from orchestrator.learners.dpo import DPOLearner
+    from treeplay.learners.dpo import DPOLearner
 
     pair = _pairs(trees)[0]
     pair.info["tokens"]["responses"][0] = pair.info["tokens"]["responses"][0][:-1]
@@ -230,8 +230,14 @@ def test_packing_matches_plain_forwards_on_bpe(trees, bpe_model_dir):
     compared, not text), and every response's packed log-probs equal its own plain forward."""
     import torch
 
-    from orchestrator.learners.dpo import DPOLearner
-    from orchestrator.learners.logprobs import Group, pack, packed_logprobs, per_sequence, unshared_logprobs
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.learners.logprobs import (
+        Group,
+        pack,
+        packed_logprobs,
+        per_sequence,
+        unshared_logprobs,
+    )
 
     learner = DPOLearner(bpe_model_dir, num_threads=1, loss_type="mcts_dpo")
     examples = learner.prepare(_pairs(trees))[:6]
@@ -247,11 +253,11 @@ def test_packing_matches_plain_forwards_on_bpe(trees, bpe_model_dir):
 
 def test_every_learner_trains_on_bpe_records(trees, bpe_model_dir):
     """DPO family, TPO, RFT and SLHF each make an update on the BPE model's own records."""
-    from orchestrator.learners.dpo import DPOLearner
-    from orchestrator.learners.rft import RFTLearner
-    from orchestrator.learners.slhf import SLHFLearner
-    from orchestrator.learners.tpo import TPOLearner
-    from store.records import PreferenceData
+    from treeplay.learners.dpo import DPOLearner
+    from treeplay.learners.rft import RFTLearner
+    from treeplay.learners.slhf import SLHFLearner
+    from treeplay.learners.tpo import TPOLearner
+    from treeplay.store.records import PreferenceData
 
     pairs = _pairs(trees)
     lists = [rec for i, t in enumerate(trees) for rec in ranked_lists(t, tree_index=i)]
@@ -273,9 +279,9 @@ def test_every_learner_trains_on_bpe_records(trees, bpe_model_dir):
 def test_regression_nul_step_does_not_break_the_store_write(tmp_path):
     """A byte-level model can sample a NUL byte (the BPE engine did in this suite's search); such a
     step used to reach the store and fail the whole task's write. It is now a failed step."""
-    from agents.scripted import ScriptedPolicy
-    from store import queries
-    from store.database import open_store
+    from treeplay.agents.scripted import ScriptedPolicy
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     env = ArithmeticEnv(ops=1, digits=2)
     tasks = env.tasks("train", 2, seed=0)
@@ -298,8 +304,8 @@ def test_run_builds_a_bpe_model_from_the_config(tmp_path):
     model with each demonstration line tokenized on its own (as search's contexts hold them)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from orchestrator.config import load_config
-    from orchestrator.run_start import prepare_model
+    from treeplay.orchestrator.config import load_config
+    from treeplay.orchestrator.run_start import prepare_model
 
     cfg = load_config(None, ["model.tiny.tokenizer=bpe", "model.tiny.hidden_size=64", "model.tiny.num_layers=1",
                              "model.tiny.num_heads=2", "model.tiny.vocab_size=400", "warm_start.steps=3",

@@ -43,13 +43,13 @@ def build_inspect_store(folder: Path, model_dir: Path) -> InspectStore:
     """Search, write and return the store (cached: every test module shares one)."""
     import torch
 
-    from agents.envs.arithmetic import ArithmeticEnv
-    from orchestrator.engines.hf import HFEngine
-    from search.mcts import MCTSConfig, search_many
-    from search.preferences import tree_result
-    from store import queries
-    from store.database import open_store
-    from store.records import JudgmentRecord, PairRecord
+    from treeplay.agents.envs.arithmetic import ArithmeticEnv
+    from treeplay.engines.hf import HFEngine
+    from treeplay.search.mcts import MCTSConfig, search_many
+    from treeplay.search.preferences import tree_result
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
+    from treeplay.store.records import JudgmentRecord, PairRecord
 
     torch.set_num_threads(1)
     url = f"sqlite:///{folder / 'inspect.db'}"

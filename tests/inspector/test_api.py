@@ -8,12 +8,11 @@ import re
 
 import pytest
 
-from orchestrator.web.app import STATIC_DIR, create_app, new_token, serve
-from search.tree import PreferenceTree
-from store import queries
-from store.database import StoreError, open_store
-
-from .inspect_store import XSS_RATIONALE, XSS_STEP, build_inspect_store
+from tests.inspector.inspect_store import XSS_RATIONALE, XSS_STEP, build_inspect_store
+from treeplay.orchestrator.web.app import STATIC_DIR, create_app, new_token, serve
+from treeplay.search.tree import PreferenceTree
+from treeplay.store import queries
+from treeplay.store.database import StoreError, open_store
 
 
 @pytest.fixture(scope="module")

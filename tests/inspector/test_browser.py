@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .inspect_store import BIDI_STEP, MARKUP_STEP, XSS_RATIONALE, XSS_STEP, build_inspect_store
+from tests.inspector.inspect_store import BIDI_STEP, MARKUP_STEP, XSS_RATIONALE, XSS_STEP, build_inspect_store
 
 pytestmark = pytest.mark.browser
 
@@ -61,7 +61,7 @@ def _start(app):
 def base_url(tmp_path_factory, tiny_model_dir):
     if missing := _missing():
         pytest.skip("browser test needs " + " and ".join(missing))
-    from orchestrator.web.app import create_app
+    from treeplay.orchestrator.web.app import create_app
 
     data = build_inspect_store(tmp_path_factory.mktemp("inspect"), tiny_model_dir)
     server, thread, port = _start(create_app(data.url))
@@ -223,7 +223,7 @@ def test_regression_bidi_overrides_in_model_text_are_shown_not_applied(base_url,
 @pytest.fixture(scope="module")
 def token_server(base_url):
     """The same store served as on a network bind: a token is required."""
-    from orchestrator.web.app import create_app, new_token
+    from treeplay.orchestrator.web.app import create_app, new_token
 
     _, data = base_url
     token = new_token()

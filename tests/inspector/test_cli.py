@@ -12,12 +12,11 @@ import networkx as nx
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from search.tree import PreferenceTree
-from store import queries
-from store.database import open_store
-
-from .inspect_store import BIDI_STEP, ESC_STEP, MARKUP_STEP, XSS_STEP, build_inspect_store
+from tests.inspector.inspect_store import BIDI_STEP, ESC_STEP, MARKUP_STEP, XSS_STEP, build_inspect_store
+from treeplay.orchestrator.cli import app
+from treeplay.search.tree import PreferenceTree
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +165,7 @@ def test_serve_binds_localhost_and_warns_for_other_hosts(data, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--db", data.url, "--port", str(port)]
+    cmd = [sys.executable, "-m", "treeplay.orchestrator.cli", "serve", "--db", data.url, "--port", str(port)]
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -196,7 +195,7 @@ def test_regression_serve_on_a_non_local_host_asks_for_a_token_and_checks_host(d
     with socket.socket() as s:
         s.bind(("127.0.0.2", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--db", data.url, "--host", "127.0.0.2",
+    cmd = [sys.executable, "-m", "treeplay.orchestrator.cli", "serve", "--db", data.url, "--host", "127.0.0.2",
            "--port", str(port), "--allow-host", "inspect.example"]
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
@@ -238,7 +237,7 @@ def test_serve_rejects_a_bad_token_or_allowed_host(data):
 def test_status_shows_which_weights_versions_each_iterations_data_came_from(tmp_path):
     """A pipelined run's iterations train on data from more than one version; ``treeplay status``
     (table and JSON) and the inspector's iteration rows say which, with their task counts."""
-    from orchestrator import inspector
+    from treeplay.orchestrator import inspector
 
     url = f"sqlite:///{tmp_path}/store.db"
     with open_store(url) as store:

@@ -8,9 +8,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-
-from .inspect_store import build_inspect_store
+from tests.inspector.inspect_store import build_inspect_store
+from treeplay.orchestrator.cli import app
 
 
 @pytest.fixture(scope="module")

@@ -1,1 +1,1 @@
-"""Tests of orchestrator.learners: losses, DPO, TPO, SLHF, RFT, LoRA, guard rails."""
+"""Tests of learners: losses, DPO, TPO, SLHF, RFT, LoRA, guard rails."""

@@ -16,18 +16,18 @@ import random
 import pytest
 import torch
 
-from agents.base import Trajectory, transcript
-from agents.episode import run_episodes
-from agents.registry import make_environment
-from agents.scripted import ScriptedPolicy
-from orchestrator.learners.dpo import DPOConfig, DPOLearner
-from orchestrator.learners.logprobs import Group, pack, packed_logprobs, sequence_sums
-from orchestrator.learners.tpo import TPOConfig, TPOLearner
-from orchestrator.rollouts import _correct_vs_wrong
-from search.mcts import MCTSConfig, search_many
-from search.preferences import ranked_lists, step_pairs
-from search.tree import PreferenceTree
-from store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord
+from treeplay.agents.base import Trajectory, transcript
+from treeplay.agents.episode import run_episodes
+from treeplay.agents.registry import make_environment
+from treeplay.agents.scripted import ScriptedPolicy
+from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.learners.logprobs import Group, pack, packed_logprobs, sequence_sums
+from treeplay.learners.tpo import TPOConfig, TPOLearner
+from treeplay.orchestrator.rollouts import _correct_vs_wrong
+from treeplay.search.mcts import MCTSConfig, search_many
+from treeplay.search.preferences import ranked_lists, step_pairs
+from treeplay.search.tree import PreferenceTree
+from treeplay.store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord
 
 WRONG = "search[Nowhere]"
 
@@ -169,7 +169,7 @@ def test_regression_sample_pairs_keep_observations_as_context(learner):
 
 def test_regression_engine_score_masks_observations(tree, learner, tiny_model_dir):
     """HFEngine.score with action spans sums the same tokens, to the same value, as the learner."""
-    from orchestrator.engines.hf import HFEngine
+    from treeplay.engines.hf import HFEngine
 
     with_obs = [p for p in step_pairs(tree) if p.chosen != _trained_text(p.chosen, p.action_spans("chosen"))]
     # The tiny model's context is 512 characters: keep the prompt's tail so nothing is truncated.
@@ -219,7 +219,7 @@ def test_regression_prefix_shared_packing_scores_only_actions(learner):
     """Two responses that share an action AND an observation: the shared trunk keeps the
     observation as unscored context, each response's sum is the unshared one, and both equal the
     log-probs of the actions read off one plain forward pass over prompt + response."""
-    from orchestrator.learners.logprobs import encode_masked_response, encode_prompt
+    from treeplay.learners.logprobs import encode_masked_response, encode_prompt
 
     tok, model = learner.policy.tokenizer, learner.policy.model
     prompt = "Q: where is Maror?\n"

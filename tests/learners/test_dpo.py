@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from orchestrator.learners.dpo import DPOConfig, DPOLearner
-from orchestrator.learners.logprobs import (
+from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.learners.logprobs import (
     Group,
     encode_prompt,
     encode_response,
@@ -19,12 +19,12 @@ from orchestrator.learners.logprobs import (
     sequence_sums,
     unshared_logprobs,
 )
-from store.records import PairRecord, PreferenceData
+from treeplay.store.records import PairRecord, PreferenceData
 
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("dpo") / "model", hidden_size=64, num_layers=2, seed=1)
 
@@ -253,7 +253,7 @@ def test_eos_only_for_final_pairs(small_model_dir):
 def test_regression_mcts_dpo_learner_loss_is_the_tested_function(small_model_dir, monkeypatch):
     """DPOLearner computed its own MCTS-DPO (its own alpha and loss) beside the hand-checked
     ``losses.mcts_dpo_loss``; the learner's pair loss is now that function's, on the learner's sums."""
-    from orchestrator.learners import losses
+    from treeplay.learners import losses
 
     calls = []
     real = losses.mcts_dpo_loss

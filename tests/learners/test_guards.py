@@ -1,16 +1,16 @@
-"""The learner's guard rails and data rules (``orchestrator.learners.guards``): the deploy rule, the
+"""The learner's guard rails and data rules (``learners.guards``): the deploy rule, the
 restore of a rejected iteration, the shuffled-pairs control, usable data and the staleness bound."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.learners.guards import train_guarded, update_is_deployable
+from treeplay.learners.guards import train_guarded, update_is_deployable
 
 
 def test_shuffled_control_swaps_about_half_the_pairs_consistently():
-    from orchestrator.learners.guards import shuffled_control
-    from store.records import PairRecord, PreferenceData
+    from treeplay.learners.guards import shuffled_control
+    from treeplay.store.records import PairRecord, PreferenceData
 
     pairs = [PairRecord(prompt=f"p{i}", chosen=f"good{i}", rejected=f"bad{i}", chosen_node=1, rejected_node=2,
                         chosen_visits=5, rejected_visits=1) for i in range(200)]
@@ -29,9 +29,9 @@ def test_regression_shuffle_control_keeps_alpha():
     clipped to 0.5, which cancels the preference gradient of every swapped pair."""
     import torch
 
-    from orchestrator.learners.guards import shuffled_control
-    from orchestrator.learners.losses import dpo_loss, visit_alpha
-    from store.records import PairRecord, PreferenceData
+    from treeplay.learners.guards import shuffled_control
+    from treeplay.learners.losses import dpo_loss, visit_alpha
+    from treeplay.store.records import PairRecord, PreferenceData
 
     spans = {"chosen": [[0, 3]], "rejected": [[0, 2]]}
     pairs = [PairRecord(prompt=f"p{i}\n", chosen="yes\nobs\n", rejected="no\n", chosen_visits=9, rejected_visits=2,
@@ -59,8 +59,8 @@ def test_regression_shuffle_control_keeps_alpha():
 
 
 def test_shuffle_control_permutes_list_texts_but_keeps_scores_in_rank_order():
-    from orchestrator.learners.guards import shuffled_control
-    from store.records import PreferenceData, RankedItem, RankedListRecord
+    from treeplay.learners.guards import shuffled_control
+    from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
     texts = [f"answer {k}\n" for k in range(4)]
     lists = [RankedListRecord(prompt=f"q{i}\n", items=[RankedItem(text=t, score=1.0 - 0.25 * k, node=k)
@@ -84,9 +84,9 @@ def test_regression_tpo_control_does_not_keep_nll_on_verified_text(tiny_model_di
     the best verified slot, which after the shuffle is any of the list's texts (as DPO's NLL trains on
     whatever text sits in the chosen slot). When the correct flags moved with their texts, the
     control still trained NLL on the verified-correct answer in every list."""
-    from orchestrator.learners.guards import shuffled_control
-    from orchestrator.learners.tpo import TPOLearner
-    from store.records import PreferenceData, RankedItem, RankedListRecord
+    from treeplay.learners.guards import shuffled_control
+    from treeplay.learners.tpo import TPOLearner
+    from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
     texts = ["=12\n", "=13\n", "=14\n"]
     lists = [RankedListRecord(prompt=f"{i}+5\n", items=[RankedItem(text=t, score=1.0 - 0.5 * k)
@@ -100,8 +100,8 @@ def test_regression_tpo_control_does_not_keep_nll_on_verified_text(tiny_model_di
 
 
 def test_usable_data_names_what_each_learner_lacks():
-    from orchestrator.learners.guards import usable_data
-    from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
+    from treeplay.learners.guards import usable_data
+    from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
     lists = [RankedListRecord(prompt="q\n", items=[RankedItem("a\n", 1.0), RankedItem("b\n", 1.0)])]
     pairs = [PairRecord(prompt="q\n", chosen="a\n", rejected="b\n")]
@@ -118,9 +118,9 @@ def test_usable_data_names_what_each_learner_lacks():
 def test_a_learner_with_nothing_to_train_on_makes_no_update(tiny_model_dir):
     """TPO drops lists whose items all tie; with only such lists it trains on nothing: no update,
     the learner untouched, the reason in the metrics."""
-    from orchestrator.learners.tpo import TPOConfig, TPOLearner
-    from orchestrator.weights import fingerprint
-    from store.records import PreferenceData, RankedItem, RankedListRecord
+    from treeplay.learners.tpo import TPOConfig, TPOLearner
+    from treeplay.orchestrator.weights import fingerprint
+    from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
     learner = TPOLearner(tiny_model_dir, TPOConfig(num_threads=1))
     before = fingerprint(learner.state_dict())
@@ -144,9 +144,9 @@ def test_a_nan_learning_rate_update_is_rejected_and_weights_stay(warm_model_dir)
     rule refuses to deploy, so the served weights are the ones from before the iteration."""
     import torch
 
-    from orchestrator.learners.dpo import DPOConfig, DPOLearner
-    from orchestrator.weights import fingerprint
-    from store.records import PairRecord, PreferenceData
+    from treeplay.learners.dpo import DPOConfig, DPOLearner
+    from treeplay.orchestrator.weights import fingerprint
+    from treeplay.store.records import PairRecord, PreferenceData
 
     learner = DPOLearner(warm_model_dir, DPOConfig(lr=1e30, batch_size=4, num_threads=1, loss_type="sigmoid"))
     before = fingerprint(learner.state_dict())
@@ -173,7 +173,7 @@ class ThroughTheProtocol:
         self._learner = learner
 
     def __getattr__(self, name):
-        from orchestrator.learners.base import Learner
+        from treeplay.learners.base import Learner
 
         if name.startswith("_") or name not in vars(Learner):
             raise AttributeError(f"{name!r} is not part of the Learner protocol")
@@ -185,10 +185,10 @@ def test_train_guarded_needs_nothing_but_the_learner_protocol(tiny_model_dir):
 
     Without rollback, lr=1e30 leaves weights that give a non-finite loss: the learner is unhealthy
     after ``train``, and only ``load_weights`` of the weights from before makes it healthy again."""
-    from orchestrator.learners.base import Learner
-    from orchestrator.learners.dpo import DPOConfig, DPOLearner
-    from orchestrator.weights import fingerprint
-    from store.records import PairRecord, PreferenceData
+    from treeplay.learners.base import Learner
+    from treeplay.learners.dpo import DPOConfig, DPOLearner
+    from treeplay.orchestrator.weights import fingerprint
+    from treeplay.store.records import PairRecord, PreferenceData
 
     learner = DPOLearner(tiny_model_dir, DPOConfig(lr=1e30, rollback=False, batch_size=4, num_threads=1,
                                                    loss_type="sigmoid"))
@@ -209,9 +209,9 @@ def test_the_learner_refuses_this_iterations_data_older_than_the_staleness_bound
     """rollout.max_staleness: rows of the iteration being learned that are more than k versions
     behind the learner are refused and counted; replayed rows (older by design) and rows without a
     recorded version are kept."""
-    from orchestrator.learners.guards import within_staleness
-    from orchestrator.rollouts import POLICY_VERSION
-    from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
+    from treeplay.learners.guards import within_staleness
+    from treeplay.orchestrator.rollouts import POLICY_VERSION
+    from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
     def pair(iteration, version):
         info = None if version is None else {POLICY_VERSION: version, "other": 1}
@@ -238,11 +238,11 @@ _MODES = ("mcts", "sample", "react", "panel", "multi_agent")
 def _fixed_outcome_data(mode: str, solved: bool):
     """What a rollout in ``mode`` writes when the outcome does not depend on the policy (every task
     solved, or none): no preference pair, and ranked lists whose items all tie, if any."""
-    from agents.scripted import ScriptedPolicy
-    from orchestrator.config import load_config
-    from orchestrator.rollouts import run_rollouts
-    from store.records import PreferenceData
     from tests.orchestrator.fixed_outcome_env import FixedOutcomeEnv
+    from treeplay.agents.scripted import ScriptedPolicy
+    from treeplay.orchestrator.config import load_config
+    from treeplay.orchestrator.rollouts import run_rollouts
+    from treeplay.store.records import PreferenceData
 
     def respond(prompt: str, rng) -> str:
         return "helpfulness: 3\ncorrectness: 3\n" if prompt.startswith("Score") else rng.choice(["any", "x", "y"]) + "\n"
@@ -256,10 +256,10 @@ def _fixed_outcome_data(mode: str, solved: bool):
 
 @pytest.fixture(scope="module")
 def learners(tiny_model_dir):
-    from orchestrator.config import load_config
-    from orchestrator.learners import make_learner
-    from orchestrator.learners.slhf import VerifierOracle
     from tests.orchestrator.fixed_outcome_env import FixedOutcomeEnv
+    from treeplay.learners import make_learner
+    from treeplay.learners.slhf import VerifierOracle
+    from treeplay.orchestrator.config import load_config
 
     out = {}
     for algorithm in ("dpo", "tpo", "rft", "slhf"):
@@ -277,8 +277,8 @@ def test_regression_every_learner_and_mode_without_data_makes_no_update(learners
     actor's sequence (usable_data, then train_guarded) must give no update and a reason, for every
     learner and rollout mode, and train only where there is something to learn (RFT on verified-
     correct samples, SLHF on prompts, which its oracle scores)."""
-    from orchestrator.learners.guards import canonical_order, train_guarded, usable_data
-    from orchestrator.weights import fingerprint
+    from treeplay.learners.guards import canonical_order, train_guarded, usable_data
+    from treeplay.orchestrator.weights import fingerprint
 
     data = _fixed_outcome_data(mode, solved)
     assert not data.pairs

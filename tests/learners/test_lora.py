@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.engines import make_engine
-from orchestrator.engines.lora import adapter_base, is_adapter
-from orchestrator.learners.dpo import DPOLearner
-from orchestrator.learners.trainable import LoRAConfig
-from orchestrator.weights import from_payload, to_payload
-from store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
+from treeplay.engines import make_engine
+from treeplay.engines.lora import adapter_base, is_adapter
+from treeplay.learners.dpo import DPOLearner
+from treeplay.learners.trainable import LoRAConfig
+from treeplay.orchestrator.weights import from_payload, to_payload
+from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
 LORA = LoRAConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
 
@@ -64,8 +64,8 @@ def test_only_the_adapter_trains(bpe_model_dir):
 
 
 def test_reference_is_the_base_with_the_adapter_off(bpe_model_dir):
-    from orchestrator.learners.logprobs import Group, pack, packed_logprobs
-    from orchestrator.learners.trainable import AdapterReference
+    from treeplay.learners.logprobs import Group, pack, packed_logprobs
+    from treeplay.learners.trainable import AdapterReference
 
     learner = _learner(bpe_model_dir, reference="fixed")
     learner.train(_pairs())
@@ -101,7 +101,7 @@ def test_refresh_reference_is_a_frozen_adapter_copy(bpe_model_dir):
 def test_engine_serves_the_adapter(bpe_model_dir, tmp_path, via):
     """Redeploy sends only the adapter; the HF engine (peft) then scores like the learner's model,
     whether it got the adapter in place or was built from an adapter checkpoint."""
-    from orchestrator.learners.logprobs import unshared_logprobs
+    from treeplay.learners.logprobs import unshared_logprobs
 
     learner = _learner(bpe_model_dir)
     learner.train(_pairs())
@@ -160,8 +160,8 @@ def test_lora_errors_are_one_line(bpe_model_dir, tmp_path):
 
 
 def test_tpo_and_slhf_train_adapters(bpe_model_dir):
-    from orchestrator.learners.slhf import SLHFLearner
-    from orchestrator.learners.tpo import TPOLearner
+    from treeplay.learners.slhf import SLHFLearner
+    from treeplay.learners.tpo import TPOLearner
 
     lists = [RankedListRecord(prompt=p.prompt, items=[RankedItem(p.chosen, 1.0), RankedItem(p.rejected, -1.0),
                                                         RankedItem(p.prompt.strip() + "=0\n", -0.5)],
@@ -189,7 +189,7 @@ def test_vllm_serves_adapters_swapped_in_place(bpe_model_dir):
         import vllm  # noqa: F401
     except Exception as e:
         pytest.skip(f"vllm is not importable here ({type(e).__name__}: {e})")
-    from orchestrator.learners.logprobs import unshared_logprobs
+    from treeplay.learners.logprobs import unshared_logprobs
 
     learner = _learner(bpe_model_dir)
     learner.train(_pairs())
@@ -216,7 +216,7 @@ def test_regression_rejected_lora_update_is_undone(bpe_model_dir):
     """The loop undoes an iteration its guard rails reject by loading back the learner's
     ``state_dict()``; for a LoRA learner that is the adapter, which ``model.load_state_dict``
     refused (missing base keys). It now goes through the policy's ``load_weights``."""
-    from orchestrator.learners.guards import train_guarded
+    from treeplay.learners.guards import train_guarded
 
     learner = _learner(bpe_model_dir, skip_grad_norm=1e-12)  # every update is skipped: not deployable
     before = learner.state_dict()

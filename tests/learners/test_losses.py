@@ -1,4 +1,4 @@
-"""Every loss in orchestrator/learners/losses.py against numbers worked out by hand (math, no torch)."""
+"""Every loss in learners/losses.py against numbers worked out by hand (math, no torch)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.learners import losses
+from treeplay.learners import losses
 
 
 def softplus(x: float) -> float:

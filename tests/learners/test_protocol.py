@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.learners import make_learner
-from orchestrator.learners.base import Learner
+from treeplay.learners import make_learner
+from treeplay.learners.base import Learner
+from treeplay.orchestrator.config import load_config
 
 LEARNERS = {"dpo": "DPOLearner", "tpo": "TPOLearner", "slhf": "SLHFLearner", "rft": "RFTLearner"}
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agents.registry import make_environment
-from agents.scripted import ScriptedPolicy
-from orchestrator.config import RunConfig
-from orchestrator.learners.rft import RFTConfig, RFTLearner
-from orchestrator.rollouts import run_rollouts
-from store.records import RankedItem, RankedListRecord
+from treeplay.agents.registry import make_environment
+from treeplay.agents.scripted import ScriptedPolicy
+from treeplay.learners.rft import RFTConfig, RFTLearner
+from treeplay.orchestrator.config import RunConfig
+from treeplay.orchestrator.rollouts import run_rollouts
+from treeplay.store.records import RankedItem, RankedListRecord
 
 
 def _lists() -> list[RankedListRecord]:

@@ -8,15 +8,15 @@ import random
 import pytest
 import torch
 
-from orchestrator.engines.tiny import CHARS
-from orchestrator.learners.slhf import SLHFLearner, load_follower_template
-from orchestrator.learners.tpo import TPOLearner, kendall_tau, ndcg, token_steps
-from store.records import PreferenceData, RankedItem, RankedListRecord
+from treeplay.engines.tiny import CHARS
+from treeplay.learners.slhf import SLHFLearner, load_follower_template
+from treeplay.learners.tpo import TPOLearner, kendall_tau, ndcg, token_steps
+from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tpo") / "model", hidden_size=64, num_layers=2, seed=2)
 
@@ -149,7 +149,7 @@ class _EchoEnv:
         return task.prompt
 
     def step(self, action):
-        from agents.base import StepResult
+        from treeplay.agents.base import StepResult
 
         self.t += 1
         right = action.strip() == str(self.t)
@@ -161,9 +161,9 @@ class _EchoEnv:
 def test_regression_slhf_oracle_scores_partial_solutions():
     """The oracle looked prompts up among the task prompts only, so every step-level prompt (a
     task prompt plus the steps so far) got 0.5: no signal from most of MCTS's data."""
-    from agents.base import Step, Task, transcript
-    from agents.envs.arithmetic import ArithmeticEnv
-    from orchestrator.learners.slhf import VerifierOracle
+    from treeplay.agents.base import Step, Task, transcript
+    from treeplay.agents.envs.arithmetic import ArithmeticEnv
+    from treeplay.learners.slhf import VerifierOracle
 
     env = ArithmeticEnv(ops=2, digits=2)
     task = env.tasks("train", 1, seed=3)[0]
@@ -200,8 +200,8 @@ def test_regression_slhf_scores_samples_at_their_sampling_temperature(small_mode
     Scoring samples drawn at 0.5 with temperature-1 log-probs was a different estimator. The
     follower's KL is against the reference given the bare prompt (the authors' default) or the
     full follower prompt. Checked against a plain forward pass per sequence, by hand."""
-    from orchestrator.learners.epochs import StatsMeter
-    from orchestrator.learners.logprobs import encode_prompt
+    from treeplay.learners.epochs import StatsMeter
+    from treeplay.learners.logprobs import encode_prompt
 
     temp, beta = 0.5, 0.1
     learner = SLHFLearner(small_model_dir, preference=lambda p, a, b: 0.8 if len(a) > len(b) else 0.3,
@@ -242,7 +242,7 @@ def test_regression_slhf_scores_samples_at_their_sampling_temperature(small_mode
 def test_regression_tpo_nll_is_the_mean_over_lists_with_a_verified_item(small_model_dir):
     """TPO's NLL term averages over the lists that have a verified-correct item (the others add
     none), not over all lists of the batch."""
-    from orchestrator.learners.epochs import StatsMeter
+    from treeplay.learners.epochs import StatsMeter
 
     lists = ranked_lists(4)
     for k, rec in enumerate(lists):

@@ -6,7 +6,7 @@ no preference pair and no informative ranked list: the case of a policy that sol
 
 from __future__ import annotations
 
-from agents.base import StepResult, Task, Trajectory
+from treeplay.agents.base import StepResult, Task, Trajectory
 
 
 class FixedOutcomeEnv:

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.registry import make_environment
-from orchestrator.config import load_config
-from store import queries
-from store.database import open_store
+from treeplay.agents.registry import make_environment
+from treeplay.orchestrator.config import load_config
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.heavy]
 
@@ -78,7 +78,7 @@ def test_learner_and_rollouts_on_separate_nodes_and_weights_reach_every_node(clu
     import ray
     from ray.experimental import get_object_locations
 
-    from orchestrator.loop import Loop
+    from treeplay.orchestrator.loop import Loop
 
     url = postgres_server.create_database("cluster_placement")
     cfg = _cfg(tmp_path, warm_model_dir, cluster.address, url)
@@ -112,7 +112,7 @@ def test_learner_and_rollouts_on_separate_nodes_and_weights_reach_every_node(clu
 
 
 def test_run_survives_losing_a_rollout_node(cluster, tmp_path, warm_model_dir, postgres_server):
-    from orchestrator.loop import launch_run
+    from treeplay.orchestrator.loop import launch_run
 
     url = postgres_server.create_database("cluster_node_loss")
     # Enough work per iteration (32 chunks, a few seconds) that the node goes while rollouts are in

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from orchestrator.config import ConfigError, RunConfig, apply_overrides, load_config
+from treeplay.orchestrator.cli import app
+from treeplay.orchestrator.config import ConfigError, RunConfig, apply_overrides, load_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -23,7 +23,7 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     # The environment it names exists and takes the given arguments.
-    from agents.registry import make_environment
+    from treeplay.agents.registry import make_environment
 
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
     assert env.tasks("test", 2, seed=0)
@@ -90,7 +90,7 @@ def test_apply_overrides_keeps_other_keys():
 def test_regression_partial_section_keeps_the_documented_defaults(tmp_path):
     """`treeplay demo learner.dpo.lr=3e-5` used to turn the demo's MCTS-DPO into plain sigmoid DPO with
     a fixed reference and no warm-up (the section was rebuilt from DPOConfig's own defaults)."""
-    from orchestrator.config import RunConfig, load_config
+    from treeplay.orchestrator.config import RunConfig, load_config
 
     demo = RunConfig().learner.dpo
     by_override = load_config(None, ["learner.dpo.lr=3e-5"]).learner.dpo

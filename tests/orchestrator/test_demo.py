@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.loop import launch_run
-from store import queries
-from store.database import open_store
+from treeplay.orchestrator.config import load_config
+from treeplay.orchestrator.loop import launch_run
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 

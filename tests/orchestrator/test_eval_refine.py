@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from agents.base import transcript
-from agents.envs.arithmetic import ArithmeticEnv
-from agents.scripted import ScriptedPolicy
-from orchestrator.config import ConfigError, load_config
-from orchestrator.learners.slhf import fill_follower_prompt, load_follower_template
-from orchestrator.rollouts import evaluate
+from treeplay.agents.base import transcript
+from treeplay.agents.envs.arithmetic import ArithmeticEnv
+from treeplay.agents.scripted import ScriptedPolicy
+from treeplay.learners.slhf import fill_follower_prompt, load_follower_template
+from treeplay.orchestrator.config import ConfigError, load_config
+from treeplay.orchestrator.rollouts import evaluate
 
 FOLLOWER_LINE = "Improve the previous answer."
 
@@ -115,7 +115,7 @@ class Recording:
 
 @pytest.fixture(scope="module")
 def engine(warm_model_dir):
-    from orchestrator.engines import make_engine
+    from treeplay.engines import make_engine
 
     eng = make_engine("hf", warm_model_dir, seed=0, num_threads=1)
     yield eng

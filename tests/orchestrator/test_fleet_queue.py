@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from agents.registry import make_environment
-from orchestrator.config import load_config
-from orchestrator.rollouts import worker_idle_s
+from treeplay.agents.registry import make_environment
+from treeplay.orchestrator.config import load_config
+from treeplay.orchestrator.rollouts import worker_idle_s
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def _fleet(tmp_path: Path, model: Path, *extra: str):
-    from orchestrator.workers import Fleet
+    from treeplay.orchestrator.workers import Fleet
 
     cfg = load_config(None, [
         f"model.path={model}", f"output_dir={tmp_path}", f"store.url=sqlite:///{tmp_path}/store.db",
@@ -80,7 +80,7 @@ def test_new_weights_wait_for_the_workers_queue_to_empty(tmp_path, tiny_model_di
     import ray
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.weights import to_payload
+    from treeplay.orchestrator.weights import to_payload
 
     cfg, fleet = _fleet(tmp_path, tiny_model_dir, "rollout.chunks_per_worker=2", "rollout.max_staleness=1",
                         "ray.lane_nice=0")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from orchestrator.loop import Lane, _live_line
+from treeplay.orchestrator.loop import Lane, _live_line
 
 
 def test_a_synchronous_lane_runs_each_second_half_at_once():

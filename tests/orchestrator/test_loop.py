@@ -22,10 +22,10 @@ import psutil
 import pytest
 import yaml
 
-from agents.registry import make_environment
-from orchestrator.config import load_config
-from store import queries
-from store.database import open_store
+from treeplay.agents.registry import make_environment
+from treeplay.orchestrator.config import load_config
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
@@ -40,7 +40,7 @@ def _small(tmp_path: Path, model: Path, *extra: str):
 def test_killed_worker_is_restarted_and_nothing_is_lost_or_duplicated(tmp_path, warm_model_dir):
     import ray
 
-    from orchestrator.loop import Loop
+    from treeplay.orchestrator.loop import Loop
 
     cfg = _small(tmp_path, warm_model_dir, "rollout.num_workers=2")
     store = open_store(cfg.store.url)

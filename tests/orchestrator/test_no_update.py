@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import load_config
-from store import queries
-from store.database import open_store
+from treeplay.orchestrator.config import load_config
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 

@@ -28,10 +28,10 @@ import psutil
 import pytest
 import yaml
 
-from agents.registry import make_environment
-from orchestrator.config import load_config
-from store import queries
-from store.database import open_store
+from treeplay.agents.registry import make_environment
+from treeplay.orchestrator.config import load_config
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 # Each test runs whole Ray runs (and may build the session's warm-started model first).
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(1800)]
@@ -82,7 +82,7 @@ def _rollout_workers() -> list[psutil.Process]:
 def test_pipelined_run_survives_a_killed_worker_and_writes_every_task_once(tmp_path, warm_model_dir):
     import ray
 
-    from orchestrator.loop import launch_run
+    from treeplay.orchestrator.loop import launch_run
 
     # 32 chunks an iteration, two workers: a kill lands while a worker is busy with one.
     cfg = _pipelined(tmp_path, warm_model_dir, "rollout.num_workers=2", "rollout.tasks_per_iteration=256",
@@ -208,7 +208,7 @@ def test_pipelined_run_never_deploys_a_rejected_update(tmp_path, warm_model_dir)
     so every chunk of every iteration, and every evaluation, runs on the starting weights."""
     import ray
 
-    from orchestrator.loop import launch_run
+    from treeplay.orchestrator.loop import launch_run
 
     cfg = _pipelined(tmp_path, warm_model_dir, "iterations=3", "learner.dpo.lr=1e30", "name=nan")
     try:

@@ -25,21 +25,25 @@ import pytest
 import torch
 import yaml
 
-from orchestrator.config import load_config
-from orchestrator.learners.checkpoints import TRAINER_DIR, read_checkpoint_meta, write_directory_atomically
-from orchestrator.learners.dpo import DPOConfig, DPOLearner
-from orchestrator.learners.guards import train_guarded
-from orchestrator.learners.slhf import SLHFConfig, SLHFLearner
-from orchestrator.weights import fingerprint
-from orchestrator.workers import ModelFiles
-from store import queries
-from store.database import open_store
-from store.records import PairRecord, PreferenceData
+from treeplay.learners.checkpoints import (
+    TRAINER_DIR,
+    read_checkpoint_meta,
+    write_directory_atomically,
+)
+from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.learners.guards import train_guarded
+from treeplay.learners.slhf import SLHFConfig, SLHFLearner
+from treeplay.orchestrator.config import load_config
+from treeplay.orchestrator.weights import fingerprint
+from treeplay.orchestrator.workers import ModelFiles
+from treeplay.store import queries
+from treeplay.store.database import open_store
+from treeplay.store.records import PairRecord, PreferenceData
 
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    from orchestrator.engines.tiny import build_tiny_model
+    from treeplay.engines.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("resume") / "model", hidden_size=32, num_layers=1)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from agents.registry import environment_factory
-from orchestrator.config import load_config
-from orchestrator.engines import make_engine
-from orchestrator.rollouts import evaluate, rollout_summary, run_rollouts
-from search.preferences import label_smoothing
-from store import queries
-from store.database import open_store
+from treeplay.agents.registry import environment_factory
+from treeplay.engines import make_engine
+from treeplay.orchestrator.config import load_config
+from treeplay.orchestrator.rollouts import evaluate, rollout_summary, run_rollouts
+from treeplay.search.preferences import label_smoothing
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_panel_mode_stores_every_judgment(engine, tmp_path):
 
 
 def test_panel_mode_peers_with_their_own_models(engine, tiny_model_dir, tmp_path):
-    from orchestrator import rollouts
+    from treeplay.orchestrator import rollouts
 
     peers = f"rollout.panel_peers=[{{name: self}}, {{name: other, model_path: '{tiny_model_dir}'}}]"
     overrides = (peers, "rollout.panel.n_candidates=2", "rollout.panel.max_tokens=12",
@@ -141,8 +141,8 @@ def test_unknown_mode_is_a_clear_error(engine):
 
 
 def test_verify_completion_replays_the_episode_and_ignores_what_follows_its_end():
-    from agents.episode import verify_completion
-    from agents.registry import make_environment
+    from treeplay.agents.episode import verify_completion
+    from treeplay.agents.registry import make_environment
 
     arith = make_environment("arithmetic", ops=2, digits=1)
     task = arith.tasks("test", 1, seed=0)[0]
@@ -188,8 +188,8 @@ def test_generate_with_stops_survives_every_row_ending_in_eos(tiny_model_dir):
 
 def test_pairs_and_lists_say_which_weights_made_them(tiny_model_dir):
     """run_rollouts stamps the policy's version on every pair and ranked list it returns."""
-    from agents.registry import make_environment
-    from orchestrator.rollouts import POLICY_VERSION
+    from treeplay.agents.registry import make_environment
+    from treeplay.orchestrator.rollouts import POLICY_VERSION
 
     cfg = load_config(None, ["rollout.mode=sample", "rollout.samples_per_task=4"])
     engine = make_engine("hf", str(tiny_model_dir), seed=0)
@@ -206,10 +206,10 @@ def test_regression_panel_verifier_is_the_environment():
     """The panel's verifier asks the environment whether a candidate solves the task. It used to
     compare the candidate's last number with ``task.answer``: on an environment whose answers are not
     numbers (here every episode is solved, answer 'any') every candidate was 'verified wrong'."""
-    from agents.scripted import ScriptedPolicy
-    from orchestrator.config import load_config
-    from orchestrator.rollouts import run_rollouts
     from tests.orchestrator.fixed_outcome_env import FixedOutcomeEnv
+    from treeplay.agents.scripted import ScriptedPolicy
+    from treeplay.orchestrator.config import load_config
+    from treeplay.orchestrator.rollouts import run_rollouts
 
     cfg = load_config(None, ["rollout.mode=panel"])
     policy = ScriptedPolicy(lambda prompt, rng: "helpfulness: 3\n" if prompt.startswith("Score") else "x\n")

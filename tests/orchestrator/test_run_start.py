@@ -24,11 +24,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from agents.registry import make_environment
-from orchestrator.cli import app
-from orchestrator.config import config_from_dict, load_config
-from store import queries
-from store.database import open_store
+from treeplay.agents.registry import make_environment
+from treeplay.orchestrator.cli import app
+from treeplay.orchestrator.config import config_from_dict, load_config
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = ROOT / "tests" / "helpers" / "plugin_example"
@@ -127,10 +127,10 @@ def test_regression_loop_start_prints_no_ray_restart_warning(tmp_path, tiny_mode
     script = textwrap.dedent(f'''
         from pathlib import Path
 
-        from orchestrator.config import load_config
-        from orchestrator.loop import Loop
-        from store import queries
-        from store.database import open_store
+        from treeplay.orchestrator.config import load_config
+        from treeplay.orchestrator.loop import Loop
+        from treeplay.store import queries
+        from treeplay.store.database import open_store
 
         cfg = load_config(None, ["model.path={tiny_model_dir}", "output_dir={tmp_path}",
                                  "store.url=sqlite:///{tmp_path}/store.db", "rollout.num_workers=1"])
@@ -151,7 +151,7 @@ def test_regression_loop_start_prints_no_ray_restart_warning(tmp_path, tiny_mode
 
 
 def test_regression_warm_start_prints_progress_lines_without_a_terminal(tmp_path, monkeypatch, capsys):
-    from orchestrator import run_start
+    from treeplay.orchestrator import run_start
 
     monkeypatch.setattr(run_start, "PLAIN_PROGRESS_EVERY_S", 0.0)  # every step, instead of every 5 s
     cfg = load_config(None, ["warm_start.steps=3", "warm_start.examples=64", "model.tiny.hidden_size=32",
@@ -171,8 +171,8 @@ def test_regression_every_shipped_config_can_start(path, tmp_path):
     not have. Every shipped run config passes the start checks, and a warm-started one gets
     examples of every kind it asks for, rendered with its own settings (a prompt its
     max_prompt_chars refuses gives none)."""
-    from orchestrator.engines.tiny import build_tiny_model
-    from orchestrator.run_start import check_startable
+    from treeplay.engines.tiny import build_tiny_model
+    from treeplay.orchestrator.run_start import check_startable
 
     cfg = load_config(path)
     if cfg.model.path:  # a checkpoint on its own machine (configs/gpu.yaml): a model stands in for it
@@ -181,7 +181,7 @@ def test_regression_every_shipped_config_can_start(path, tmp_path):
         cfg = config_from_dict(data)
     check_startable(cfg)
     if cfg.warm_start.enabled and cfg.warm_start.steps > 0 and not cfg.model.path:
-        from orchestrator.run_start import warm_start_examples
+        from treeplay.orchestrator.run_start import warm_start_examples
 
         env = make_environment(cfg.env.name, **cfg.env.kwargs)
         for kind in cfg.warm_start.demonstrations:

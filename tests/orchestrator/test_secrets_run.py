@@ -18,9 +18,9 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from store import queries
-from store.database import StoreError, open_store
+from treeplay.orchestrator.cli import app
+from treeplay.store import queries
+from treeplay.store.database import StoreError, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.postgres]
 
@@ -106,7 +106,7 @@ def test_regression_postgres_password_is_used_but_never_stored_shown_or_logged(
         # The inspector's API, every route a run has.
         from fastapi.testclient import TestClient
 
-        from orchestrator.web.app import create_app
+        from treeplay.orchestrator.web.app import create_app
 
         with TestClient(create_app(url), base_url="http://127.0.0.1:8765") as client:
             detail = client.get("/api/runs/secretive")

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError
-from orchestrator.run_start import check_startable
-from orchestrator.study import interval, load_study, shared_start
-from store import queries
-from store.database import open_store
+from treeplay.orchestrator.config import ConfigError
+from treeplay.orchestrator.run_start import check_startable
+from treeplay.orchestrator.study import interval, load_study, shared_start
+from treeplay.store import queries
+from treeplay.store.database import open_store
 
 ROOT = Path(__file__).parents[2]
 
@@ -55,7 +55,7 @@ def _study(tmp_path: Path, **extra) -> Path:
 def _treeplay(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TREEPLAY_STORE_URL"}
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-m", "treeplay.orchestrator.cli", *args], capture_output=True, text=True, env=env, timeout=900
     )
 
 
@@ -114,7 +114,7 @@ def test_bad_study_files_fail_in_one_line(tmp_path):
 def test_regression_study_on_an_old_store_fails_in_one_line(tmp_path):
     """A study whose store is behind the code's schema used to end in a Python traceback from the
     first run's open_store; now it is one line (exit 2) naming the upgrade, before anything runs."""
-    from store.database import upgrade
+    from treeplay.store.database import upgrade
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     upgrade(url, "0003_run_reason")
@@ -209,7 +209,7 @@ def test_regression_a_finished_run_with_another_config_is_refused_not_kept(tmp_p
     keep the validation runs as 'done earlier' and report them as the test's. Now a run already in
     the store under the same name with another config stops the study in one line, before anything
     runs; the same config is kept as before, and --name runs the study under another name."""
-    from orchestrator.study import check_existing_runs, config_drift
+    from treeplay.orchestrator.study import check_existing_runs, config_drift
 
     study = _study(tmp_path)
     _, validation = load_study(study, ["eval.split=validation"])

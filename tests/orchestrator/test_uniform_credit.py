@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from agents.credit import OutcomeCredit, StepCheckCritic, assign_credit
-from agents.envs.arithmetic import ArithmeticEnv
-from agents.multi import Agent, run_multi_agent_episodes
-from agents.scripted import ScriptedPolicy
-from orchestrator.config import ConfigError, load_config
+from treeplay.agents.credit import OutcomeCredit, StepCheckCritic, assign_credit
+from treeplay.agents.envs.arithmetic import ArithmeticEnv
+from treeplay.agents.multi import Agent, run_multi_agent_episodes
+from treeplay.agents.scripted import ScriptedPolicy
+from treeplay.orchestrator.config import ConfigError, load_config
 
 
 def _two_step_episodes(second_right: bool):
@@ -87,7 +87,7 @@ def test_config_choice():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from orchestrator.engines import make_engine
+    from treeplay.engines import make_engine
 
     eng = make_engine("hf", tiny_model_dir, seed=0, num_threads=1)
     yield eng
@@ -95,10 +95,10 @@ def engine(tiny_model_dir):
 
 
 def test_multi_agent_mode_with_uniform_credit_on_the_tiny_model(engine, tmp_path):
-    from agents.registry import environment_factory
-    from orchestrator.rollouts import run_rollouts
-    from store import queries
-    from store.database import open_store
+    from treeplay.agents.registry import environment_factory
+    from treeplay.orchestrator.rollouts import run_rollouts
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     cfg = load_config(None, ["rollout.mode=multi_agent", "rollout.critic=uniform", "rollout.num_agents=3",
                              "rollout.max_steps=2", "rollout.max_step_tokens=8", "env.kwargs={ops: 2, digits: 1}"])

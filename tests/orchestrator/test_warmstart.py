@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from agents.base import Demonstration
-from orchestrator.config import ConfigError, load_config
-from orchestrator.engines import make_engine
-from orchestrator.engines.tiny import build_tiny_model
-from orchestrator.warmstart import _encode, batch_counts, supervised_warm_start
+from treeplay.agents.base import Demonstration
+from treeplay.engines import make_engine
+from treeplay.engines.tiny import build_tiny_model
+from treeplay.orchestrator.config import ConfigError, load_config
+from treeplay.orchestrator.warmstart import _encode, batch_counts, supervised_warm_start
 
 
 def test_a_demonstration_that_ends_is_followed_by_the_end_of_sequence_token(tmp_path):

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from agents.base import StepResult, Task
-from agents.scripted import ScriptedPolicy
-from search.mcts import MCTSConfig, normalise_step, prior, puct, search, search_many
-from search.preferences import (
+from treeplay.agents.base import StepResult, Task
+from treeplay.agents.scripted import ScriptedPolicy
+from treeplay.search.expansion import normalise_step, prior
+from treeplay.search.mcts import MCTSConfig, puct, search, search_many
+from treeplay.search.preferences import (
     curriculum,
     label_smoothing,
     node_stats,
@@ -20,8 +21,8 @@ from search.preferences import (
     step_pairs,
     tree_result,
 )
-from search.tree import PreferenceTree
-from store.records import PairRecord
+from treeplay.search.tree import PreferenceTree
+from treeplay.store.records import PairRecord
 
 
 class DigitEnv:
@@ -89,7 +90,7 @@ def test_prior_puct_and_normalisation_by_hand():
 
 
 def test_backup_formula_by_hand():
-    from search.mcts import _backup
+    from treeplay.search.mcts import _backup
 
     t = PreferenceTree("p\n")
     a = t.add_child(t.root, "a", reward=0.5, value=0.5)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from agents.envs.arithmetic import ArithmeticEnv
-from search.mcts import MCTSConfig, search_many
-from search.preferences import step_pairs, tree_result
-from search.tree import PreferenceTree
+from treeplay.agents.envs.arithmetic import ArithmeticEnv
+from treeplay.search.mcts import MCTSConfig, search_many
+from treeplay.search.preferences import step_pairs, tree_result
+from treeplay.search.tree import PreferenceTree
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     import torch
 
-    from orchestrator.engines.hf import HFEngine
+    from treeplay.engines.hf import HFEngine
 
     torch.set_num_threads(1)
     eng = HFEngine(tiny_model_dir, seed=0)
@@ -23,8 +23,8 @@ def engine(tiny_model_dir):
 
 
 def test_real_search_writes_trees_and_yields_pairs(engine, tmp_path):
-    from store import queries
-    from store.database import open_store
+    from treeplay.store import queries
+    from treeplay.store.database import open_store
 
     def env() -> ArithmeticEnv:
         return ArithmeticEnv(ops=2, digits=1)

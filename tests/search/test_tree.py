@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from search.tree import PreferenceTree
-from store.records import NodeRecord, TreeRecord
+from treeplay.search.tree import PreferenceTree
+from treeplay.store.records import NodeRecord, TreeRecord
 
 
 def small_tree() -> PreferenceTree:

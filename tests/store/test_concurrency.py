@@ -9,9 +9,9 @@ import multiprocessing as mp
 
 import pytest
 
-from store import queries as q
-from store.database import open_store
-from store.records import NodeRecord, PairRecord, TaskResult, TreeRecord
+from treeplay.store import queries as q
+from treeplay.store.database import open_store
+from treeplay.store.records import NodeRecord, PairRecord, TaskResult, TreeRecord
 
 WORKERS = 4
 TREES_PER_WORKER = 500

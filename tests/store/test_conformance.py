@@ -10,9 +10,9 @@ import math
 
 import pytest
 
-from store import queries as q
-from store.database import StoreError, open_store
-from store.records import (
+from treeplay.store import queries as q
+from treeplay.store.database import StoreError, open_store
+from treeplay.store.records import (
     JudgmentRecord,
     NodeRecord,
     PairRecord,

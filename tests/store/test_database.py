@@ -19,10 +19,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 from typer.testing import CliRunner
 
-import store.database as database
-from orchestrator.cli import app
-from store.database import StoreError, head_revision, open_store, upgrade
-from store.schema import Base
+import treeplay.store.database as database
+from treeplay.orchestrator.cli import app
+from treeplay.store.database import StoreError, head_revision, open_store, upgrade
+from treeplay.store.schema import Base
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,7 +177,7 @@ def test_regression_upgrade_keeps_one_metric_per_key(store_url):
 
     import sqlalchemy as sa
 
-    from store import queries
+    from treeplay.store import queries
 
     assert upgrade(store_url, "0003_run_reason") == "0003_run_reason"
     engine = create_engine(store_url.replace("postgresql://", "postgresql+psycopg://"))

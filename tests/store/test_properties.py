@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store import queries as q
-from store.database import open_store
-from store.records import NodeRecord, PairRecord, TaskResult, TreeRecord
+from treeplay.store import queries as q
+from treeplay.store.database import open_store
+from treeplay.store.records import NodeRecord, PairRecord, TaskResult, TreeRecord
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)

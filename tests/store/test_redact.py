@@ -9,10 +9,10 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
-from orchestrator.config import ConfigError, RunConfig, load_config, resume_config
-from store import queries
-from store.database import head_revision, open_store, upgrade
-from store.redact import REDACTED, is_secret_key, redact, redact_url, redacted_keys
+from treeplay.orchestrator.config import ConfigError, RunConfig, load_config, resume_config
+from treeplay.store import queries
+from treeplay.store.database import head_revision, open_store, upgrade
+from treeplay.store.redact import REDACTED, is_secret_key, redact, redact_url, redacted_keys
 
 SECRET = "Sup3rSecretPw"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from store.redact import redact
+from treeplay.store.redact import redact
 
 revision = "0002_redact_secrets"
 down_revision = "0001_initial"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from agents.base import StepResult, Task, Trajectory
+from treeplay.agents.base import StepResult, Task, Trajectory
 
 
 class CountdownEnv:

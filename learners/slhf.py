@@ -45,11 +45,20 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from agents.prompt_files import load_prompt
-from orchestrator.learners import losses
-from orchestrator.learners.logprobs import Group, encode_prompt, pack, packed_logprobs, padded, per_sequence
-from orchestrator.learners.trainable import LearnerConfig, LearnerOutput, StatsMeter, TrainablePolicy
-from store.records import PreferenceData
+from treeplay.agents.prompt_files import load_prompt
+from treeplay.learners import losses
+from treeplay.learners.base import LearnerOutput
+from treeplay.learners.epochs import StatsMeter
+from treeplay.learners.logprobs import (
+    Group,
+    encode_prompt,
+    pack,
+    packed_logprobs,
+    padded,
+    per_sequence,
+)
+from treeplay.learners.trainable import LearnerConfig, TrainablePolicy
+from treeplay.store.records import PreferenceData
 
 Preference = Callable[[str, str, str], float]
 
@@ -156,7 +165,7 @@ def load_follower_template(path: str | Path | None = None) -> str:
     """The follower prompt template (``{prompt}`` and ``{response}`` placeholders)."""
     if path is not None:
         return Path(path).read_text(encoding="utf-8")
-    return load_prompt("slhf_follower.txt", "orchestrator.learners")
+    return load_prompt("slhf_follower.txt", "treeplay.learners")
 
 
 def fill_follower_prompt(template: str, prompt: str, response: str) -> str:

@@ -3,7 +3,7 @@ and ``LearnerOutput``, the base class through which every learner satisfies it.
 
 Every learner (``DPOLearner``, ``TPOLearner``, ``SLHFLearner``, ``RFTLearner``) subclasses
 ``LearnerOutput``, which answers each method but ``train`` from the learner's ``TrainablePolicy``.
-Code outside ``orchestrator/learners`` talks to a learner through these methods only
+Code outside ``learners/`` talks to a learner through these methods only
 (``guards.train_guarded``, ``workers.LearnerActor``), never through ``learner.policy``.
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from orchestrator.learners.checkpoints import (
+from treeplay.learners.checkpoints import (
     TRAINER_DIR,
     TRAINER_META,
     TRAINER_STATE,
@@ -23,7 +23,7 @@ from orchestrator.learners.checkpoints import (
 )
 
 if TYPE_CHECKING:
-    from orchestrator.learners.trainable import TrainablePolicy
+    from treeplay.learners.trainable import TrainablePolicy
 
 
 @runtime_checkable
@@ -89,7 +89,7 @@ class Learner(Protocol):
 
 class LearnerOutput:
     """What every learner hands the loop: its policy's health, counters, weights, reference and
-    checkpoint; everything of the ``Learner`` protocol (``orchestrator.learners.base``) but ``train``.
+    checkpoint; everything of the ``Learner`` protocol (``learners.base``) but ``train``.
 
     Learners subclass it and set ``self.policy`` (a ``TrainablePolicy``).
     """

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.base import Scored, TokenIds
-from orchestrator.engines import EngineError
+from treeplay.agents.base import Scored, TokenIds
+from treeplay.engines import EngineError
 
 
 def check_model_dir(model_path: str | Path) -> Path:

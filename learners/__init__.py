@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.learners.base import Learner
+from treeplay.learners.base import Learner
 
 
 def make_learner(cfg: Any, model_dir: str | Path, preference: Any = None) -> Learner:
@@ -18,21 +18,21 @@ def make_learner(cfg: Any, model_dir: str | Path, preference: Any = None) -> Lea
     """
     algo = cfg.learner.algorithm
     if algo == "dpo":
-        from orchestrator.learners.dpo import DPOLearner
+        from treeplay.learners.dpo import DPOLearner
 
         return DPOLearner(model_dir, cfg.learner.dpo)
     if algo == "tpo":
-        from orchestrator.learners.tpo import TPOLearner
+        from treeplay.learners.tpo import TPOLearner
 
         return TPOLearner(model_dir, cfg.learner.tpo)
     if algo == "slhf":
-        from orchestrator.learners.slhf import SLHFLearner
+        from treeplay.learners.slhf import SLHFLearner
 
         if preference is None:
             raise ValueError("learner.algorithm 'slhf' needs a preference oracle")
         return SLHFLearner(model_dir, preference, cfg.learner.slhf)
     if algo == "rft":
-        from orchestrator.learners.rft import RFTLearner
+        from treeplay.learners.rft import RFTLearner
 
         return RFTLearner(model_dir, cfg.learner.rft)
     raise ValueError(f"learner.algorithm '{algo}' is not available")

@@ -23,14 +23,14 @@ A learner (``DPOLearner``, ``TPOLearner``, ``SLHFLearner``, ``RFTLearner``) *has
 This module holds the settings (``LearnerConfig``, ``LoRAConfig``), ``TrainablePolicy`` and
 ``AdapterReference``. The shared loop (``run_epochs``: shuffle, micro-batches, gradient
 accumulation, metrics) is in epochs.py, checkpoint I/O in checkpoints.py, ``LearnerOutput`` in
-base.py; all are re-exported here.
+base.py; import them from there.
 
 LoRA (``LearnerConfig.lora``, with peft): the base weights are frozen and only the adapter trains;
 the reference is the same model with the adapter switched off (``fixed``: the base, i.e. the
 starting model) or switched to a frozen copy of the adapter taken at every ``train()`` start
 (``refresh``), so there is never a second copy of the base weights; the optimizer holds the
 adapter's parameters only; ``state_dict()`` hands out the adapter alone, in ``adapter_tensors``'s
-form (the shape engines load as an adapter, ``orchestrator.engines.lora``); checkpoints hold the
+form (the shape engines load as an adapter, ``engines.lora``); checkpoints hold the
 adapter and the training state, and name their base model.
 """
 
@@ -45,21 +45,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-# Re-exported: the learners' shared parts lived here before they got modules of their own, and
-# slhf.py and outside code import them from here.
-from orchestrator.learners.base import LearnerOutput  # noqa: F401
-from orchestrator.learners.checkpoints import (  # noqa: F401
-    STATE_FORMAT,
-    TRAINER_DIR,
-    TRAINER_META,
-    TRAINER_STATE,
-    read_checkpoint_meta,
-    rng_state,
-    set_rng_state,
-    to_cpu,
-    write_directory_atomically,
-)
-from orchestrator.learners.epochs import StatsMeter, evaluate_batches, run_epochs  # noqa: F401
+from treeplay.learners.checkpoints import STATE_FORMAT, rng_state, set_rng_state, to_cpu
 
 
 class LoRAConfig(BaseModel):
@@ -146,7 +132,7 @@ class TrainablePolicy:
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        from orchestrator.engines.lora import adapter_base
+        from treeplay.engines.lora import adapter_base
 
         # A LoRA checkpoint holds an adapter and names its base model: load the base, then the adapter.
         adapter_dir, base_path = None, Path(model_path)
@@ -205,13 +191,13 @@ class TrainablePolicy:
         # get_peft_model wraps the layers of self.model in place; self.model stays the transformers
         # model (what packed_logprobs and generate expect) and now carries the adapter.
         if adapter_dir is not None:
-            from orchestrator.engines.lora import read_adapter
+            from treeplay.engines.lora import read_adapter
 
             self.load_adapter(read_adapter(adapter_dir))
 
     def load_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy ``adapter_tensors``-form tensors into the adapter (in place)."""
-        from orchestrator.engines.lora import to_module_tensors
+        from treeplay.engines.lora import to_module_tensors
 
         params = dict(self.model.named_parameters())
         scale = self.config.lora.alpha / self.config.lora.rank  # type: ignore[union-attr]
@@ -260,7 +246,7 @@ class TrainablePolicy:
 
     def reference_fingerprint(self) -> str | None:
         """A hash of the reference's weights (None without a reference); computed once per reference."""
-        from orchestrator.weights import fingerprint
+        from treeplay.orchestrator.weights import fingerprint
 
         if self.reference is None:
             return None
@@ -348,7 +334,7 @@ class TrainablePolicy:
                 "the policy has no healthy weights to hand out (rollback is off and training broke)"
             )
         if self.peft is not None:
-            from orchestrator.engines.lora import adapter_tensors
+            from treeplay.engines.lora import adapter_tensors
 
             scale = self.config.lora.alpha / self.config.lora.rank  # type: ignore[union-attr]
             return adapter_tensors(dict(self.model.named_parameters()), "default", scale)
@@ -369,7 +355,7 @@ class TrainablePolicy:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         if self.peft is not None:
-            from orchestrator.engines.lora import write_adapter
+            from treeplay.engines.lora import write_adapter
 
             # The base is named by its origin when that is a plain model directory: a learner actor
             # loads from a temporary copy, which a resumed run would not find.

@@ -38,10 +38,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from orchestrator.learners import losses
-from orchestrator.learners.base import LearnerOutput
-from orchestrator.learners.epochs import StatsMeter, evaluate_batches, run_epochs
-from orchestrator.learners.logprobs import (
+from treeplay.learners import losses
+from treeplay.learners.base import LearnerOutput
+from treeplay.learners.epochs import StatsMeter, evaluate_batches, run_epochs
+from treeplay.learners.logprobs import (
     Group,
     common_prefix_length,
     encode_masked_response,
@@ -52,8 +52,8 @@ from orchestrator.learners.logprobs import (
     record_tokens,
     sequence_sums,
 )
-from orchestrator.learners.trainable import LearnerConfig, TrainablePolicy
-from store.records import PairRecord, PreferenceData
+from treeplay.learners.trainable import LearnerConfig, TrainablePolicy
+from treeplay.store.records import PairRecord, PreferenceData
 
 
 class DPOConfig(LearnerConfig):

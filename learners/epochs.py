@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from orchestrator.learners.losses import LossOutput
+from treeplay.learners.losses import LossOutput
 
 if TYPE_CHECKING:
-    from orchestrator.learners.trainable import TrainablePolicy
+    from treeplay.learners.trainable import TrainablePolicy
 
 T = TypeVar("T")
 

@@ -2,9 +2,9 @@
 
 Two real engines implement the same contract (see docs/engines.md):
 
-- ``hf``: ``HFEngine`` (orchestrator/engines/hf.py), transformers with a hand-written batched
+- ``hf``: ``HFEngine`` (engines/hf.py), transformers with a hand-written batched
   sampling loop: one prompt forward shared by the n samples, shared-prefix reuse for tree search.
-- ``vllm``: ``VLLMEngine`` (orchestrator/engines/vllm.py), vLLM's ``LLM`` with prefix caching.
+- ``vllm``: ``VLLMEngine`` (engines/vllm.py), vLLM's ``LLM`` with prefix caching.
 
 Use ``make_engine("hf" | "vllm", model_path, **kwargs)``. Importing this package is cheap: torch and
 vllm load only when an engine is made.
@@ -38,24 +38,24 @@ def make_engine(kind: str, model_path: str | Path, **kwargs: Any):
         ValueError: ``kind`` is not a known engine.
     """
     if kind == "hf":
-        from orchestrator.engines.hf import HFEngine
+        from treeplay.engines.hf import HFEngine
 
         return HFEngine(model_path, **kwargs)
     if kind == "vllm":
-        from orchestrator.engines.vllm import VLLMEngine
+        from treeplay.engines.vllm import VLLMEngine
 
         return VLLMEngine(model_path, **kwargs)
     raise ValueError(f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
 
 
 def __getattr__(name: str):
-    # Lazy exports, so `import orchestrator.engines` does not pull in torch or vllm.
+    # Lazy exports, so `import treeplay.engines` does not pull in torch or vllm.
     if name == "HFEngine":
-        from orchestrator.engines.hf import HFEngine
+        from treeplay.engines.hf import HFEngine
 
         return HFEngine
     if name == "VLLMEngine":
-        from orchestrator.engines.vllm import VLLMEngine
+        from treeplay.engines.vllm import VLLMEngine
 
         return VLLMEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

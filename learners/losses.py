@@ -2,7 +2,7 @@
 
 Every function takes per-sequence (or per-token) log-probabilities that a caller has already
 computed and returns a ``LossOutput``: the scalar loss to back-propagate and a dict of detached
-statistics (implicit rewards, margins, accuracies). Conventions follow ../../docs/learners.md:
+statistics (implicit rewards, margins, accuracies). Conventions follow ../docs/learners.md:
 
 - ``*_logps`` are sums of response-token log-probs (prompt excluded), shape ``(B,)``;
 - the implicit reward of a response is ``beta * (logp_policy - logp_ref)``;
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from search.preferences import label_smoothing
+from treeplay.search.preferences import label_smoothing
 
 
 class LossOutput(NamedTuple):

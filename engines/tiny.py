@@ -3,7 +3,7 @@
 There is no model hub here (tests, CI, the demo): we build a real Hugging Face model directory that
 both engines (transformers and vLLM) load like any other checkpoint. Run it directly to make one:
 
-    python -m orchestrator.engines.tiny runs/tiny-model --hidden 128 --layers 4
+    python -m treeplay.engines.tiny runs/tiny-model --hidden 128 --layers 4
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Conventions follow Qwen2: no BOS is added, ``<|endoftext|>`` pads and ends raw t
 ``<|im_end|>`` ends a chat turn (both are EOS ids in the generation config), and the chat template
 is ChatML. Run it directly to make one:
 
-    python -m orchestrator.engines.bpe runs/bpe-model --hidden 512 --layers 8 --vocab 4096
+    python -m treeplay.engines.bpe runs/bpe-model --hidden 512 --layers 8 --vocab 4096
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def environment_corpus(
         tasks_per_env: Train tasks drawn from each.
         seed: Seed of the task draw.
     """
-    from agents.base import transcript
-    from agents.prompt_files import load_prompt
-    from agents.registry import make_environment
+    from treeplay.agents.base import transcript
+    from treeplay.agents.prompt_files import load_prompt
+    from treeplay.agents.registry import make_environment
 
     texts: list[str] = []
     for name, kwargs in environments:
@@ -102,7 +102,7 @@ def environment_corpus(
             close()
     rng = random.Random(seed)
     for name in ("self_eval.txt", "self_eval_reference.txt"):
-        texts += [load_prompt(name, "search")] * 50
+        texts += [load_prompt(name, "treeplay.search")] * 50
     rng.shuffle(texts)
     return texts
 

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from agents.base import Completion, Prompt, Scored, TokenIds
-from orchestrator.engines import EngineError, hf_kernels
-from orchestrator.engines.contract import (
+from treeplay.agents.base import Completion, Prompt, Scored, TokenIds
+from treeplay.engines import EngineError, hf_kernels
+from treeplay.engines.contract import (
     TokenMethods,
     check_context,
     check_model_dir,
@@ -48,10 +48,10 @@ from orchestrator.engines.contract import (
     eos_token_ids,
     prompt_token_ids,
 )
-from orchestrator.engines.contract import (
+from treeplay.engines.contract import (
     scored as _scored,
 )
-from orchestrator.engines.hf_kernels import (
+from treeplay.engines.hf_kernels import (
     ATTENTION_NAME,
     AttentionPlan,
     preallocated_cache,
@@ -100,7 +100,7 @@ class HFEngine(TokenMethods):
             dtype = "float32" if device == "cpu" else "bfloat16"
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-        from orchestrator.engines.lora import adapter_base, read_adapter
+        from treeplay.engines.lora import adapter_base, read_adapter
 
         try:
             base = adapter_base(self.model_path)  # a LoRA directory: its base, then the adapter
@@ -219,7 +219,7 @@ class HFEngine(TokenMethods):
             ValueError: An unknown name or a shape that does not match (or an adapter of another
                 rank or other layers than the one loaded before); nothing is copied then.
         """
-        from orchestrator.engines.lora import is_adapter
+        from treeplay.engines.lora import is_adapter
 
         self._check_open()
         t0 = time.perf_counter()
@@ -248,7 +248,7 @@ class HFEngine(TokenMethods):
 
     def _adapter_params(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
         """The adapter's tensors under this model's parameter names, injecting the adapter first."""
-        from orchestrator.engines.lora import adapter_shape, to_module_tensors
+        from treeplay.engines.lora import adapter_shape, to_module_tensors
 
         rank, targets, _ = adapter_shape(tensors)
         if self.max_lora_rank is not None and rank > self.max_lora_rank:

@@ -2,7 +2,7 @@
 
 Same contract as ``HFEngine`` (see docs/engines.md), with these choices:
 
-- Prompts are tokenized by ``orchestrator.engines.contract`` and handed to vLLM as token ids, so
+- Prompts are tokenized by ``engines.contract`` and handed to vLLM as token ids, so
   both engines see identical ids. Completions are rebuilt from vLLM's token ids with the shared
   stop-string cut, so text, ids and log-probs follow exactly the HF engine's rules.
 - Log-probs: vLLM's default ``logprobs_mode="raw_logprobs"`` returns the log-softmax of the raw
@@ -36,9 +36,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.base import Completion, Prompt, Scored, TokenIds
-from orchestrator.engines import EngineError
-from orchestrator.engines.contract import (
+from treeplay.agents.base import Completion, Prompt, Scored, TokenIds
+from treeplay.engines import EngineError
+from treeplay.engines.contract import (
     TokenMethods,
     check_context,
     check_model_dir,
@@ -49,7 +49,7 @@ from orchestrator.engines.contract import (
     eos_token_ids,
     prompt_token_ids,
 )
-from orchestrator.engines.contract import (
+from treeplay.engines.contract import (
     scored as _scored,
 )
 
@@ -127,7 +127,7 @@ class VLLMEngine(TokenMethods):
         max_lora_rank: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
-        from orchestrator.engines.lora import adapter_base, read_adapter
+        from treeplay.engines.lora import adapter_base, read_adapter
 
         self.model_path = check_model_dir(model_path)
         try:
@@ -136,7 +136,7 @@ class VLLMEngine(TokenMethods):
             raise EngineError(str(e)) from e
         first_adapter = read_adapter(self.model_path) if base is not None else None
         if first_adapter is not None:
-            from orchestrator.engines.lora import adapter_shape
+            from treeplay.engines.lora import adapter_shape
 
             max_lora_rank = max(max_lora_rank or 0, adapter_shape(first_adapter)[0])
         if max_lora_rank is not None:
@@ -303,7 +303,7 @@ class VLLMEngine(TokenMethods):
         import torch
         from safetensors.torch import save
 
-        from orchestrator.engines.lora import is_adapter
+        from treeplay.engines.lora import is_adapter
 
         self._check_open()
         t0 = time.perf_counter()
@@ -333,7 +333,7 @@ class VLLMEngine(TokenMethods):
 
         from vllm.lora.request import LoRARequest
 
-        from orchestrator.engines.lora import write_adapter
+        from treeplay.engines.lora import write_adapter
 
         if self._llm.llm_engine.vllm_config.lora_config is None:
             raise EngineError("this vLLM engine serves no LoRA adapters: build it with max_lora_rank "

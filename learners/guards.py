@@ -8,14 +8,14 @@
   which puts the learner back to where it was before an iteration that may not be.
 
 ``workers.LearnerActor`` calls them in that order on each iteration's data; they use a learner
-through the ``Learner`` protocol only (``orchestrator.learners.base``).
+through the ``Learner`` protocol only (``learners.base``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.learners.base import Learner
+from treeplay.learners.base import Learner
 
 
 def shuffled_control(data: Any, seed: int) -> Any:
@@ -107,7 +107,7 @@ def usable_data(algorithm: str, data: Any) -> tuple[Any, str | None]:
     The DPO family trains on pairs, TPO and RFT on ranked lists, SLHF on the prompts of both. Finer checks
     (TPO drops lists whose items are tied) are the learner's: ``train_guarded`` reports them.
     """
-    from store.records import PreferenceData
+    from treeplay.store.records import PreferenceData
 
     if algorithm == "dpo":
         if not data.pairs:
@@ -138,7 +138,7 @@ def within_staleness(data: Any, iteration: int, learner_version: int, max_stalen
     """
     import dataclasses
 
-    from orchestrator.rollouts import POLICY_VERSION
+    from treeplay.orchestrator.rollouts import POLICY_VERSION
 
     kept_ages: list[int] = []
     refused = 0

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from orchestrator.engines.contract import action_token_mask, decode
+from treeplay.engines.contract import action_token_mask, decode
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
