@@ -59,13 +59,18 @@ def _swap_texts(p: Any) -> Any:
                                rejected_node=p.chosen_node, info=info)
 
 
+def _reorder(info: dict, keys: tuple[str, ...], order: list[int]) -> None:
+    """Put the per-item lists ``info[key]`` in ``order``, in place (lists of another length stay)."""
+    for key in keys:
+        if isinstance(info.get(key), list) and len(info[key]) == len(order):
+            info[key] = [info[key][j] for j in order]
+
+
 def _reorder_token_ids(tokens: dict, order: list[int]) -> dict:
     """A record's ``info["tokens"]`` with its responses (and their policy spans) in ``order``, so a
     text that moves keeps the ids the policy generated it as (else the learner re-tokenizes it)."""
     out = dict(tokens)
-    for key in ("responses", "spans"):
-        if isinstance(out.get(key), list) and len(out[key]) == len(order):
-            out[key] = [out[key][j] for j in order]
+    _reorder(out, ("responses", "spans"), order)
     return out
 
 
@@ -77,14 +82,12 @@ def _permute_texts(r: Any, rng: Any) -> Any:
     items = [dataclasses.replace(item, text=r.items[j].text, node=r.items[j].node)
              for item, j in zip(r.items, order, strict=True)]
     info = dict(r.info) if r.info else r.info
-    if info and isinstance(info.get(_SPANS), list) and len(info[_SPANS]) == len(order):
-        info[_SPANS] = [info[_SPANS][j] for j in order]
-    # Which node a text ends at describes the text and travels with it; "correct" is the verifier's
-    # label of the slot, the preference signal the control scrambles, and stays in rank order.
-    if info and isinstance(info.get("end_nodes"), list) and len(info["end_nodes"]) == len(order):
-        info["end_nodes"] = [info["end_nodes"][j] for j in order]
-    if info and isinstance(info.get("tokens"), dict):
-        info["tokens"] = _reorder_token_ids(info["tokens"], order)
+    if info:
+        # A text's spans and end node describe it and travel with it; "correct" is the verifier's
+        # label of the slot, the preference signal the control scrambles, and stays in rank order.
+        _reorder(info, (_SPANS, "end_nodes"), order)
+        if isinstance(info.get("tokens"), dict):
+            info["tokens"] = _reorder_token_ids(info["tokens"], order)
     return dataclasses.replace(r, items=items, info=info)
 
 

@@ -223,10 +223,11 @@ def ranked_lists(
         alts = _alternatives(tree, parent, include_errors)
         if len(alts) < min_items:
             continue
-        items, spans = [], []
+        items, spans, ends = [], [], []
         keys = _order_keys(tree, alts, stats)
         for child in sorted(alts, key=keys.__getitem__, reverse=True):
             branch = best_branch(tree, child, stats)
+            ends.append(branch[-1])
             text, item_spans = _response(tree, branch[-1], parent)
             spans.append(item_spans)
             items.append(
@@ -247,16 +248,13 @@ def ranked_lists(
                     "tree_index": tree_index,
                     "parent_node": parent,
                     "depth": int(tree[parent]["depth"]),
-                    "end_nodes": [best_branch(tree, it.node, stats)[-1] for it in items if it.node is not None],
-                    "correct": [
-                        tree[best_branch(tree, it.node, stats)[-1]]["correct"] for it in items if it.node is not None
-                    ],
+                    "end_nodes": ends,
+                    "correct": [tree[e]["correct"] for e in ends],
                     ACTION_SPANS: spans,
                 },
             )
         )
-        ends = [best_branch(tree, it.node, stats)[-1] for it in items if it.node is not None]
-        if len(ends) == len(items) and (ids := tree.response_tokens(parent, ends)) is not None:
+        if (ids := tree.response_tokens(parent, ends)) is not None:
             lists[-1].info["tokens"] = ids
     return lists
 
