@@ -13,9 +13,15 @@ through the ``Learner`` protocol only (``learners.base``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
+
 from treeplay.learners.base import Learner
+
+#: An iteration whose weights moved by more than this many times their own norm is not deployed.
+MAX_UPDATE_RATIO = 10.0
 
 
 def shuffled_control(data: Any, seed: int) -> Any:
@@ -167,18 +173,44 @@ def within_staleness(data: Any, iteration: int, learner_version: int, max_stalen
     return out, counts
 
 
-def update_is_deployable(metrics: dict[str, Any], applied: float, healthy: bool) -> bool:
+def update_is_deployable(metrics: dict[str, Any], applied: float, healthy: bool,
+                         max_update_ratio: float = MAX_UPDATE_RATIO) -> bool:
     """Whether an iteration's training may be redeployed.
 
     The learner already skips single bad updates and rolls back to its last good weights; an
     iteration in which at least half of the updates were skipped (NaN/inf loss, exploding gradient)
-    did not train in any meaningful sense, so the loop keeps serving the previous weights.
+    did not train in any meaningful sense, so the loop keeps serving the previous weights. Nor did
+    one whose weights moved by more than ``max_update_ratio`` times their own norm
+    (``metrics["update_ratio"]``, see ``update_ratio``): every loss can stay finite while the
+    weights run off to huge values (a normalisation layer that overflows gives flat, finite logits).
     """
     skipped = float(metrics.get("skipped_updates", 0.0))
-    return healthy and applied > 0 and skipped < applied
+    ratio = float(metrics.get("update_ratio", 0.0))
+    return healthy and applied > 0 and skipped < applied and not ratio > max_update_ratio
 
 
-def train_guarded(learner: Learner, data: Any) -> tuple[dict[str, Any], bool]:
+def update_ratio(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """``‖after - before‖ / ‖before‖`` over all tensors, in float64 (inf when the weights are not
+    finite, or when they left zero; 0 when nothing moved).
+
+    A sane iteration of fine-tuning moves the weights by a small fraction of their norm; a blown-up
+    one by many times it."""
+    moved = 0.0
+    size = 0.0
+    for name, old in before.items():
+        new = after[name].detach().to(old.device)
+        if not bool(torch.isfinite(new).all()):
+            return math.inf
+        # Norms accumulate in float64: squares of blown-up float32 weights overflow float32.
+        moved += float(torch.linalg.vector_norm(new - old, dtype=torch.float64)) ** 2
+        size += float(torch.linalg.vector_norm(old.detach(), dtype=torch.float64)) ** 2
+    if size == 0.0:
+        return 0.0 if moved == 0.0 else math.inf
+    return math.sqrt(moved / size)
+
+
+def train_guarded(learner: Learner, data: Any,
+                  max_update_ratio: float = MAX_UPDATE_RATIO) -> tuple[dict[str, Any], bool]:
     """One ``learner.train(data)``; if the iteration may not be deployed, the learner is put back.
 
     The learner rolls single bad updates back itself, but weights blown up to huge *finite* values
@@ -207,7 +239,12 @@ def train_guarded(learner: Learner, data: Any) -> tuple[dict[str, Any], bool]:
             raise  # the iteration had started: a real error
         return {"no_update_reason": f"nothing to train on: {e}"}, False
     applied = float(learner.updates) - updates_before
-    deployable = update_is_deployable(metrics, applied, learner.healthy)
+    if learner.healthy and applied > 0:
+        metrics["update_ratio"] = update_ratio(before, learner.state_dict())
+        if metrics["update_ratio"] > max_update_ratio:
+            metrics["last_skip_reason"] = (f"the weights moved by {metrics['update_ratio']:.3g} times their norm "
+                                           f"(max_update_ratio {max_update_ratio:g})")
+    deployable = update_is_deployable(metrics, applied, learner.healthy, max_update_ratio)
     if not deployable:
         learner.load_weights(before)  # the full weights, or the adapter of a LoRA learner; healthy again
         # The reference cannot have changed in a way that matters: a fixed one never does, a

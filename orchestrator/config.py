@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from treeplay.agents.base import DemonstrationKind
 from treeplay.agents.panel import PanelConfig
 from treeplay.agents.react import ReActConfig
+from treeplay.learners.guards import MAX_UPDATE_RATIO
 from treeplay.learners.dpo import DPOConfig
 from treeplay.learners.rft import RFTConfig
 from treeplay.learners.slhf import SLHFConfig
@@ -209,6 +210,9 @@ class LearnerSection(_Strict):
     algorithm: Literal["dpo", "tpo", "slhf", "rft"] = Field(
         "dpo", description="Learner of the run; 'rft' = rejection-sampling fine-tuning (the baseline).")
     replay: int = Field(0, ge=0, description="Also train on the data of this many past iterations.")
+    max_update_ratio: float = Field(
+        MAX_UPDATE_RATIO, gt=0, description="An iteration whose weights moved by more than this many times their own "
+        "norm is not deployed (its losses can all be finite while the weights run off to huge values).")
     control: Literal["none", "shuffle"] = Field(
         "none", description="'shuffle': swap chosen/rejected of each pair by a coin flip before training, "
         "a control run without verifier signal (docs/tiny-models.md: such a run must gain far less).")

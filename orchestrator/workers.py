@@ -260,7 +260,7 @@ class LearnerActor:
         if self.cfg.learner.control == "shuffle":
             data = shuffled_control(data, seed=self.cfg.seed * 7919 + iteration)
         self.oracle.reset_counts()
-        metrics, deployable = train_guarded(self.learner, data)
+        metrics, deployable = train_guarded(self.learner, data, self.cfg.learner.max_update_ratio)
         metrics.update(self.oracle.counts())
         metrics.update(staleness)
         metrics["learn_s"] = time.perf_counter() - t0

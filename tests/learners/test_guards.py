@@ -166,6 +166,44 @@ def test_a_nan_learning_rate_update_is_rejected_and_weights_stay(warm_model_dir)
     assert deployable and fingerprint(learner.state_dict()) != before
 
 
+def test_regression_weights_blown_up_by_an_update_whose_losses_stay_finite_are_not_deployed(tiny_model_dir):
+    """lr=1e30 in one update (one micro-batch): no update is skipped and the final check's loss is
+    finite (the normalisation layers overflow into flat, finite logits), yet the weights moved by
+    ~1e31 times their norm. Such an update once reached the workers, whose rollouts then gave NaN
+    priors; now the update ratio refuses it and the learner goes back to where it was."""
+    from treeplay.learners.dpo import DPOConfig, DPOLearner
+    from treeplay.orchestrator.weights import fingerprint
+    from treeplay.store.records import PairRecord, PreferenceData
+
+    learner = DPOLearner(tiny_model_dir, DPOConfig(lr=1e30, batch_size=20, num_threads=1, loss_type="sigmoid"))
+    before = fingerprint(learner.state_dict())
+    pairs = [PairRecord(prompt=f"{a}+{a}\n", chosen=f"{a}+{a}={2 * a}\n", rejected=f"{a}+{a}={2 * a + 1}\n")
+             for a in range(10, 30)]
+    metrics, deployable = train_guarded(learner, PreferenceData(pairs=pairs))
+    assert metrics["skipped_updates"] == 0.0 and metrics["update_ratio"] > 1e20
+    assert not deployable and metrics["restored"] == 1.0
+    assert "times their norm" in metrics["no_update_reason"]
+    assert fingerprint(learner.state_dict()) == before
+
+
+def test_update_ratio_is_the_relative_distance_the_weights_moved():
+    import math
+
+    import torch
+
+    from treeplay.learners.guards import update_ratio
+
+    before = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}
+    assert update_ratio(before, {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}) == 0.0
+    assert update_ratio(before, {"a": torch.tensor([3.0, 5.0]), "b": torch.tensor([4.0])}) == pytest.approx(1.0)
+    huge = {"a": torch.tensor([3e38, 3e38]), "b": torch.tensor([-3e38])}  # squares overflow float32
+    assert math.isfinite(update_ratio(before, huge)) and update_ratio(before, huge) > 1e37
+    assert update_ratio(before, {"a": torch.tensor([math.nan, 0.0]), "b": torch.tensor([4.0])}) == math.inf
+    assert update_is_deployable({"update_ratio": 0.5}, applied=3, healthy=True)
+    assert not update_is_deployable({"update_ratio": 50.0}, applied=3, healthy=True)
+    assert update_is_deployable({"update_ratio": 50.0}, applied=3, healthy=True, max_update_ratio=100.0)
+
+
 class ThroughTheProtocol:
     """A learner seen through the ``Learner`` protocol alone: any other attribute (``policy``) fails."""
 
