@@ -3,7 +3,7 @@
 A name resolves in this order:
 
 1. ``"package.module:Class"`` (anything with a colon): imported directly;
-2. a built-in (``arithmetic``, ``toolqa``);
+2. a built-in (``arithmetic``, ``toolqa``, ``dataset``);
 3. an entry point in the ``treeplay.environments`` group of any installed distribution
    (``[project.entry-points."treeplay.environments"] maze = "mypkg.envs:Maze"``).
 
@@ -33,6 +33,7 @@ AGENT_GROUP = "treeplay.agents"
 BUILTIN_ENVIRONMENTS = {
     "arithmetic": "treeplay.agents.envs.arithmetic:ArithmeticEnv",
     "toolqa": "treeplay.agents.envs.toolqa:ToolQAEnv",
+    "dataset": "treeplay.agents.envs.dataset:DatasetEnv",
 }
 ENV_METHODS = ("tasks", "reset", "step", "score")
 

@@ -7,15 +7,16 @@
     treeplay status [RUN] [--db URL] [--json]  runs, or one run's iterations and metrics
     treeplay envs list                         environments that can be named (built-ins, entry points)
     treeplay runs [--db URL] [--json]          the runs in a store (the inspector's view)
+    treeplay trees RUN [--iteration I]         a run's trees, with the ids `tree show` takes
     treeplay tree show TREE [--depth N]        a preference tree drawn in the terminal
-    treeplay pairs RUN [--iteration I] [--source S]   a run's preference pairs
+    treeplay pairs RUN [--iteration I] [--source S]   a run's preference pairs (with their tree ids)
     treeplay export pairs RUN --format trl-jsonl|hf-dataset [--out PATH]
     treeplay export tree TREE --format json|graphml|dot [--out FILE]
     treeplay serve [--host H] [--port P] [--allow-host NAME] [--token T]   the web inspector
     treeplay version
     treeplay db upgrade [--url URL]
 
-The store-reading commands (runs, tree, pairs, export, serve) are docs/inspector.md.
+The store-reading commands (runs, trees, tree, pairs, export, serve) are docs/inspector.md.
 
 Commands import their heavy dependencies lazily so ``treeplay --help`` stays fast. Every ``--db`` /
 ``--url`` falls back to ``$TREEPLAY_STORE_URL``, so a password need not appear on a command line, and
@@ -317,9 +318,95 @@ def runs(
     Console().print(inspector.runs_table(rows, title=f"runs in {redact_url(db)}"))
 
 
+@app.command()
+def trees(
+    run: str = typer.Argument(..., help="Run name or id."),
+    iteration: int = typer.Option(None, "--iteration", help="Only this iteration."),
+    db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List a run's preference trees: the tree ids `treeplay tree show` and `export tree` take."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from treeplay.orchestrator import inspector
+    from treeplay.store import queries
+    from treeplay.store.database import StoreError
+
+    try:
+        store = inspector.open_for_reading(db)
+        info = inspector.find_run(store, run)
+        rows = [inspector.tree_summary(t) for t in queries.list_trees(store, info.id, iteration)]
+    except StoreError as e:
+        raise _fail(e) from None
+    if as_json:
+        _print_json([{k: v for k, v in r.items() if k != "prompt"} for r in rows])
+        return
+    where = f" iteration {iteration}" if iteration is not None else ""
+    table = Table("tree", "iteration", "task", "version", "nodes", "depth",
+                  title=f"{len(rows)} trees of run {inspector.terminal_safe(info.name)}{where}")
+    for r in rows:
+        table.add_row(str(r["id"]), str(r["iteration"]), Text(inspector.terminal_safe(r["task_id"])),
+                      f"v{r['policy_version']}", str(r["n_nodes"]), str(r["max_depth"]))
+    Console().print(table)
+
+
+def _add_tree_ids(store, rows: list[dict]) -> None:
+    """Give each pair row the id of the tree its nodes are in (``tree_id``; None for a pair that came
+    from no tree), read in one query per 500 pairs."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from treeplay.store import schema
+    from treeplay.store.database import StoreError, first_line
+
+    def node(p: dict) -> int | None:
+        return p["chosen_node"] if p["chosen_node"] is not None else p["rejected_node"]
+
+    wanted = sorted({n for n in map(node, rows) if n is not None})
+    tn = schema.TreeNode.__table__
+    found: dict[int, int] = {}
+    try:
+        with store.read() as conn:
+            for i in range(0, len(wanted), 500):
+                part = wanted[i : i + 500]
+                found.update(conn.execute(select(tn.c.id, tn.c.tree_id).where(tn.c.id.in_(part))).tuples().all())
+    except SQLAlchemyError as e:
+        raise StoreError(f"cannot read the trees of the pairs: {first_line(e)}") from None
+    for p in rows:
+        p["tree_id"] = found.get(node(p)) if node(p) is not None else None
+
+
+def _pairs_table(rows: list[dict]):
+    """The pairs as a table: id, iteration, tree, source, margin, nodes (chosen>rejected), the prompt's
+    last line, chosen (green) and rejected (red); model text is shown literally."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from treeplay.orchestrator.inspector import terminal_safe
+
+    t = Table("id", "it", "tree", "source", "margin", "nodes", "prompt", "chosen", "rejected",
+              title=f"{len(rows)} pairs")
+    for p in rows:
+        nodes = f"{p['chosen_node']}>{p['rejected_node']}" if p["chosen_node"] is not None else ""
+        t.add_row(
+            str(p["id"]),
+            str(p["iteration"]),
+            "" if p["tree_id"] is None else str(p["tree_id"]),
+            p["source"],
+            "" if p["margin"] is None else f"{p['margin']:.2f}",
+            nodes,
+            Text(terminal_safe(p["prompt"].rstrip("\n").rsplit("\n", 1)[-1])),
+            Text(terminal_safe(p["chosen"].rstrip("\n")), style="green"),
+            Text(terminal_safe(p["rejected"].rstrip("\n")), style="red"),
+        )
+    return t
+
+
 @tree_app.command("show")
 def tree_show(
-    tree: str = typer.Argument(..., help="Tree id (see `treeplay serve` or the tree ids in pairs)."),
+    tree: str = typer.Argument(..., help="Tree id (listed by `treeplay trees RUN` and `treeplay pairs RUN`)."),
     depth: int = typer.Option(None, "--depth", min=0, help="Show nodes down to this depth only."),
     db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the tree as nested JSON."),
@@ -349,20 +436,22 @@ def pairs(
     db: str = typer.Option(DEFAULT_DB, "--db", envvar=STORE_ENV, help="Store URL."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List a run's preference pairs with the tree nodes they came from."""
+    """List a run's preference pairs with the tree and the tree nodes they came from."""
     from rich.console import Console
 
     from treeplay.orchestrator import inspector
     from treeplay.store.database import StoreError
 
     try:
-        rows = inspector.list_pairs(inspector.open_for_reading(db), run, iteration, source)
+        store = inspector.open_for_reading(db)
+        rows = inspector.list_pairs(store, run, iteration, source)
+        _add_tree_ids(store, rows)
     except StoreError as e:
         raise _fail(e) from None
     if as_json:
         _print_json(rows)
         return
-    Console().print(inspector.pairs_table(rows))
+    Console().print(_pairs_table(rows))
 
 
 @export_app.command("pairs")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from treeplay.agents.base import DemonstrationKind
 from treeplay.agents.panel import PanelConfig
 from treeplay.agents.react import ReActConfig
+from treeplay.agents.gateway.config import AgentConfig, load_callable
 from treeplay.learners.guards import MAX_UPDATE_RATIO
 from treeplay.learners.dpo import DPOConfig
 from treeplay.learners.rft import RFTConfig
@@ -152,7 +153,11 @@ class PanelPeerConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    mode: Literal["mcts", "sample", "react", "panel", "multi_agent"] = "mcts"
+    mode: Literal["mcts", "sample", "react", "panel", "multi_agent", "agent"] = Field(
+        "mcts", description="agent: an agent program of your own, talking to the policy through an "
+        "OpenAI-compatible gateway, searched over (rollout.agent; docs/agents.md).")
+    agent: AgentConfig | None = Field(
+        None, description="agent mode: the program ('package.module:function') and its search (sample or tree).")
     tasks_per_iteration: int = Field(1024, ge=1)
     chunk_size: int = Field(128, ge=1, description="Tasks sent to a worker at a time (streamed back).")
     num_workers: int = Field(1, ge=1, description="Rollout worker actors.")
@@ -182,6 +187,16 @@ class RolloutConfig(_Strict):
         "/models/qwen}]; empty: num_agents peers on the policy being trained.")
     pair_filter_incorrect: bool = Field(True, description="MCTS-DPO --filter: drop trees whose answer is wrong.")
     max_pairs_per_tree: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _agent_named(self) -> RolloutConfig:
+        if self.mode == "agent":
+            if self.agent is None:
+                raise ValueError("rollout.mode 'agent' needs rollout.agent.entry, e.g. 'mypkg.agent:run'")
+            load_callable(self.agent.entry, "rollout.agent.entry")  # fails here, before any store write
+            if self.agent.reward:
+                load_callable(self.agent.reward, "rollout.agent.reward")
+        return self
 
     @field_validator("panel_peers")
     @classmethod
@@ -265,6 +280,40 @@ class RayConfig(_Strict):
         "share and the rest runs in what is left. 0: no change. Synchronous runs never lower it.")
 
 
+class WandbConfig(_Strict):
+    """A Weights & Biases run that mirrors the iterations (needs the ``wandb`` package and a login)."""
+
+    project: str = Field(..., min_length=1, description="W&B project the run is logged to.")
+    entity: str | None = Field(None, description="W&B team or user; None: the login's default.")
+    tags: list[str] = Field(default_factory=list, description="Tags of the W&B run.")
+    mode: Literal["online", "offline"] = Field("online", description="offline: write locally, `wandb sync` later.")
+    run_id: str | None = Field(
+        None, description="W&B run id; None: one derived from the store and the run, so a resumed run "
+        "goes on logging into the same W&B run.")
+
+
+class MLflowConfig(_Strict):
+    """An MLflow run that mirrors the iterations (needs the ``mlflow`` package)."""
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking server or store, e.g. http://host:5000 "
+                                     "or file:///path/mlruns; None: MLflow's own default (MLFLOW_TRACKING_URI).")
+    experiment: str = Field("treeplay", min_length=1, description="MLflow experiment; made if it does not exist.")
+
+
+class TrackingConfig(_Strict):
+    """Experiment trackers that mirror each finished iteration's metrics (orchestrator/tracking.py).
+
+    The store stays the record: a tracker only copies what the store holds, a tracker that fails while
+    the run goes on is switched off with a warning, and the run never reads anything back from one.
+    """
+
+    tensorboard: str | None = Field(
+        None, description="Folder of TensorBoard logs; each run writes to <folder>/<run name> (needs the "
+        "'tensorboard' package: pip install 'treeplay[tracking]'). None: no TensorBoard logs.")
+    wandb: WandbConfig | None = Field(None, description="Weights & Biases; None: off.")
+    mlflow: MLflowConfig | None = Field(None, description="MLflow; None: off.")
+
+
 def _demo_search() -> MCTSConfig:
     # The demo's tasks are one step deep: a wide root (8 samples, all kept) is where the pairs come
     # from; steps are short lines.
@@ -289,6 +338,8 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig,
+                                     description="Dashboards that mirror the metrics (docs/tracking.md).")
 
 
 def _first_error(e: ValidationError) -> str:

@@ -51,6 +51,7 @@ from treeplay.orchestrator.run_start import (
     uri_to_path,
     warm_start_model,
 )
+from treeplay.orchestrator.tracking import Trackers, check_installed
 from treeplay.store import queries
 from treeplay.store.database import Store, open_store
 
@@ -347,6 +348,7 @@ class RunState:
     resume_checkpoint: Any = None  # the newest checkpoint when the run (re)started
     reports: list[IterationReport] = field(default_factory=list)
     last_record: float = field(default_factory=time.perf_counter)  # when the previous iteration was recorded
+    trackers: Trackers = field(default_factory=Trackers)  # dashboards mirroring each recorded iteration
 
 
 @_records_stop
@@ -366,6 +368,7 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
     loop = Loop(cfg, store, run_id, model, start_version, reference, reference_uri)
     lane = Lane(background=cfg.rollout.max_staleness > 0)
     finished = set(queries.finished_iterations(store, run_id))
+    trackers = Trackers.from_config(cfg, run_id, store.url, fresh=not finished)  # dashboards (docs/tracking.md)
     try:
         acc = loop.evaluate(held_out, 0.0)
         acc_sample = loop.evaluate(held_out, cfg.eval.sample_temperature)
@@ -375,7 +378,7 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
             # Iteration -1 holds the warm-started policy's figures (the first point of the curve).
             queries.log_metrics(store, run_id, -1, {"eval/accuracy_greedy": acc, "eval/accuracy_sample": acc_sample})
         console.print(f"held-out greedy accuracy at v{loop.version}: [bold]{acc:.3f}[/] (T={cfg.eval.sample_temperature} samples: {acc_sample:.3f})")
-        run = RunState(acc, acc_sample, queries.latest_checkpoint(store, run_id))
+        run = RunState(acc, acc_sample, queries.latest_checkpoint(store, run_id), trackers=trackers)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
             for index in range(cfg.iterations):
@@ -389,6 +392,7 @@ def run_loop(cfg: RunConfig, run_id: int, store: Store, model: Path, start_versi
     finally:
         lane.close()
         loop.shutdown()
+        trackers.close()
     queries.finish_run(store, run_id, "done")
     plot = plot_learning_curve(store, run_id, Path(cfg.output_dir) / cfg.name / "learning_curve.png", cfg.name)
     return RunReport(run_id, cfg.name, acc_before_run, run.acc, sample_before_run, run.acc_sample,
@@ -485,6 +489,7 @@ def learn_and_record(cfg: RunConfig, loop: Loop, env: Any, held_out: Sequence[Ta
         counts = loop.data_versions.pop(index)
         row[DATA_VERSIONS] = {str(v): counts[v] for v in sorted(counts, key=lambda v: (isinstance(v, str), v))}
     queries.finish_iteration(store, run_id, index, metrics=row, timings=timings)
+    run.trackers.log_iteration(index, row)  # a mirror of what was just recorded (orchestrator/tracking.py)
     run.acc, run.acc_sample = acc, acc_sample
     rep = IterationReport(index, loop.version, metrics, timings)
     run.reports.append(rep)
@@ -543,10 +548,11 @@ def plot_learning_curve(store: Store, run_id: int, path: Path, title: str | None
 def launch_run(cfg: RunConfig) -> RunReport:
     """A new run: checks, store row, model (warm start), then the iterations.
 
-    Nothing is written before the environment, the model path, the store and the output folder have
-    been checked (``check_startable``); a run that fails after its row exists is marked "failed".
+    Nothing is written before the trackers' packages, the environment, the model path, the store and the
+    output folder have been checked (``check_startable``); a run that fails after its row exists is marked "failed".
     """
     t0 = time.perf_counter()
+    check_installed(cfg)  # a configured tracker's package, before the store is even opened
     store = open_store(cfg.store.url)
     cfg = cfg.model_copy(update={"name": free_name(store, cfg.name)})
     check_startable(cfg)
@@ -577,6 +583,7 @@ def resume_run(run: str | int, store_url: str, overrides: list[str] | None = Non
     info = queries.get_run(store, run)
     cfg = resume_config(info.config, store_url, overrides)
     check_startable(cfg, starting_model=False)
+    check_installed(cfg)
     ckpt = queries.latest_checkpoint(store, info.id)
     if ckpt is None:
         raise ValueError(f"run '{info.name}' has no checkpoint to resume from")

@@ -8,6 +8,8 @@ Modes (``rollout.mode``):
 - ``sample``: k independent episodes per task; correct-vs-wrong pairs (outcome-level DPO) and one
   ranked list of the task's distinct samples with the verifier's verdicts (what ``learner.algorithm
   = rft``, rejection-sampling fine-tuning, trains on).
+- ``agent``: an agent program of the user's, in any framework, through the OpenAI-compatible
+  gateway; sample or tree search over its calls (``agents.gateway.search``).
 - ``react``, ``panel``, ``multi_agent``: the agents package (rubric-guided ReAct, a panel of peers,
   several agents whose credit a critic re-assigns, or ``rollout.critic=uniform``: the episode's outcome).
 
@@ -75,7 +77,8 @@ def run_rollouts(
         One TaskResult per task (same order) and summary stats (reward, solved fraction, pairs...).
     """
     seed = chunk_seed(cfg.seed, iteration) if seed is None else seed
-    modes = {"mcts": _mcts, "sample": _sample, "react": _react, "panel": _panel, "multi_agent": _multi_agent}
+    modes = {"mcts": _mcts, "sample": _sample, "react": _react, "panel": _panel, "multi_agent": _multi_agent,
+             "agent": _agent}
     mode = modes.get(cfg.rollout.mode)
     if mode is None:
         raise ValueError(f"unknown rollout.mode '{cfg.rollout.mode}'")
@@ -117,6 +120,18 @@ class TokenCounter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._policy, name)
+
+
+def _agent(cfg, tasks, policy, env_factory, seed):
+    from treeplay.agents.gateway.search import run_agent_rollouts
+
+    env = env_factory()
+    try:
+        return run_agent_rollouts(tasks, policy, env, cfg.rollout.agent, environment=cfg.env.name, seed=seed)
+    finally:
+        close = getattr(env, "close", None)
+        if callable(close):
+            close()
 
 
 def _mcts(cfg, tasks, policy, env_factory, seed):

@@ -88,6 +88,52 @@ def test_pairs_json_filters(data):
     assert "pairs" in cli("pairs", data.run_name, "--db", data.url).stdout
 
 
+def test_trees_lists_the_ids_tree_show_takes(data):
+    listed = json.loads(cli("trees", data.run_name, "--db", data.url, "--json").stdout)
+    assert [t["id"] for t in listed] == data.tree_ids
+    with open_store(data.url, create=False) as store:
+        stored = {t.id: t for t in queries.list_trees(store, data.run_id)}
+    for t in listed:
+        s = stored[t["id"]]
+        assert (t["iteration"], t["task_id"], t["policy_version"], t["n_nodes"]) == (
+            s.iteration, s.task_id, s.policy_version, s.n_nodes)
+    by_id = json.loads(cli("trees", str(data.run_id), "--iteration", "1", "--db", data.url, "--json").stdout)
+    assert [t["id"] for t in by_id] == [t["id"] for t in listed if t["iteration"] == 1] and by_id
+    table = cli("trees", data.run_name, "--iteration", "0", "--db", data.url).stdout
+    assert "3 trees of run inspect-test iteration 0" in table
+    assert [c.strip() for c in _header(table)] == ["tree", "iteration", "task", "version", "nodes", "depth"]
+    first_cells = [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")]
+    assert first_cells == [str(t["id"]) for t in listed if t["iteration"] == 0]
+    assert str(data.xss_tree) in first_cells
+    shown = json.loads(cli("tree", "show", str(listed[0]["id"]), "--db", data.url, "--json").stdout)
+    assert shown["tree"]["id"] == listed[0]["id"]
+
+
+def test_pairs_say_which_tree_they_came_from(data):
+    rows = json.loads(cli("pairs", data.run_name, "--db", data.url, "--json").stdout)
+    with open_store(data.url, create=False) as store:
+        for p in rows:
+            assert p["tree_id"] == queries.get_node(store, p["chosen_node"]).tree_id
+    assert {p["tree_id"] for p in rows} <= set(data.tree_ids)
+    assert next(p["tree_id"] for p in rows if p["id"] == data.panel_pair) == data.xss_tree
+    table = cli("pairs", data.run_name, "--source", "panel", "--db", data.url).stdout
+    assert [c.strip() for c in _header(table)][:4] == ["id", "it", "tree", "source"]
+    row = next(line for line in table.splitlines() if line.startswith("│"))
+    assert [c.strip() for c in row.split("│")[1:4]] == [str(data.panel_pair), "0", str(data.xss_tree)]
+
+
+def _header(table: str) -> list[str]:
+    """The cells of a rich table's header line."""
+    line = next(line for line in table.splitlines() if line.startswith("┃"))
+    return line.strip("┃ ").split("┃")
+
+
+def test_trees_errors_are_one_line_and_exit_2(data):
+    for args in [("trees", "no-such-run", "--db", data.url), ("trees", data.run_name, "--db", "nosuchscheme://x")]:
+        lines = cli(*args, code=2).stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), args
+
+
 def test_errors_are_one_line_and_exit_2(data, tmp_path):
     cases = [
         ("pairs", "no-such-run", "--db", data.url),
