@@ -112,7 +112,8 @@ def warm_start_examples(cfg: RunConfig, env: Any, tasks: list, kinds: list[str] 
 def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
     """Check what can be checked before a run is recorded, so that a bad config leaves no trace.
 
-    The environment is made (its name resolves, its constructor takes ``env.kwargs``); with
+    The environment is made (its name resolves, its constructor takes ``env.kwargs``) and gives
+    tasks of the splits the run draws from (train, and ``eval.split``); with
     ``starting_model`` (a new run, not a resume), ``model.path`` must be a Hugging Face directory and
     a tiny model's warm start needs the environment's ``demonstrations`` of every kind it asks for. A panel peer's
     ``study-warm:`` model exists only in a study, which resolves it before the run starts
@@ -124,6 +125,13 @@ def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
         ValueError: Anything else (one-line message).
     """
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
+    for split in dict.fromkeys(("train", cfg.eval.split)):  # the splits the run draws tasks from
+        try:
+            drawn = env.tasks(split, 1, seed=cfg.seed)
+        except ValueError as e:
+            raise ValueError(f"env {cfg.env.name!r} cannot give {split} tasks: {str(e).splitlines()[0]}") from None
+        if not drawn:
+            raise ValueError(f"env {cfg.env.name!r} has no {split} tasks")
     for peer in cfg.rollout.panel_peers:
         if (peer.model_path or "").startswith(STUDY_PEER_PREFIX):
             raise ValueError(f"rollout.panel_peers: peer '{peer.name}' has model_path '{peer.model_path}', "

@@ -15,12 +15,14 @@ def add(a: int, b: int) -> int:
 
 
 def langgraph_react(task: Any, base_url: str) -> str:
-    """A LangGraph ReAct agent with one tool (``add``) on langchain-openai's ``ChatOpenAI``."""
+    """A LangGraph ReAct agent with one tool (``add``) on langchain-openai's ``ChatOpenAI``; each
+    model turn is one line (the arithmetic tasks' answers are one line, ``12+30=42``)."""
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
     from langgraph.prebuilt import create_react_agent
 
-    model = ChatOpenAI(model="policy", base_url=base_url, api_key="unused", temperature=1.0, max_retries=0)
+    model = ChatOpenAI(model="policy", base_url=base_url, api_key="unused", temperature=1.0, max_retries=0,
+                       stop=["\n"])
     agent = create_react_agent(model, [tool(add)])
     out = agent.invoke({"messages": [("user", task.prompt)]}, {"recursion_limit": 8})
     return out["messages"][-1].content

@@ -272,6 +272,21 @@ def test_a_run_config_with_the_dataset_env_starts_and_warm_starts(tmp_path):
     assert (model / "config.json").is_file() and info["seconds"] > 0
 
 
+def test_regression_a_dataset_without_held_out_lines_is_refused_before_the_run_is_recorded(tmp_path):
+    """A file whose lines are all `split: train` once failed at the held-out draw, after the run was
+    recorded; the start checks now draw from every split the run uses."""
+    from treeplay.orchestrator.config import config_from_dict
+    from treeplay.orchestrator.run_start import check_startable
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": f"{i}+1?", "answer": str(i + 1), "split": "train"}
+                                              for i in range(5)])
+    cfg = config_from_dict({"name": "x", "output_dir": str(tmp_path),
+                            "env": {"name": "dataset", "kwargs": {"path": str(path)}}})
+    with pytest.raises(ValueError, match="cannot give test tasks") as e:
+        check_startable(cfg)
+    assert "\n" not in str(e.value)
+
+
 def test_chat_model_wraps_the_prompt_in_its_chat_template(tmp_path):
     from treeplay.engines.tiny import build_tiny_model
 

@@ -1,0 +1,86 @@
+"""Benchmark the OpenAI-compatible gateway against the engine it fronts, in one process.
+
+The same prompts (arithmetic tasks, the demo's tiny Llama built at random in a temp dir) go
+(a) straight to ``HFEngine.generate`` as one batch, and (b) through the gateway: B concurrent clients
+(threads with the ``openai`` client, real HTTP on loopback) each sending one ``/v1/completions``
+request, which the gateway gathers into batched engine calls. B is the number of episodes the agent
+mode runs at once (``rollout.agent.concurrency``). Tokens counted are those generated (sequences end
+at EOS or ``--max-tokens``); each figure is the median of ``--repeats`` rounds.
+
+``gateway_throughput_fraction`` = gateway tokens/s / direct tokens/s at each B.
+Human-readable lines first; the LAST stdout line is one JSON object.
+
+    python bench/gateway.py [--batches 8 32] [--repeats 3] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    import openai
+
+    from treeplay.agents.base import TokenIds
+    from treeplay.agents.gateway.server import Gateway, GatewayServer
+    from treeplay.agents.registry import make_environment
+    from treeplay.engines import make_engine
+    from treeplay.engines.tiny import build_tiny_model
+
+    model = build_tiny_model(Path(tempfile.mkdtemp(prefix="treeplay-bench-gw-")) / "model", hidden_size=128,
+                             num_layers=4, max_positions=128)
+    engine = make_engine("hf", model, num_threads=1)
+    prompts = [t.prompt for t in make_environment("arithmetic").tasks("train", max(args.batches), seed=0)]
+    gateway = Gateway(engine, default_max_tokens=args.max_tokens, window_s=0.002, max_batch=max(args.batches))
+    figures: dict[str, float] = {}
+    with GatewayServer(gateway) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=600)
+        for b in args.batches:
+            batch = prompts[:b]
+            ids = [TokenIds(list(engine.tokenizer(p, add_special_tokens=True)["input_ids"])) for p in batch]
+
+            def direct() -> int:
+                out = engine.generate(ids, n=1, max_tokens=args.max_tokens, temperature=1.0)
+                return sum(len(s[0].token_ids) for s in out)
+
+            def one(p: str) -> int:
+                r = client.completions.create(model="policy", prompt=p, max_tokens=args.max_tokens, temperature=1.0)
+                return r.usage.completion_tokens
+
+            def through_gateway() -> int:
+                with concurrent.futures.ThreadPoolExecutor(max_workers=b) as pool:
+                    return sum(pool.map(one, batch))
+
+            direct(), through_gateway()  # warm both paths
+            rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+            for _ in range(args.repeats):
+                for name, fn in (("direct", direct), ("gateway", through_gateway)):
+                    t = time.perf_counter()
+                    tokens = fn()
+                    rates[name].append(tokens / (time.perf_counter() - t))
+            d, g = statistics.median(rates["direct"]), statistics.median(rates["gateway"])
+            figures[f"direct_tokens_per_s_b{b}"] = round(d, 1)
+            figures[f"gateway_tokens_per_s_b{b}"] = round(g, 1)
+            figures[f"gateway_throughput_fraction_b{b}"] = round(g / d, 3)
+            print(f"B={b}: direct {d:.0f} tok/s, gateway {g:.0f} tok/s, fraction {g / d:.2f}")
+        sizes = gateway.batcher.batch_sizes
+        figures["mean_engine_batch"] = round(sum(sizes) / max(1, len(sizes)), 2)
+    engine.close()
+    figures["gateway_throughput_fraction"] = min(v for k, v in figures.items() if k.startswith("gateway_throughput_fraction_b"))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
