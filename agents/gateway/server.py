@@ -86,13 +86,17 @@ class Batcher:
     """Gathers concurrent generate requests into batched engine calls, one engine call at a time.
 
     The engine runs on one background thread (engines are not thread-safe); while it works, new
-    requests queue up, and the next call takes all of them that share sampling settings. ``window_s``
-    is how long the first request of an idle batcher waits for company.
+    requests queue up, and the next call takes all of them that share sampling settings. An idle
+    batcher's first request waits for company while requests keep coming (gaps under ``window_s``),
+    at most ``max_wait_s``: an agent's next call arrives only after its client has read the last
+    reply, so a fixed short window sends most calls alone.
     """
 
-    def __init__(self, policy: Policy, window_s: float = 0.002, max_batch: int = 64, seed: int = 0) -> None:
+    def __init__(self, policy: Policy, window_s: float = 0.005, max_batch: int = 64, seed: int = 0,
+                 max_wait_s: float = 0.05) -> None:
         self.policy = policy
         self.window_s = window_s
+        self.max_wait_s = max_wait_s
         self.max_batch = max_batch
         self._seeds = random.Random(seed)
         self.calls = 0
@@ -114,12 +118,20 @@ class Batcher:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            if self.window_s > 0:
-                await asyncio.sleep(self.window_s)
-            items = [first]
-            while not self._queue.empty() and len(items) < self.max_batch:
-                items.append(self._queue.get_nowait())
+            items = [await self._queue.get()]
+            # Gather company: keep taking requests while they keep arriving (a gap of window_s ends
+            # the wait), for at most max_wait_s, up to max_batch.
+            deadline = loop.time() + self.max_wait_s
+            while len(items) < self.max_batch:
+                while not self._queue.empty() and len(items) < self.max_batch:
+                    items.append(self._queue.get_nowait())
+                left = deadline - loop.time()
+                if left <= 0 or len(items) >= self.max_batch or self.window_s <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self._queue.get(), min(self.window_s, left)))
+                except TimeoutError:
+                    break
             groups: dict[Sampling, list] = {}
             for it in items:
                 groups.setdefault(it[1], []).append(it)
@@ -159,7 +171,7 @@ class Gateway:
     """
 
     def __init__(self, policy: Policy, model_name: str = "treeplay", default_max_tokens: int = 128,
-                 window_s: float = 0.002, max_batch: int = 64, seed: int = 0, template: str = "model") -> None:
+                 window_s: float = 0.005, max_batch: int = 64, seed: int = 0, template: str = "model") -> None:
         if template not in ("model", "plain"):
             raise ValueError(f"template must be 'model' or 'plain', got {template!r}")
         self.template = template
