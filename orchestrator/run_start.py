@@ -113,7 +113,9 @@ def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
     """Check what can be checked before a run is recorded, so that a bad config leaves no trace.
 
     The environment is made (its name resolves, its constructor takes ``env.kwargs``) and gives
-    tasks of the splits the run draws from (train, and ``eval.split``); with
+    tasks of the splits the run draws from (train, and ``eval.split``: an empty split or a
+    ValueError refuses the config; an environment that crashes otherwise fails inside the run,
+    which is then marked failed with the reason); with
     ``starting_model`` (a new run, not a resume), ``model.path`` must be a Hugging Face directory and
     a tiny model's warm start needs the environment's ``demonstrations`` of every kind it asks for. A panel peer's
     ``study-warm:`` model exists only in a study, which resolves it before the run starts
@@ -130,6 +132,8 @@ def check_startable(cfg: RunConfig, starting_model: bool = True) -> None:
             drawn = env.tasks(split, 1, seed=cfg.seed)
         except ValueError as e:
             raise ValueError(f"env {cfg.env.name!r} cannot give {split} tasks: {str(e).splitlines()[0]}") from None
+        except Exception:  # noqa: BLE001 - not a refusal of the config: the run records the failure
+            continue
         if not drawn:
             raise ValueError(f"env {cfg.env.name!r} has no {split} tasks")
     for peer in cfg.rollout.panel_peers:
