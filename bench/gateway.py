@@ -52,7 +52,7 @@ def main() -> None:
             batch = prompts[:b]
             ids = [TokenIds(list(engine.tokenizer(p, add_special_tokens=True)["input_ids"])) for p in batch]
 
-            def direct() -> int:
+            def direct(ids=ids) -> int:
                 out = engine.generate(ids, n=1, max_tokens=args.max_tokens, temperature=1.0)
                 return sum(len(s[0].token_ids) for s in out)
 
@@ -62,7 +62,7 @@ def main() -> None:
                                               extra_headers={"Authorization": f"Bearer {uuid.uuid4().hex}"})
                 return r.usage.completion_tokens
 
-            def through_gateway() -> int:
+            def through_gateway(b=b, batch=batch) -> int:
                 with concurrent.futures.ThreadPoolExecutor(max_workers=b) as pool:
                     return sum(pool.map(one, batch))
 

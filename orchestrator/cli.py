@@ -352,58 +352,6 @@ def trees(
     Console().print(table)
 
 
-def _add_tree_ids(store, rows: list[dict]) -> None:
-    """Give each pair row the id of the tree its nodes are in (``tree_id``; None for a pair that came
-    from no tree), read in one query per 500 pairs."""
-    from sqlalchemy import select
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from treeplay.store import schema
-    from treeplay.store.database import StoreError, first_line
-
-    def node(p: dict) -> int | None:
-        return p["chosen_node"] if p["chosen_node"] is not None else p["rejected_node"]
-
-    wanted = sorted({n for n in map(node, rows) if n is not None})
-    tn = schema.TreeNode.__table__
-    found: dict[int, int] = {}
-    try:
-        with store.read() as conn:
-            for i in range(0, len(wanted), 500):
-                part = wanted[i : i + 500]
-                found.update(conn.execute(select(tn.c.id, tn.c.tree_id).where(tn.c.id.in_(part))).tuples().all())
-    except SQLAlchemyError as e:
-        raise StoreError(f"cannot read the trees of the pairs: {first_line(e)}") from None
-    for p in rows:
-        p["tree_id"] = found.get(node(p)) if node(p) is not None else None
-
-
-def _pairs_table(rows: list[dict]):
-    """The pairs as a table: id, iteration, tree, source, margin, nodes (chosen>rejected), the prompt's
-    last line, chosen (green) and rejected (red); model text is shown literally."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from treeplay.orchestrator.inspector import terminal_safe
-
-    t = Table("id", "it", "tree", "source", "margin", "nodes", "prompt", "chosen", "rejected",
-              title=f"{len(rows)} pairs")
-    for p in rows:
-        nodes = f"{p['chosen_node']}>{p['rejected_node']}" if p["chosen_node"] is not None else ""
-        t.add_row(
-            str(p["id"]),
-            str(p["iteration"]),
-            "" if p["tree_id"] is None else str(p["tree_id"]),
-            p["source"],
-            "" if p["margin"] is None else f"{p['margin']:.2f}",
-            nodes,
-            Text(terminal_safe(p["prompt"].rstrip("\n").rsplit("\n", 1)[-1])),
-            Text(terminal_safe(p["chosen"].rstrip("\n")), style="green"),
-            Text(terminal_safe(p["rejected"].rstrip("\n")), style="red"),
-        )
-    return t
-
-
 @tree_app.command("show")
 def tree_show(
     tree: str = typer.Argument(..., help="Tree id (listed by `treeplay trees RUN` and `treeplay pairs RUN`)."),
@@ -443,15 +391,13 @@ def pairs(
     from treeplay.store.database import StoreError
 
     try:
-        store = inspector.open_for_reading(db)
-        rows = inspector.list_pairs(store, run, iteration, source)
-        _add_tree_ids(store, rows)
+        rows = inspector.list_pairs(inspector.open_for_reading(db), run, iteration, source)
     except StoreError as e:
         raise _fail(e) from None
     if as_json:
         _print_json(rows)
         return
-    Console().print(_pairs_table(rows))
+    Console().print(inspector.pairs_table(rows))
 
 
 @export_app.command("pairs")

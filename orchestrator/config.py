@@ -19,11 +19,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from treeplay.agents.base import DemonstrationKind
+from treeplay.agents.gateway.config import AgentConfig, load_callable
 from treeplay.agents.panel import PanelConfig
 from treeplay.agents.react import ReActConfig
-from treeplay.agents.gateway.config import AgentConfig, load_callable
-from treeplay.learners.guards import MAX_UPDATE_RATIO
 from treeplay.learners.dpo import DPOConfig
+from treeplay.learners.guards import MAX_UPDATE_RATIO
 from treeplay.learners.rft import RFTConfig
 from treeplay.learners.slhf import SLHFConfig
 from treeplay.learners.tpo import TPOConfig

@@ -396,7 +396,7 @@ def pairs_table(rows: list[dict[str, Any]]) -> Any:
     from rich.text import Text
 
     t = Table(
-        "id", "it", "source", "margin", "nodes", "prompt", "chosen", "rejected", title=f"{len(rows)} pairs"
+        "id", "it", "tree", "source", "margin", "nodes", "prompt", "chosen", "rejected", title=f"{len(rows)} pairs"
     )
     for p in rows:
         nodes = f"{p['chosen_node']}>{p['rejected_node']}" if p["chosen_node"] is not None else ""
@@ -405,6 +405,7 @@ def pairs_table(rows: list[dict[str, Any]]) -> Any:
         t.add_row(
             str(p["id"]),
             str(p["iteration"]),
+            "" if p.get("tree_id") is None else str(p["tree_id"]),
             p["source"],
             margin,
             nodes,
@@ -422,11 +423,17 @@ def pairs_table(rows: list[dict[str, Any]]) -> Any:
 def list_pairs(
     store: Store, ref: str | int, iteration: int | None = None, source: str | None = None
 ) -> list[dict[str, Any]]:
-    """A run's pairs (optionally of one iteration / source) as dicts."""
+    """A run's pairs (optionally of one iteration / source) as dicts, each with the id of the tree
+    its nodes are in (``tree_id``; None for a pair that came from no tree)."""
     if source is not None and source not in PAIR_SOURCES:
         raise StoreError(f"unknown pair source {source!r}; known: {', '.join(PAIR_SOURCES)}")
     info = find_run(store, ref)
-    return [pair_dict(p) for p in queries.list_pairs(store, info.id, iteration, source)]
+    rows = [pair_dict(p) for p in queries.list_pairs(store, info.id, iteration, source)]
+    node = {r["id"]: r["chosen_node"] if r["chosen_node"] is not None else r["rejected_node"] for r in rows}
+    trees = queries.trees_of_nodes(store, [n for n in node.values() if n is not None])
+    for r in rows:
+        r["tree_id"] = trees.get(node[r["id"]]) if node[r["id"]] is not None else None
+    return rows
 
 
 def trl_rows(pairs: list[dict[str, Any]]) -> list[dict[str, str]]:

@@ -23,7 +23,7 @@ learner trains on), ``completed_task_ids`` and ``finished_iterations`` (resume),
 ``list_iterations``, ``list_trees``, ``load_tree``, ``list_pairs``, ``list_trajectories``,
 ``judgments_for``, ``latest_checkpoint``, ``metric_series``, ``counts``, and the inspector's
 node-at-a-time readers (``get_tree``, ``tree_root``, ``get_node``, ``child_nodes``, ``node_path``,
-``pairs_of_nodes``, ``tree_pairs``).
+``pairs_of_nodes``, ``trees_of_nodes``, ``tree_pairs``).
 
 What they take and return are the dataclasses of ``store.records`` (``TaskResult`` and the row
 records; ``RunInfo``, ``IterationInfo``, ``TreeSummary``, ``CheckpointInfo``, ``WriteReceipt``,
@@ -55,6 +55,7 @@ from treeplay.store.reads import (
     preference_data,
     tree_pairs,
     tree_root,
+    trees_of_nodes,
 )
 from treeplay.store.records import (
     ACTION_SPANS,
@@ -166,4 +167,5 @@ __all__ = [
     "preference_data",
     "tree_pairs",
     "tree_root",
+    "trees_of_nodes",
 ]

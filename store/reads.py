@@ -397,6 +397,18 @@ def pairs_of_nodes(store: Store, node_ids: Sequence[int]) -> list[PairRecord]:
         return _select_pairs(conn, pp.c.chosen_node_id.in_(ids) | pp.c.rejected_node_id.in_(ids))
 
 
+def trees_of_nodes(store: Store, node_ids: Sequence[int]) -> dict[int, int]:
+    """``{node id: id of the tree it is in}`` for those of ``node_ids`` that exist (500 ids a query)."""
+    tn = db.TreeNode.__table__
+    ids = sorted({_int(i, "node id") for i in node_ids})
+    found: dict[int, int] = {}
+    with _db_errors("cannot read the trees of nodes"), store.read() as conn:
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            found.update(conn.execute(select(tn.c.id, tn.c.tree_id).where(tn.c.id.in_(part))).tuples().all())
+    return found
+
+
 def tree_pairs(store: Store, tree_id: int) -> list[PairRecord]:
     """Pairs whose chosen or rejected node belongs to the tree, in write order."""
     pp, tn = db.PreferencePair.__table__, db.TreeNode.__table__

@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from treeplay.agents.base import Completion, Policy, TokenIds
-from treeplay.agents.gateway.tokens import Conversation, RequestError, Rendered, parse_tool_calls
+from treeplay.agents.gateway.tokens import Conversation, Rendered, RequestError, parse_tool_calls
 from treeplay.engines.contract import decode
 
 
@@ -251,9 +251,9 @@ class Gateway:
                 text = recorded.text
             else:
                 c = await self.batcher.generate(rendered.ids, sampling)
-                ids, logprobs, finish, text = list(c.token_ids), list(c.logprobs), c.finish_reason, c.text
-                if decode(self.tokenizer, ids) != text:
-                    text = decode(self.tokenizer, ids)
+                # The text is what the ids decode to (the ids are what was sampled and is trained on).
+                ids, logprobs, finish = list(c.token_ids), list(c.logprobs), c.finish_reason
+                text = decode(self.tokenizer, ids)
             content, tool_calls = parse_tool_calls(text, f"call_{ep.sid[:12]}_{index}")
             message: dict[str, Any] = {"role": "assistant", "content": content if content or not tool_calls else None}
             if tool_calls:

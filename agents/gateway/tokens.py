@@ -104,11 +104,11 @@ class Branch:
     logprobs: list[float | None] = field(default_factory=list)
     text: str = ""  # decode(ids), kept to compare the next call's rendering against
 
-    def extend(self, tokenizer: Any, ids: list[int], policy: bool, logprobs: list[float] | None = None) -> None:
+    def extend(self, ids: list[int], policy: bool, logprobs: list[float] | None = None) -> None:
+        """Append ids (``text`` is brought up to date by the caller, once per call)."""
         self.ids += ids
         self.mask += [policy] * len(ids)
         self.logprobs += list(logprobs) if logprobs is not None else [None] * len(ids)
-        self.text = decode(tokenizer, self.ids)
 
 
 @dataclass
@@ -188,7 +188,7 @@ class Conversation:
         drift = None
         if self.branches:
             held = self.branches[-1].text
-            at = next((i for i, (a, b) in enumerate(zip(held, text)) if a != b), min(len(held), len(text)))
+            at = next((i for i, (a, b) in enumerate(zip(held, text, strict=False)) if a != b), min(len(held), len(text)))
             drift = (f"the request's history differs from what was served at character {at} "
                      f"(served {held[at:at + 24]!r}, got {text[at:at + 24]!r})")
         return Rendered(text, ids, len(self.branches), len(ids), drift)
@@ -199,8 +199,9 @@ class Conversation:
         if rendered.branch == len(self.branches):
             self.branches.append(Branch())
         branch = self.branches[rendered.branch]
-        branch.extend(self.tokenizer, rendered.ids[len(branch.ids):], policy=False)
-        branch.extend(self.tokenizer, list(completion_ids), policy=True, logprobs=list(logprobs))
+        branch.extend(rendered.ids[len(branch.ids):], policy=False)
+        branch.extend(list(completion_ids), policy=True, logprobs=list(logprobs))
+        branch.text = decode(self.tokenizer, branch.ids)
         self.served[served_key(message)] = raw_text
 
 

@@ -3,7 +3,6 @@ real tiny BPE chat model behind it, and search over agent programs treeplay did 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -191,7 +190,6 @@ def test_regression_a_nondeterministic_agent_diverges_and_is_never_merged(engine
     diverged = [n for n in tree.nodes if (n.info or {}).get("divergence")]
     assert diverged and all(n.parent_key == 0 for n in diverged)  # a sibling with its own prompt
     for p in results[0].pairs:  # pairs only between siblings given the same prompt
-        assert p.info["tokens"]["prompt"] == list(p.info["tokens"]["prompt"])
         assert not {p.chosen_node, p.rejected_node} & {n.key for n in diverged}
 
 
@@ -216,8 +214,6 @@ def test_langgraph_agent_with_a_tool_runs_through_the_gateway(server, tasks):
     """A LangGraph ReAct agent (langchain-openai's ChatOpenAI) whose first call is answered from a
     replay table with a tool call: the agent runs its tool and sends the result back, the gateway
     maps the tool call it served back to the model's text (no drift), and the next call is live."""
-    from treeplay.agents.gateway.tokens import Conversation
-
     task = tasks[0]
     search = AgentSearch(server, _agent("langgraph_agent"), None,
                          AgentConfig(entry=f"{AGENTS}:langgraph_agent", reward=f"{AGENTS}:length_reward"))
@@ -231,7 +227,6 @@ def test_langgraph_agent_with_a_tool_runs_through_the_gateway(server, tasks):
     assert run.calls[1].drift is None and len(run.branches) == 1
     second_prompt = decode(tok, run.calls[1].prompt_ids)
     assert second_prompt.count(text) == 1 and "<|im_start|>tool\n5<|im_end|>" in second_prompt
-    assert isinstance(Conversation(tok).served, dict)
 
 
 def test_openai_agents_sdk_agent_runs_through_the_gateway(server, tmp_path):
@@ -256,7 +251,7 @@ def test_openai_agents_sdk_agent_runs_through_the_gateway(server, tmp_path):
         pytest.skip("the OpenAI Agents SDK (openai-agents) is not installed in this venv")
     assert out.returncode == 0, out.stderr[-2000:]
     calls = server.gateway.episodes["sdk"].calls
-    assert calls and json.loads(json.dumps(calls[0].text)) == calls[0].text
+    assert calls and calls[0].completion_ids and len(calls[0].logprobs) == len(calls[0].completion_ids)
 
 
 def _agent(name):
