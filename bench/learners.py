@@ -21,20 +21,18 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from treeplay.engines.tiny import build_tiny_model  # noqa: E402
-from treeplay.learners.dpo import DPOConfig, DPOLearner  # noqa: E402
-from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord  # noqa: E402
+from treeplay.engines.tiny import build_tiny_model
+from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
 WORDS = "alpha beta gamma delta step carry add sum total digit left right check answer so then".split()
 

@@ -24,17 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from treeplay.store import queries, schema  # noqa: E402
-from treeplay.store.database import Store, open_store  # noqa: E402
-from treeplay.store.records import NodeRecord, PairRecord, TaskResult, TreeRecord  # noqa: E402
+from treeplay.store import queries, schema
+from treeplay.store.database import Store, open_store
+from treeplay.store.records import NodeRecord, PairRecord, TaskResult, TreeRecord
 
 
 def make_task(rng: random.Random, task_id: str, n_nodes: int, n_pairs: int) -> TaskResult:
