@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from treeplay.store import queries, schema
 from treeplay.store.database import Store, open_store
@@ -260,6 +262,8 @@ def main() -> None:
     if args.no_postgres:
         postgres = {"skipped": "--no-postgres"}
     else:
+        # The test suite's throwaway PostgreSQL server lives in the repository's tests/ folder.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.helpers.postgres_server import PostgresServer, PostgresUnavailable
 
         try:
