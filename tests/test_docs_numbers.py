@@ -75,6 +75,18 @@ FIGURES: list[Figure] = [
     ),
     Figure(rf"\| {NUM}x the nodes/s of one tree at a time", "search.json", (("ratio",),), "{:.2f}"),
     Figure(
+        rf"\| {NUM}x the tokens/s of a `generate` loop per prompt; prefix reuse {NUM}x on tree work",
+        "engines.json",
+        (("hf_vs_naive",), ("prefix_reuse_speedup",)),
+        "{:.2f}",
+    ),
+    Figure(
+        rf"\| {NUM}x faster on the HF engine, {NUM}x on vLLM",
+        "engines.json",
+        (("reload_vs_rebuild",), ("reload_vs_rebuild_vllm",)),
+        "{:.2f}|{:.0f}",
+    ),
+    Figure(
         rf"\| {NUM}x one episode at a time \({NUM} prompts in {NUM} calls\)",
         "react.json",
         (("batched_speedup",), ("sequential_calls",), ("batched_calls",)),
