@@ -273,6 +273,11 @@ class RayConfig(_Strict):
     evaluator_num_gpus: float = Field(0.0, ge=0, description="Pipelined runs: the evaluator actor's GPUs "
                                       "(a vLLM or GPU engine needs some; it sits in the learner's bundle).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Actors must be up within this (model load included).")
+    wait_for_autoscaler: bool = Field(
+        False, description="True on a cluster whose autoscaler adds nodes on demand (ray_cluster.yaml): a run "
+        "that asks for more than the nodes already up waits for new ones. False: such a run is refused at "
+        "once, before anything is written, with what it asked for and what the cluster has "
+        "(orchestrator/placement.py, check_placeable).")
     lane_nice: int = Field(
         10, ge=0, le=19, description="Pipelined runs: how much lower the CPU priority (Unix nice) of the learner, "
         "the evaluator and the driver's store writer is than the rollout workers'. Rollouts are the critical "

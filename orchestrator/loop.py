@@ -549,13 +549,17 @@ def launch_run(cfg: RunConfig) -> RunReport:
     """A new run: checks, store row, model (warm start), then the iterations.
 
     Nothing is written before the trackers' packages, the environment, the model path, the store and the
-    output folder have been checked (``check_startable``); a run that fails after its row exists is marked "failed".
+    output folder have been checked (``check_startable``), and Ray has been started or joined and can place the
+    run's actors (``check_cluster``); a run that fails after its row exists is marked "failed".
     """
+    from treeplay.orchestrator.workers import check_cluster
+
     t0 = time.perf_counter()
     check_installed(cfg)  # a configured tracker's package, before the store is even opened
     store = open_store(cfg.store.url)
     cfg = cfg.model_copy(update={"name": free_name(store, cfg.name)})
     check_startable(cfg)
+    check_cluster(cfg)  # a config the cluster can never place fails here, not after the startup timeout
     run_dir = Path(cfg.output_dir) / cfg.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -578,6 +582,8 @@ def resume_run(run: str | int, store_url: str, overrides: list[str] | None = Non
     all, or one libpq completes from PGPASSWORD / .pgpass) for every actor, and ``overrides``
     (``key=value``) give the values that were redacted when it was stored (``resume_config``).
     """
+    from treeplay.orchestrator.workers import check_cluster
+
     t0 = time.perf_counter()
     store = open_store(store_url)
     info = queries.get_run(store, run)
@@ -590,6 +596,7 @@ def resume_run(run: str | int, store_url: str, overrides: list[str] | None = Non
     model = Path(uri_to_path(ckpt.uri))
     if not (model / "config.json").is_file():
         raise ValueError(f"checkpoint v{ckpt.policy_version} of run '{info.name}' is not a model directory: {model}")
+    check_cluster(cfg)  # before the run is reopened
     console.print(f"resuming run '{info.name}' at policy v{ckpt.policy_version} from {model}")
     reference, reference_uri = resume_reference(model, ckpt.policy_version)
     return run_loop(cfg, info.id, store, model, ckpt.policy_version, t0, reference, reference_uri)

@@ -309,6 +309,35 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
+def start_ray(cfg: Any) -> None:
+    """Join the run's cluster (``ray.address``) or start a local one for it; nothing if Ray is up.
+
+    A local cluster gets at least the CPUs the run's actors ask for (Ray's CPUs are logical: the OS
+    shares the cores); otherwise the learner would wait forever for a free CPU. Its GPUs are the ones
+    Ray finds on this machine.
+    """
+    import math
+
+    wanted = cfg.rollout.num_workers * cfg.ray.worker_num_cpus + cfg.ray.learner_num_cpus
+    if cfg.rollout.max_staleness > 0:
+        wanted += cfg.ray.evaluator_num_cpus
+    init_ray(cfg.ray.address, cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted)))
+
+
+def check_cluster(cfg: Any) -> None:
+    """Start or join Ray for the run (``start_ray``) and refuse at once a run whose actors the cluster
+    can never place (``placement.check_placeable``), before anything of the run is written.
+
+    Raises:
+        PlacementError: a ValueError whose one-line message says what the config asks for and what
+            the cluster has.
+    """
+    from treeplay.orchestrator.placement import check_placeable
+
+    start_ray(cfg)
+    check_placeable(cfg.ray, cfg.rollout.num_workers, evaluator=cfg.rollout.max_staleness > 0)
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -349,20 +378,12 @@ class Fleet:
         """``model``: the starting model or a checkpoint; ``reference``: the model a resumed learner's
         fixed reference is (None: the learner copies ``model``); ``reference_uri``: where the
         reference came from, recorded in checkpoints (default: ``model``'s URI)."""
-        import math
-
         from treeplay.learners.checkpoints import TRAINER_DIR
         from treeplay.orchestrator.placement import place_actors
 
         self.cfg = cfg
         self.pipelined = cfg.rollout.max_staleness > 0
-        # A local cluster gets at least the CPUs its actors ask for (Ray's CPUs are logical: the OS
-        # shares the cores); otherwise the learner would wait forever for a free CPU.
-        wanted = cfg.rollout.num_workers * cfg.ray.worker_num_cpus + cfg.ray.learner_num_cpus
-        if self.pipelined:
-            wanted += cfg.ray.evaluator_num_cpus
-        local_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
-        init_ray(cfg.ray.address, local_cpus)
+        start_ray(cfg)
         # The model travels through the object store once (no shared paths between nodes). Held for
         # the run's lifetime: a rollout worker that Ray restarts is sent it again (ensure_version).
         # Workers get the weights only; the learner also gets a checkpoint's training state.
