@@ -31,7 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from treeplay.engines.tiny import build_tiny_model
-from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.learners.config import DPOConfig
+from treeplay.learners.dpo import DPOLearner
 from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 
 WORDS = "alpha beta gamma delta step carry add sum total digit left right check answer so then".split()
@@ -141,7 +142,8 @@ def bench_dpo(model_dir: Path, pairs: list[PairRecord], a, tmp: str) -> dict:
 
 
 def bench_tpo(model_dir: Path, a) -> float:
-    from treeplay.learners.tpo import TPOConfig, TPOLearner
+    from treeplay.learners.config import TPOConfig
+    from treeplay.learners.tpo import TPOLearner
 
     rng = random.Random(1)
     lists = []
@@ -162,7 +164,8 @@ def bench_tpo(model_dir: Path, a) -> float:
 
 
 def bench_slhf(model_dir: Path, a) -> float:
-    from treeplay.learners.slhf import SLHFConfig, SLHFLearner
+    from treeplay.learners.config import SLHFConfig
+    from treeplay.learners.slhf import SLHFLearner
 
     rng = random.Random(2)
     prompts = [f"Q{i}: " + text(rng, 60) for i in range(32)]

@@ -54,8 +54,8 @@ def learner_job(model_dir: str, pairs: int, lora: dict | None, queue) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from treeplay.learners.config import LoRAConfig
     from treeplay.learners.dpo import DPOLearner
-    from treeplay.learners.trainable import LoRAConfig
 
     learner = DPOLearner(model_dir, num_threads=1, batch_size=8, lr=1e-4, reference="fixed",
                          lora=LoRAConfig(**lora) if lora else None)
@@ -121,8 +121,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from treeplay.engines import make_engine
     from treeplay.engines.bpe import build_bpe_model, environment_corpus, parameter_count
+    from treeplay.learners.config import LoRAConfig
     from treeplay.learners.dpo import DPOLearner
-    from treeplay.learners.trainable import LoRAConfig
 
     lora = {"rank": a.rank, "alpha": 2.0 * a.rank}
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,7 +38,8 @@ def main() -> None:
     from treeplay.agents.envs.arithmetic import ArithmeticEnv
     from treeplay.engines.hf import HFEngine
     from treeplay.engines.tiny import build_tiny_model
-    from treeplay.search.mcts import MCTSConfig, search_many
+    from treeplay.search.mcts import search_many
+    from treeplay.search.state import MCTSConfig
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))

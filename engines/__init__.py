@@ -7,18 +7,14 @@ Two real engines implement the same contract (see docs/engines.md):
 - ``vllm``: ``VLLMEngine`` (engines/vllm.py), vLLM's ``LLM`` with prefix caching.
 
 Use ``make_engine("hf" | "vllm", model_path, **kwargs)``. Importing this package is cheap: torch and
-vllm load only when an engine is made.
+vllm load only when an engine is made. ``contract.py`` holds what both engines share, their
+error (``EngineError``) included.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-
-class EngineError(RuntimeError):
-    """An engine could not be built or stopped working (bad model directory, dead worker process)."""
-
 
 ENGINE_KINDS = ("hf", "vllm")
 
@@ -48,17 +44,4 @@ def make_engine(kind: str, model_path: str | Path, **kwargs: Any):
     raise ValueError(f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
 
 
-def __getattr__(name: str):
-    # Lazy exports, so `import treeplay.engines` does not pull in torch or vllm.
-    if name == "HFEngine":
-        from treeplay.engines.hf import HFEngine
-
-        return HFEngine
-    if name == "VLLMEngine":
-        from treeplay.engines.vllm import VLLMEngine
-
-        return VLLMEngine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["ENGINE_KINDS", "EngineError", "HFEngine", "VLLMEngine", "make_engine"]
+__all__ = ["ENGINE_KINDS", "make_engine"]

@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from treeplay.agents.base import Scored, TokenIds
-from treeplay.engines import EngineError
+
+
+class EngineError(RuntimeError):
+    """An engine could not be built or stopped working (bad model directory, dead worker process)."""
 
 
 def check_model_dir(model_path: str | Path) -> Path:

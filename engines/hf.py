@@ -36,8 +36,9 @@ import torch
 from transformers import AttentionInterface
 
 from treeplay.agents.base import Completion, Prompt, Scored, TokenIds
-from treeplay.engines import EngineError, hf_kernels
+from treeplay.engines import hf_kernels
 from treeplay.engines.contract import (
+    EngineError,
     TokenMethods,
     check_context,
     check_model_dir,

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from treeplay.agents.base import Completion, Prompt, Scored, TokenIds
-from treeplay.engines import EngineError
 from treeplay.engines.contract import (
+    EngineError,
     TokenMethods,
     check_context,
     check_model_dir,

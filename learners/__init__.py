@@ -6,15 +6,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from treeplay.learners.base import Learner
+if TYPE_CHECKING:  # the package itself imports no torch: treeplay.learners.config stays light
+    from treeplay.learners.base import Learner
 
 
 def make_learner(cfg: Any, model_dir: str | Path, preference: Any = None) -> Learner:
-    """The learner of ``cfg.learner.algorithm``, starting from the model in ``model_dir``.
+    """The learner of ``cfg.learner.algorithm``, starting from the model in ``model_dir``, with
+    everything it needs built from ``cfg``.
 
-    ``preference`` is SLHF's oracle ``(prompt, a, b) -> p(a > b)``; the other learners ignore it.
+    SLHF's preference oracle ``(prompt, a, b) -> p(a > b)`` is, unless ``preference`` gives another,
+    the verifier of the run's environment (``slhf.VerifierOracle`` over ``cfg.env``); the learner
+    declares ``needs_tasks``, and its caller hands it the tasks of each iteration's data
+    (``know_tasks``). The other learners ignore ``preference``.
     """
     algo = cfg.learner.algorithm
     if algo == "dpo":
@@ -29,7 +34,10 @@ def make_learner(cfg: Any, model_dir: str | Path, preference: Any = None) -> Lea
         from treeplay.learners.slhf import SLHFLearner
 
         if preference is None:
-            raise ValueError("learner.algorithm 'slhf' needs a preference oracle")
+            from treeplay.agents.registry import make_environment
+            from treeplay.learners.slhf import VerifierOracle
+
+            preference = VerifierOracle(make_environment(cfg.env.name, **cfg.env.kwargs))
         return SLHFLearner(model_dir, preference, cfg.learner.slhf)
     if algo == "rft":
         from treeplay.learners.rft import RFTLearner

@@ -10,6 +10,7 @@ Code outside ``learners/`` talks to a learner through these methods only
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -30,6 +31,16 @@ if TYPE_CHECKING:
 class Learner(Protocol):
     """A learner as the loop sees it: train on preference data, hand out and take back weights and
     training state, write and read checkpoints, say whether its weights are usable."""
+
+    #: What the learner trains on: "pairs", "ranked_lists" or "prompts" (``guards.usable_data``).
+    trains_on: str
+    #: Whether the learner must be told the tasks its data came from (``know_tasks``) before training.
+    needs_tasks: bool
+
+    def know_tasks(self, tasks: Sequence[Any]) -> None:
+        """Make known the tasks whose rollouts the next ``train`` data holds (only called when
+        ``needs_tasks``: SLHF's verifier oracle places a prompt by its task)."""
+        ...
 
     def train(self, data: Any) -> dict[str, Any]:
         """One iteration's training on ``data``; returns its metrics.
@@ -95,6 +106,11 @@ class LearnerOutput:
     """
 
     policy: TrainablePolicy
+    trains_on: str  # each learner declares it
+    needs_tasks: bool = False
+
+    def know_tasks(self, tasks: Sequence[Any]) -> None:
+        """Nothing to learn from the tasks themselves (a learner that needs them overrides this)."""
 
     @property
     def healthy(self) -> bool:

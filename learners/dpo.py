@@ -33,13 +33,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from treeplay.learners import losses
 from treeplay.learners.base import LearnerOutput
+from treeplay.learners.config import DPOConfig
 from treeplay.learners.epochs import StatsMeter, evaluate_batches, run_epochs
 from treeplay.learners.logprobs import (
     Group,
@@ -52,32 +52,8 @@ from treeplay.learners.logprobs import (
     record_tokens,
     sequence_sums,
 )
-from treeplay.learners.trainable import LearnerConfig, TrainablePolicy
+from treeplay.learners.trainable import TrainablePolicy
 from treeplay.store.records import PairRecord, PreferenceData
-
-
-class DPOConfig(LearnerConfig):
-    """DPO-family settings (plus everything in LearnerConfig)."""
-
-    loss_type: Literal["sigmoid", "ipo", "mcts_dpo", "simpo"] = Field(
-        "sigmoid", description="sigmoid DPO, IPO (beta is tau), MCTS-DPO (divergence + visit alpha), SimPO."
-    )
-    nll_weight: float = Field(
-        1.0, ge=0.0, description="Weight of the chosen-response NLL term (RPO); 0 = plain."
-    )
-    pair_weight: float = Field(
-        1.0, ge=0.0, description="Weight of the pairwise (preference) term; 0 = the NLL term alone, "
-        "the ablation that tells what the preference term adds.")
-    label_smoothing: float = Field(
-        0.0, ge=0.0, le=0.5, description="Conservative-DPO epsilon for pairs whose record has none."
-    )
-    simpo_gamma: float = Field(0.5, description="SimPO target margin.")
-    rejected_steps: int | None = Field(
-        None, ge=1, description="Keep only the first k steps (action lines) of a rejected response: "
-        "what follows a wrong step was forced by it and is not pushed down. None = all.")
-    append_eos: Literal["final", "always", "never"] = Field(
-        "final", description="Append EOS to responses: only for pairs with info['final'], always, or never."
-    )
 
 
 @dataclass
@@ -132,6 +108,8 @@ class DPOLearner(LearnerOutput):
         model_path: Hugging Face directory of the starting policy (also the fixed reference).
         config: Settings; keyword overrides are applied on top.
     """
+
+    trains_on = "pairs"
 
     def __init__(self, model_path: str | Path, config: DPOConfig | None = None, **overrides: Any):
         cfg = (config or DPOConfig()).model_copy(update=overrides)

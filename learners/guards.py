@@ -13,15 +13,16 @@ through the ``Learner`` protocol only (``learners.base``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from typing import Any
 
 import torch
 
 from treeplay.learners.base import Learner
-
-#: An iteration whose weights moved by more than this many times their own norm is not deployed.
-MAX_UPDATE_RATIO = 10.0
+from treeplay.learners.config import MAX_UPDATE_RATIO
+from treeplay.store.records import ACTION_SPANS, POLICY_VERSION, PreferenceData
 
 
 def shuffled_control(data: Any, seed: int) -> Any:
@@ -40,8 +41,6 @@ def shuffled_control(data: Any, seed: int) -> Any:
     The control reverses the preference signal, nothing else; a flag that moved with its text would
     keep an NLL on verified-correct answers in the control.
     """
-    import dataclasses
-    import random
 
     rng = random.Random(seed)
     pairs = [_swap_texts(p) if rng.random() < 0.5 else p for p in data.pairs]
@@ -49,16 +48,14 @@ def shuffled_control(data: Any, seed: int) -> Any:
     return dataclasses.replace(data, pairs=pairs, ranked_lists=lists)
 
 
-_SPANS = "action_spans"  # the key store.records.ACTION_SPANS names: which characters the policy wrote
 
 
 def _swap_texts(p: Any) -> Any:
-    import dataclasses
 
     info = dict(p.info) if p.info else p.info
-    if info and isinstance(info.get(_SPANS), dict):
-        spans = info[_SPANS]
-        info[_SPANS] = {**spans, "chosen": spans.get("rejected"), "rejected": spans.get("chosen")}
+    if info and isinstance(info.get(ACTION_SPANS), dict):
+        spans = info[ACTION_SPANS]
+        info[ACTION_SPANS] = {**spans, "chosen": spans.get("rejected"), "rejected": spans.get("chosen")}
     if info and isinstance(info.get("tokens"), dict):  # the ids of each text travel with it
         info["tokens"] = _reorder_token_ids(info["tokens"], [1, 0])
     return dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, chosen_node=p.rejected_node,
@@ -81,7 +78,6 @@ def _reorder_token_ids(tokens: dict, order: list[int]) -> dict:
 
 
 def _permute_texts(r: Any, rng: Any) -> Any:
-    import dataclasses
 
     order = list(range(len(r.items)))
     rng.shuffle(order)
@@ -91,7 +87,7 @@ def _permute_texts(r: Any, rng: Any) -> Any:
     if info:
         # A text's spans and end node describe it and travel with it; "correct" is the verifier's
         # label of the slot, the preference signal the control scrambles, and stays in rank order.
-        _reorder(info, (_SPANS, "end_nodes"), order)
+        _reorder(info, (ACTION_SPANS, "end_nodes"), order)
         if isinstance(info.get("tokens"), dict):
             info["tokens"] = _reorder_token_ids(info["tokens"], order)
     return dataclasses.replace(r, items=items, info=info)
@@ -102,7 +98,6 @@ def canonical_order(data: Any) -> Any:
     then task id, each task's records in their written order. With several rollout workers chunks
     finish in any order, and a resumed iteration writes its remaining chunks after the others; the
     learner's shuffle must see the same list either way."""
-    import dataclasses
 
     def key(r: Any) -> tuple[int, str]:
         return (r.iteration if r.iteration is not None else -1, r.task_id or "")
@@ -110,22 +105,24 @@ def canonical_order(data: Any) -> Any:
     return dataclasses.replace(data, pairs=sorted(data.pairs, key=key), ranked_lists=sorted(data.ranked_lists, key=key))
 
 
-def usable_data(algorithm: str, data: Any) -> tuple[Any, str | None]:
-    """The part of ``data`` the learner trains on, or a reason why there is nothing to train on.
+def usable_data(trains_on: str, data: Any, who: str = "this learner") -> tuple[Any, str | None]:
+    """The part of ``data`` a learner trains on, or a reason why there is nothing to train on.
 
-    The DPO family trains on pairs, TPO and RFT on ranked lists, SLHF on the prompts of both. Finer checks
-    (TPO drops lists whose items are tied) are the learner's: ``train_guarded`` reports them.
+    ``trains_on`` is what the learner declares (``LearnerOutput.trains_on``): "pairs" (the DPO
+    family), "ranked_lists" (TPO, RFT) or "prompts" (SLHF, which samples its own answers to the
+    prompts of both). ``who`` names the learner in the reason. Finer checks (TPO drops lists whose items are tied) are the learner's:
+    ``train_guarded`` reports them.
     """
-    from treeplay.store.records import PreferenceData
-
-    if algorithm == "dpo":
+    if trains_on == "pairs":
         if not data.pairs:
-            return data, f"no preference pairs ({len(data.ranked_lists)} ranked lists, which DPO does not use)"
+            return data, f"no preference pairs ({len(data.ranked_lists)} ranked lists, which {who} does not use)"
         return PreferenceData(pairs=data.pairs), None
-    if algorithm in ("tpo", "rft"):
+    if trains_on == "ranked_lists":
         if not data.ranked_lists:
-            return data, f"no ranked lists ({len(data.pairs)} pairs, which {algorithm.upper()} does not use)"
+            return data, f"no ranked lists ({len(data.pairs)} pairs, which {who} does not use)"
         return PreferenceData(ranked_lists=data.ranked_lists), None
+    if trains_on != "prompts":
+        raise ValueError(f"a learner trains on 'pairs', 'ranked_lists' or 'prompts', not {trains_on!r}")
     if len(data) == 0:
         return data, "no preference data (no pairs or ranked lists to take prompts from)"
     return data, None
@@ -135,7 +132,7 @@ def within_staleness(data: Any, iteration: int, learner_version: int, max_stalen
     """The part of ``data`` the staleness bound lets the learner train on, and what it measured.
 
     A pair's or ranked list's staleness is the learner's weights version minus the version that
-    produced it (``info["policy_version"]``, ``orchestrator.rollouts.stamp_version``). Rows of
+    produced it (``info["policy_version"]``, stamped by ``orchestrator.rollouts.stamp_version``). Rows of
     ``iteration`` staler than ``max_staleness`` are refused and counted. Rows of earlier iterations
     are the replay window the config asked for (``learner.replay``), old by design, and are kept;
     so are rows without a recorded version (written by an older treeplay).
@@ -145,9 +142,6 @@ def within_staleness(data: Any, iteration: int, learner_version: int, max_stalen
         iteration's kept rows with a version, ``staleness_max``, ``staleness_mean``,
         ``data_version_min`` and ``data_version_max``.
     """
-    import dataclasses
-
-    from treeplay.orchestrator.rollouts import POLICY_VERSION
 
     kept_ages: list[int] = []
     refused = 0

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from treeplay.learners import losses
 from treeplay.learners.base import LearnerOutput
+from treeplay.learners.config import RFTConfig
 from treeplay.learners.epochs import StatsMeter, evaluate_batches, run_epochs
 from treeplay.learners.logprobs import (
     Group,
@@ -35,17 +35,8 @@ from treeplay.learners.logprobs import (
     record_tokens,
     sequence_sums,
 )
-from treeplay.learners.trainable import LearnerConfig, TrainablePolicy
+from treeplay.learners.trainable import TrainablePolicy
 from treeplay.store.records import PreferenceData, RankedListRecord
-
-
-class RFTConfig(LearnerConfig):
-    """RFT settings (plus everything in LearnerConfig; ``beta`` is unused)."""
-
-    reference: Literal["fixed", "refresh", "none"] = Field("none", description="RFT needs no reference model.")
-    max_per_prompt: int = Field(
-        4, ge=1, description="Most verified-correct responses kept per prompt (distinct texts)."
-    )
 
 
 @dataclass
@@ -64,6 +55,8 @@ class RFTLearner(LearnerOutput):
         model_path: Hugging Face directory of the starting policy.
         config: Settings; keyword overrides are applied on top.
     """
+
+    trains_on = "ranked_lists"
 
     def __init__(self, model_path: str | Path, config: RFTConfig | None = None, **overrides: Any):
         cfg = (config or RFTConfig()).model_copy(update=overrides)

@@ -40,14 +40,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from treeplay.agents.prompt_files import load_prompt
 from treeplay.learners import losses
 from treeplay.learners.base import LearnerOutput
+from treeplay.learners.config import SLHFConfig
 from treeplay.learners.epochs import StatsMeter
 from treeplay.learners.logprobs import (
     Group,
@@ -57,7 +57,7 @@ from treeplay.learners.logprobs import (
     padded,
     per_sequence,
 )
-from treeplay.learners.trainable import LearnerConfig, TrainablePolicy
+from treeplay.learners.trainable import TrainablePolicy
 from treeplay.store.records import PreferenceData
 
 Preference = Callable[[str, str, str], float]
@@ -177,35 +177,6 @@ def fill_follower_prompt(template: str, prompt: str, response: str) -> str:
     return template.replace("{prompt}", prompt).replace("{response}", response)
 
 
-class SLHFConfig(LearnerConfig):
-    """SLHF settings (plus everything in LearnerConfig; ``beta`` is the KL weight)."""
-
-    beta: float = Field(0.001, ge=0.0, description="KL coefficient for both players (tau^L = tau^F).")
-    kl: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
-    follower_weight: float = Field(2.0, gt=1.0, description="w_F in L = L_L + w_F L_F; must exceed 1.")
-    score_baseline: float = Field(0.5, description="Subtracted from the preference reward.")
-    leader_update_frequency: int = Field(
-        1, ge=1, description="Apply the leader's loss every this many steps."
-    )
-    temperature: float = Field(
-        0.9, gt=0.0,
-        description="Sampling temperature for both players; the log-probs the REINFORCE term and the "
-        "KL use are those of the tempered distribution the samples came from (logits / temperature).",
-    )
-    follower_kl: Literal["prompt", "follower_prompt"] = Field(
-        "prompt",
-        description="What the follower's refinement is regularised toward: the reference model's answer "
-        "to the bare prompt x ('prompt', the SLHF authors' default) or the reference model given the "
-        "full follower prompt with x and y ('follower_prompt', their 'standard' option).",
-    )
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest sampled response.")
-    batch_size: int = Field(8, ge=1, description="Prompts per step.")
-    follower_prompt: str | None = Field(
-        None, description="Path of a follower template; default the package's."
-    )
-
-
 class SLHFLearner(LearnerOutput):
     """Trains leader and follower (one shared model) against a preference oracle.
 
@@ -214,6 +185,9 @@ class SLHFLearner(LearnerOutput):
         preference: ``(prompt, a, b) -> p(a > b | prompt)`` in [0, 1].
         config: Settings; keyword overrides are applied on top.
     """
+
+    trains_on = "prompts"
+    needs_tasks = True
 
     resume_attributes = ("steps_done",)  # says when the leader updates (leader_update_frequency)
 
@@ -230,6 +204,13 @@ class SLHFLearner(LearnerOutput):
         self.template = load_follower_template(self.config.follower_prompt)
         self.policy = TrainablePolicy(model_path, self.config)
         self.steps_done = 0
+
+    def know_tasks(self, tasks: Sequence[Any]) -> None:
+        """Hand the tasks behind the next ``train`` data to the oracle, when it places prompts by
+        task (``VerifierOracle``); another preference function has no use for them."""
+        add = getattr(self.preference, "add_tasks", None)
+        if callable(add):
+            add(tasks)
 
     # -- sampling ---------------------------------------------------------------------------------
 
@@ -383,6 +364,9 @@ class SLHFLearner(LearnerOutput):
         self.policy.begin_iteration()
         meter = StatsMeter()
         skipped_before, updates_before = self.policy.skipped_updates, self.policy.updates
+        reset_counts = getattr(self.preference, "reset_counts", None)
+        if callable(reset_counts):
+            reset_counts()
         t0 = time.perf_counter()
         rollout = None
         for _ in range(steps):
@@ -412,6 +396,9 @@ class SLHFLearner(LearnerOutput):
         )
         if self.policy.skipped_updates > skipped_before and self.policy.last_skip_reason:
             metrics["last_skip_reason"] = self.policy.last_skip_reason
+        counts = getattr(self.preference, "counts", None)
+        if callable(counts):
+            metrics.update(counts())  # the oracle's calls, and the share it could not place
         return metrics
 
     @torch.no_grad()

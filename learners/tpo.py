@@ -33,13 +33,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from treeplay.learners import losses
 from treeplay.learners.base import LearnerOutput
+from treeplay.learners.config import TPOConfig
 from treeplay.learners.epochs import StatsMeter, evaluate_batches, run_epochs
 from treeplay.learners.logprobs import (
     Group,
@@ -52,35 +52,8 @@ from treeplay.learners.logprobs import (
     record_tokens,
     token_offsets,
 )
-from treeplay.learners.trainable import LearnerConfig, TrainablePolicy
+from treeplay.learners.trainable import TrainablePolicy
 from treeplay.store.records import PreferenceData, RankedListRecord
-
-
-class TPOConfig(LearnerConfig):
-    """TPO settings (plus everything in LearnerConfig)."""
-
-    beta: float = Field(
-        1.0, description="Scale of the implicit reward (scores are per-token means, so > DPO's)."
-    )
-    adaptive_steps: bool = Field(
-        True, description="Adaptive step reward; False = plain LiPO-lambda on summed log-ratios."
-    )
-    step_weighting: Literal["dissimilar", "similar"] = Field(
-        "dissimilar", description="w = 1 - cos (paper reading) or 1 + cos (code)."
-    )
-    step_anchor: Literal["others", "best"] = Field(
-        "others", description="Compare a step with all other responses' or the best one's."
-    )
-    step_separator: str = Field("\n", description="Steps are split after this string.")
-    weight_floor: float = Field(1e-2, ge=0.0, description="Added to dissimilar step weights.")
-    gain_scale: float = Field(
-        1.0, gt=0.0, description="Labels are rescaled per list to [0, gain_scale] before 2^psi."
-    )
-    nll_weight: float = Field(1.0, ge=0.0, description="NLL of the best response (RPO-style); 0 = off.")
-    append_eos: Literal["final", "always", "never"] = Field(
-        "final", description="EOS after responses: if the list's info['final'], always, never."
-    )
-    batch_size: int = Field(4, ge=1, description="Lists per micro-batch.")
 
 
 @dataclass
@@ -159,6 +132,8 @@ class TPOLearner(LearnerOutput):
         model_path: Hugging Face directory of the starting policy.
         config: Settings; keyword overrides are applied on top.
     """
+
+    trains_on = "ranked_lists"
 
     def __init__(self, model_path: str | Path, config: TPOConfig | None = None, **overrides: Any):
         cfg = (config or TPOConfig()).model_copy(update=overrides)

@@ -40,69 +40,12 @@ import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from treeplay.learners.checkpoints import STATE_FORMAT, rng_state, set_rng_state, to_cpu
-
-
-class LoRAConfig(BaseModel):
-    """A LoRA adapter (peft) that trains instead of the full weights."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(16, ge=1, description="Rank r of the low-rank update B·A.")
-    alpha: float = Field(32.0, gt=0, description="Scale: the update is (alpha / rank)·B·A.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input (0 keeps the "
-                           "policy's and the reference's log-probs of the same text equal at the start).")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1, description="Names of the linear layers that get an adapter (Llama/Qwen2 names).")
-
-
-class LearnerConfig(BaseModel):
-    """Settings every learner reads (the algorithm-specific configs extend this, one level)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lr: float = Field(1e-4, description="AdamW learning rate (tiny CPU models want ~1e-4, 7B models ~1e-6).")
-    beta: float = Field(0.1, description="Implicit-reward inverse temperature (IPO's tau; SLHF's KL weight).")
-    epochs: int = Field(1, ge=1, description="Passes over the data in one train() call.")
-    batch_size: int = Field(16, ge=1, description="Examples (pairs, lists, prompts) per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer update.")
-    max_length: int = Field(512, ge=2, description="Prompt + response tokens; longer ones are truncated.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    warmup_steps: int = Field(
-        0, ge=0, description="Linear warm-up of the learning rate over the first updates."
-    )
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
-    skip_grad_norm: float = Field(
-        1e4, gt=0, description="An update whose raw gradient norm exceeds this is skipped."
-    )
-    rollback: bool = Field(
-        True, description="Keep a copy of the last good weights and roll back on a bad loss."
-    )
-    reference: Literal["fixed", "refresh", "none"] = Field(
-        "fixed", description="fixed: the starting weights; refresh: the policy at each train() start."
-    )
-    seed: int = Field(0, description="Seeds shuffling and sampling.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bf16 on a capable GPU, else fp32."
-    )
-    device: str | None = Field(None, description="torch device; default cuda if available, else cpu.")
-    num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads (set it: the default can be slow)."
-    )
-    verify_at_end: bool = Field(
-        True, description="One no-grad forward after training to check the final weights."
-    )
-    lora: LoRAConfig | None = Field(
-        None, description="Train a LoRA adapter instead of the full weights (rank, alpha, dropout, "
-        "target_modules); None: full fine-tuning."
-    )
+from treeplay.learners.config import LearnerConfig, LoRAConfig
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

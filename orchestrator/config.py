@@ -22,12 +22,8 @@ from treeplay.agents.base import DemonstrationKind
 from treeplay.agents.gateway.config import AgentConfig, load_callable
 from treeplay.agents.panel import PanelConfig
 from treeplay.agents.react import ReActConfig
-from treeplay.learners.dpo import DPOConfig
-from treeplay.learners.guards import MAX_UPDATE_RATIO
-from treeplay.learners.rft import RFTConfig
-from treeplay.learners.slhf import SLHFConfig
-from treeplay.learners.tpo import TPOConfig
-from treeplay.search.mcts import MCTSConfig
+from treeplay.learners.config import MAX_UPDATE_RATIO, DPOConfig, RFTConfig, SLHFConfig, TPOConfig
+from treeplay.search.state import MCTSConfig
 from treeplay.store.redact import REDACTED, is_secret_key, redact, redacted_keys
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +41,7 @@ from treeplay.agents.base import Task
 from treeplay.agents.registry import make_environment
 from treeplay.orchestrator.config import RunConfig, resume_config
 from treeplay.orchestrator.inspector import DATA_VERSIONS
-from treeplay.orchestrator.rollouts import chunk_seed, worker_idle_s
+from treeplay.orchestrator.reporting import live_line, rollout_summary, worker_idle_s
 from treeplay.orchestrator.run_start import (
     check_startable,
     console,
@@ -51,6 +50,7 @@ from treeplay.orchestrator.run_start import (
     uri_to_path,
     warm_start_model,
 )
+from treeplay.orchestrator.schedule import chunk_seed, iteration_tasks
 from treeplay.orchestrator.tracking import Trackers, check_installed
 from treeplay.store import queries
 from treeplay.store.database import Store, open_store
@@ -145,8 +145,6 @@ class Loop:
         ``flush``: return only once every result is written (else ``flush(index)`` waits for it).
         ``check`` is called after each chunk (the pipeline stops here if the learner's side failed).
         """
-        from treeplay.orchestrator.rollouts import rollout_summary
-
         done = queries.completed_task_ids(self.store, self.run_id, index)
         size = self.cfg.rollout.chunk_size
         # Chunks are fixed over the full task list, each with its own seed, so a resumed iteration
@@ -173,7 +171,7 @@ class Loop:
             versions.append(chunk.version)
             spans[chunk.worker].append((chunk.started, chunk.finished))
             if progress is not None:
-                line = _live_line(index, stats, time.perf_counter() - t_roll, self.fleet.worker_versions(), self.learning)
+                line = live_line(index, stats, time.perf_counter() - t_roll, self.fleet.worker_versions(), self.learning)
                 progress.update(bar, advance=len(fresh), description=line)
             if check is not None:
                 check()
@@ -203,15 +201,12 @@ class Loop:
         return time.perf_counter() - t0
 
     # -- learning and redeploy ------------------------------------------------------------------
-    def learn(self, index: int, tasks: Sequence[Task] | None = None) -> tuple[dict[str, Any], bool]:
+    def learn(self, index: int) -> tuple[dict[str, Any], bool]:
         """Train on the store's data (once this iteration's writes are in); on success the new
         weights become the ones to serve. Without an update the metrics say why
-        (``no_update_reason``). ``tasks``: those of this iteration and its replay window, for
-        SLHF's oracle."""
+        (``no_update_reason``)."""
         self.flush(index)
-        ckpt_dir = str(self.run_dir / "checkpoints")
-        slhf_tasks = list(tasks) if tasks is not None and self.cfg.learner.algorithm == "slhf" else None
-        return self.fleet.train(index, ckpt_dir, slhf_tasks)
+        return self.fleet.train(index, str(self.run_dir / "checkpoints"))
 
     def redeploy(self) -> float:
         """Deploy the new weights: to every worker now (synchronous; mixed versions are refused), or
@@ -266,29 +261,6 @@ class Lane:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _live_line(index: int, stats: list[dict[str, float]], seconds: float,
-               workers: Sequence[int | None] = (), learning: str = "") -> str:
-    """The progress bar's text while chunks stream in: what the rollouts have found so far, the
-    version each worker serves and, in a pipelined run, what the learner is doing."""
-    from treeplay.orchestrator.rollouts import rollout_summary
-
-    s = rollout_summary(stats)
-    parts = [f"iter {index} rollouts"]
-    if workers:
-        parts.append("workers " + " ".join(f"v{v}" for v in workers))
-    if "solved" in s:
-        parts.append(f"solved {s['solved']:.0%}")
-    if "reward" in s:
-        parts.append(f"reward {s['reward']:.2f}")
-    parts.append(f"{int(s.get('pairs', 0))} pairs")
-    if s.get("nodes"):
-        parts.append(f"{s['nodes'] / max(seconds, 1e-9):.0f} nodes/s")
-    parts.append(f"{s.get('tasks', 0) / max(seconds, 1e-9):.0f} tasks/s")
-    if learning:
-        parts.append(learning)
-    return " | ".join(parts)
-
-
 def _print_iteration(rep: IterationReport) -> None:
     m = rep.metrics
     staleness = f", data staleness <= {int(m['learn/staleness_max'])}" if m.get("learn/staleness_max") else ""
@@ -298,13 +270,6 @@ def _print_iteration(rep: IterationReport) -> None:
         f"pairs {int(m.get('rollout/pairs', 0))}, loss {m.get('learn/loss', float('nan')):.3f}{staleness}, "
         f"{rep.timings.get('wall_s', sum(rep.timings.values())):.1f}s"
     )
-
-
-def iteration_tasks(cfg: RunConfig, env: Any, index: int) -> list[Task]:
-    """Iteration ``index``'s train tasks: a pure function of the config, so a resumed run (and the
-    learner's replay window) gets exactly the tasks the uninterrupted run drew."""
-    rng = random.Random(cfg.seed * 31 + index)
-    return env.tasks("train", cfg.rollout.tasks_per_iteration, seed=rng.randrange(2**31))
 
 
 @contextmanager
@@ -446,16 +411,13 @@ def learn_and_record(cfg: RunConfig, loop: Loop, env: Any, held_out: Sequence[Ta
         # Learn on this iteration's data (plus the replay window), once all of it is in the store.
         timings["store_wait_s"] = loop.flush(index)
         timings["store_s"] = loop.store_s.pop(index, 0.0)
-        window = [tasks]
-        if cfg.learner.algorithm == "slhf":  # the oracle must know the replayed data's tasks too
-            window = [iteration_tasks(cfg, env, i) for i in range(max(0, index - cfg.learner.replay), index)] + window
         versions = [v for v in loop.data_versions.get(index, {}) if v != "kept"]
         if versions:
             loop.learning = (f"learner: iter {index} at v{loop.version} on data from v{min(versions)}"
                              + (f"-v{max(versions)}" if max(versions) != min(versions) else "")
                              + f" (staleness <= {loop.version - min(versions)})")
         t = time.perf_counter()
-        learn, updated = loop.learn(index, [task for ts in window for task in ts])
+        learn, updated = loop.learn(index)
         timings["learn_s"] = time.perf_counter() - t
 
     # Redeploy the new weights (if any).

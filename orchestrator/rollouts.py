@@ -48,19 +48,17 @@ from treeplay.agents.episode import (
     task_result,
 )
 from treeplay.orchestrator.config import RunConfig
-from treeplay.store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord, TaskResult
+from treeplay.orchestrator.schedule import chunk_seed
+from treeplay.store.records import (
+    ACTION_SPANS,
+    POLICY_VERSION,
+    PairRecord,
+    RankedItem,
+    RankedListRecord,
+    TaskResult,
+)
 
 EnvFactory = Callable[[], Environment]
-
-
-def chunk_seed(run_seed: int, iteration: int, chunk: int = 0) -> int:
-    """The sampling seed of chunk ``chunk`` of iteration ``iteration``'s rollouts (the one formula).
-
-    It depends on nothing else, so a chunk that is re-run (a worker died, the run was resumed) gets
-    the seed, and so the samples, it got the first time. Within a run every (iteration, chunk) has
-    its own seed as long as an iteration has fewer than 7919 chunks.
-    """
-    return run_seed * 1_000_003 + iteration * 7919 + chunk
 
 
 def run_rollouts(
@@ -87,9 +85,6 @@ def run_rollouts(
     stats["generated_tokens"] = float(counted.generated_tokens)
     stamp_version(results, int(getattr(policy, "version", 0) or 0))
     return results, stats
-
-
-POLICY_VERSION = "policy_version"  # the info key of pairs and ranked lists that says which weights made them
 
 
 def stamp_version(results: Sequence[TaskResult], version: int) -> None:
@@ -442,26 +437,3 @@ def _answer_budget(policy: Policy, prompt: str, limit: int) -> int:
     return min(limit, max_len - len(encode(prompt, prompt=True)))
 
 
-def worker_idle_s(spans: dict[int, list[tuple[float, float]]]) -> float:
-    """Seconds the rollout workers stood idle between two chunks of one iteration, summed over the
-    workers: from the end of one chunk to the start of that worker's next (what queued chunks,
-    ``rollout.chunks_per_worker``, save). ``spans``: each worker's (started, finished) wall-clock
-    times per chunk."""
-    idle = 0.0
-    for chunks in spans.values():
-        chunks = sorted(chunks)
-        idle += sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(chunks, chunks[1:], strict=False))
-    return idle
-
-
-def rollout_summary(stats: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Merge per-chunk stats: sums for counts, task-weighted means for rates."""
-    total = sum(s.get("tasks", 0.0) for s in stats) or 1.0
-    out: dict[str, float] = {}
-    for key in {k for s in stats for k in s}:
-        vals = [(s.get(key, 0.0), s.get("tasks", 0.0)) for s in stats]
-        if key in {"solved", "reward"}:
-            out[key] = sum(v * w for v, w in vals) / total
-        else:
-            out[key] = sum(v for v, _ in vals)
-    return out

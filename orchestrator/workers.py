@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from treeplay.learners.guards import (
     usable_data,
     within_staleness,
 )
+from treeplay.orchestrator.schedule import derive_seed
 from treeplay.orchestrator.weights import WeightsPayload, from_payload, to_payload
 
 
@@ -214,9 +215,7 @@ class LearnerActor:
 
     def __init__(self, cfg: dict[str, Any], model: str | ModelFiles, run_id: int, version: int,
                  reference: str | ModelFiles | None = None, reference_uri: str | None = None) -> None:
-        from treeplay.agents.registry import make_environment
         from treeplay.learners import make_learner
-        from treeplay.learners.slhf import VerifierOracle
         from treeplay.orchestrator.config import RunConfig
         from treeplay.store.database import open_store
 
@@ -224,44 +223,46 @@ class LearnerActor:
         _set_threads(self.cfg.engine.num_threads)
         lane_priority(self.cfg)  # pipelined: the rollouts come first on shared cores
         self.model_dir = _materialise(model, "treeplay-learner-")
-        self.oracle = VerifierOracle(make_environment(self.cfg.env.name, **self.cfg.env.kwargs))
-        self.learner = make_learner(self.cfg, self.model_dir, preference=self.oracle)
+        self.learner = make_learner(self.cfg, self.model_dir)
+        self._env: Any = None  # built on first use: only a learner that needs_tasks asks for tasks
         self.learner.use_reference(
             _materialise(reference, "treeplay-reference-") if reference is not None else None, reference_uri)
-        self.resumed = self.learner.restore_checkpoint(self.model_dir)
+        self.learner.restore_checkpoint(self.model_dir)
         self.store = open_store(self.cfg.store.url)
         self.run_id = run_id
         self.version = version
 
     @ray.method(num_returns=2)
-    def train(self, iteration: int, checkpoint_dir: str | None,
-              tasks: list | None = None) -> tuple[dict[str, Any], WeightsPayload | None]:
+    def train(self, iteration: int, checkpoint_dir: str | None) -> tuple[dict[str, Any], WeightsPayload | None]:
         """Train on this iteration's data (plus replay); return metrics and the new weights, or None
         when there is no update: no data the learner can use, or an update the guard rails rejected
         (NaN/inf, exploding gradients). Then ``no_update_reason`` says which, and the old weights
-        (and the learner's whole training state) stay. ``tasks`` (those of the iteration and its
-        replay window) let the SLHF oracle verify answers."""
+        (and the learner's whole training state) stay. A learner that ``needs_tasks`` (SLHF's oracle
+        verifies answers against them) is told the tasks of the iteration and its replay window,
+        drawn here from the config as the driver drew them."""
+        from treeplay.agents.registry import make_environment
+        from treeplay.orchestrator.schedule import window_tasks
         from treeplay.store import queries
 
-        if tasks:
-            self.oracle.add_tasks(tasks)
+        if self.learner.needs_tasks:
+            if self._env is None:
+                self._env = make_environment(self.cfg.env.name, **self.cfg.env.kwargs)
+            self.learner.know_tasks(window_tasks(self.cfg, self._env, iteration, self.cfg.learner.replay))
         t0 = time.perf_counter()
         data = queries.preference_data(self.store, self.run_id, iteration, replay=self.cfg.learner.replay)
         # The staleness bound (rollout.max_staleness): this iteration's data may be at most that many
         # versions behind the weights being trained; older rows are refused and counted.
         data, staleness = within_staleness(data, iteration, self.version, self.cfg.rollout.max_staleness)
         staleness["learner_version"] = float(self.version)
-        data, reason = usable_data(self.cfg.learner.algorithm, canonical_order(data))
+        data, reason = usable_data(self.learner.trains_on, canonical_order(data), self.cfg.learner.algorithm.upper())
         if reason is not None:
             if staleness["stale_refused"]:
                 reason += f"; {int(staleness['stale_refused'])} rows refused as older than the staleness bound"
             return {"learn_s": time.perf_counter() - t0, "pairs": 0.0, "rejected_update": 0.0,
                     "no_update_reason": reason, **staleness}, None
         if self.cfg.learner.control == "shuffle":
-            data = shuffled_control(data, seed=self.cfg.seed * 7919 + iteration)
-        self.oracle.reset_counts()
+            data = shuffled_control(data, seed=derive_seed(self.cfg.seed, iteration, stream="shuffle"))
         metrics, deployable = train_guarded(self.learner, data, self.cfg.learner.max_update_ratio)
-        metrics.update(self.oracle.counts())
         metrics.update(staleness)
         metrics["learn_s"] = time.perf_counter() - t0
         metrics["pairs"] = float(len(data.pairs) + len(data.ranked_lists))
@@ -288,10 +289,6 @@ class LearnerActor:
     def niceness(self) -> int:
         """This process's Unix niceness (what ``ray.lane_nice`` made of it)."""
         return os.getpriority(os.PRIO_PROCESS, 0)
-
-    def resumed_from_checkpoint(self) -> bool:
-        """Whether the learner continued from a checkpoint's training state (not just its weights)."""
-        return self.resumed
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -349,7 +346,6 @@ class ChunkDone:
     and on which weights version (one version for the whole chunk)."""
 
     chunk: int
-    tasks: list
     results: list
     stats: dict[str, float]
     worker: int
@@ -438,6 +434,18 @@ class Fleet:
         return [self.known[i] for i in range(len(self.workers))]
 
     # -- weights ----------------------------------------------------------------------------------
+    def ensure_versions(self, keys: Iterable[Any]) -> None:
+        """``ensure_version`` for several actors, asked in one round: all report their version at
+        once, and only one that is behind, or was restarted since the driver last looked, goes
+        through ``ensure_version`` (its own calls)."""
+        keys = list(keys)
+        version = self._served[0]
+        actors = [self.evaluator if k == EVALUATOR else self.workers[k] for k in keys]
+        reports = ray.get([a.info.remote() for a in actors])
+        for key, report in zip(keys, reports, strict=True):
+            if not (report["version"] == version == self.known[key]):
+                self.ensure_version(key)
+
     def ensure_version(self, key: Any) -> tuple[int, bool]:
         """Bring rollout worker ``key`` (or the evaluator, ``EVALUATOR``) to the newest weights before
         its next call, and check what it reports.
@@ -534,13 +542,13 @@ class Fleet:
                 dispatch()
                 continue
             dispatch()
-            yield ChunkDone(c, ts, results, stats, w, version, sent, started, finished)
+            yield ChunkDone(c, results, stats, w, version, sent, started, finished)
 
     # -- learning and weights -------------------------------------------------------------------
-    def train(self, index: int, checkpoint_dir: str, tasks: list | None) -> tuple[dict[str, Any], bool]:
+    def train(self, index: int, checkpoint_dir: str) -> tuple[dict[str, Any], bool]:
         """The learner trains on iteration ``index``'s data; on success its weights become the newest
         (``weights_ref``, version + 1). Without an update the metrics say why."""
-        metrics_ref, weights_ref = self.learner.train.remote(index, checkpoint_dir, tasks)
+        metrics_ref, weights_ref = self.learner.train.remote(index, checkpoint_dir)
         metrics = ray.get(metrics_ref)
         if metrics.get("no_update_reason"):
             return metrics, False
@@ -575,8 +583,7 @@ class Fleet:
             return ray.get(self.evaluator.evaluate.remote(list(tasks), temperature))
         n = len(self.workers)
         parts = [list(tasks[i::n]) for i in range(n)]
-        for i in range(n):
-            self.ensure_version(i)
+        self.ensure_versions(range(n))
         scores = ray.get([w.evaluate.remote(p, temperature) for w, p in zip(self.workers, parts, strict=True) if p])
         return [s for part in scores for s in part]
 

@@ -14,13 +14,11 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from treeplay.agents.base import Environment, Policy, StepResult, TokenIds
 from treeplay.agents.prompt_files import load_prompt
-
-if TYPE_CHECKING:
-    from treeplay.search.mcts import MCTSConfig, TreeRun
+from treeplay.search.state import MCTSConfig, TreeRun
 
 # The fixed instructions come first so that all self-evaluation prompts of a wave share a prefix.
 _SELF_EVAL = load_prompt("self_eval.txt", "treeplay.search")

@@ -27,6 +27,9 @@ PAIR_SOURCES = ("mcts", "panel", "credit", "rubric", "slhf", "sample")
 # everything outside them (environment observations, tool output) is context the learner must not
 # train on. No entry means the policy wrote the whole response.
 ACTION_SPANS = "action_spans"
+# The info key of pairs and ranked lists that says which weights version produced them (the rollout
+# workers stamp it; the learner measures how stale its data is by it).
+POLICY_VERSION = "policy_version"
 
 Spans = list[tuple[int, int]]
 

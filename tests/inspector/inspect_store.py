@@ -45,8 +45,9 @@ def build_inspect_store(folder: Path, model_dir: Path) -> InspectStore:
 
     from treeplay.agents.envs.arithmetic import ArithmeticEnv
     from treeplay.engines.hf import HFEngine
-    from treeplay.search.mcts import MCTSConfig, search_many
+    from treeplay.search.mcts import search_many
     from treeplay.search.preferences import tree_result
+    from treeplay.search.state import MCTSConfig
     from treeplay.store import queries
     from treeplay.store.database import open_store
     from treeplay.store.records import JudgmentRecord, PairRecord

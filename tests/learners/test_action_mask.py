@@ -20,12 +20,14 @@ from treeplay.agents.base import Trajectory, transcript
 from treeplay.agents.episode import run_episodes
 from treeplay.agents.registry import make_environment
 from treeplay.agents.scripted import ScriptedPolicy
-from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.learners.config import DPOConfig, TPOConfig
+from treeplay.learners.dpo import DPOLearner
 from treeplay.learners.logprobs import Group, pack, packed_logprobs, sequence_sums
-from treeplay.learners.tpo import TPOConfig, TPOLearner
+from treeplay.learners.tpo import TPOLearner
 from treeplay.orchestrator.rollouts import _correct_vs_wrong
-from treeplay.search.mcts import MCTSConfig, search_many
+from treeplay.search.mcts import search_many
 from treeplay.search.preferences import ranked_lists, step_pairs
+from treeplay.search.state import MCTSConfig
 from treeplay.search.tree import PreferenceTree
 from treeplay.store.records import ACTION_SPANS, PairRecord, RankedItem, RankedListRecord
 

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.learners.config import DPOConfig
+from treeplay.learners.dpo import DPOLearner
 from treeplay.learners.logprobs import (
     Group,
     encode_prompt,

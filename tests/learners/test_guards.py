@@ -105,20 +105,23 @@ def test_usable_data_names_what_each_learner_lacks():
 
     lists = [RankedListRecord(prompt="q\n", items=[RankedItem("a\n", 1.0), RankedItem("b\n", 1.0)])]
     pairs = [PairRecord(prompt="q\n", chosen="a\n", rejected="b\n")]
-    _, why = usable_data("dpo", PreferenceData(ranked_lists=lists))
+    _, why = usable_data("pairs", PreferenceData(ranked_lists=lists), "DPO")
     assert why == "no preference pairs (1 ranked lists, which DPO does not use)"
-    _, why = usable_data("tpo", PreferenceData(pairs=pairs))
+    _, why = usable_data("ranked_lists", PreferenceData(pairs=pairs), "TPO")
     assert why == "no ranked lists (1 pairs, which TPO does not use)"
-    assert usable_data("slhf", PreferenceData())[1].startswith("no preference data")
-    data, why = usable_data("dpo", PreferenceData(pairs=pairs, ranked_lists=lists))
+    assert usable_data("prompts", PreferenceData())[1].startswith("no preference data")
+    data, why = usable_data("pairs", PreferenceData(pairs=pairs, ranked_lists=lists))
     assert why is None and data.pairs == pairs and not data.ranked_lists
-    assert usable_data("slhf", PreferenceData(ranked_lists=lists)) == (PreferenceData(ranked_lists=lists), None)
+    assert usable_data("prompts", PreferenceData(ranked_lists=lists)) == (PreferenceData(ranked_lists=lists), None)
+    with pytest.raises(ValueError, match="not 'lists'"):
+        usable_data("lists", PreferenceData(pairs=pairs))
 
 
 def test_a_learner_with_nothing_to_train_on_makes_no_update(tiny_model_dir):
     """TPO drops lists whose items all tie; with only such lists it trains on nothing: no update,
     the learner untouched, the reason in the metrics."""
-    from treeplay.learners.tpo import TPOConfig, TPOLearner
+    from treeplay.learners.config import TPOConfig
+    from treeplay.learners.tpo import TPOLearner
     from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
@@ -144,7 +147,8 @@ def test_a_nan_learning_rate_update_is_rejected_and_weights_stay(warm_model_dir)
     rule refuses to deploy, so the served weights are the ones from before the iteration."""
     import torch
 
-    from treeplay.learners.dpo import DPOConfig, DPOLearner
+    from treeplay.learners.config import DPOConfig
+    from treeplay.learners.dpo import DPOLearner
     from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PairRecord, PreferenceData
 
@@ -171,7 +175,8 @@ def test_regression_weights_blown_up_by_an_update_whose_losses_stay_finite_are_n
     finite (the normalisation layers overflow into flat, finite logits), yet the weights moved by
     ~1e31 times their norm. Such an update once reached the workers, whose rollouts then gave NaN
     priors; now the update ratio refuses it and the learner goes back to where it was."""
-    from treeplay.learners.dpo import DPOConfig, DPOLearner
+    from treeplay.learners.config import DPOConfig
+    from treeplay.learners.dpo import DPOLearner
     from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PairRecord, PreferenceData
 
@@ -213,7 +218,8 @@ class ThroughTheProtocol:
     def __getattr__(self, name):
         from treeplay.learners.base import Learner
 
-        if name.startswith("_") or name not in vars(Learner):
+        protocol = set(vars(Learner)) | set(getattr(Learner, "__annotations__", {}))
+        if name.startswith("_") or name not in protocol:
             raise AttributeError(f"{name!r} is not part of the Learner protocol")
         return getattr(self._learner, name)
 
@@ -224,7 +230,8 @@ def test_train_guarded_needs_nothing_but_the_learner_protocol(tiny_model_dir):
     Without rollback, lr=1e30 leaves weights that give a non-finite loss: the learner is unhealthy
     after ``train``, and only ``load_weights`` of the weights from before makes it healthy again."""
     from treeplay.learners.base import Learner
-    from treeplay.learners.dpo import DPOConfig, DPOLearner
+    from treeplay.learners.config import DPOConfig
+    from treeplay.learners.dpo import DPOLearner
     from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PairRecord, PreferenceData
 
@@ -248,8 +255,13 @@ def test_the_learner_refuses_this_iterations_data_older_than_the_staleness_bound
     behind the learner are refused and counted; replayed rows (older by design) and rows without a
     recorded version are kept."""
     from treeplay.learners.guards import within_staleness
-    from treeplay.orchestrator.rollouts import POLICY_VERSION
-    from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
+    from treeplay.store.records import (
+        POLICY_VERSION,
+        PairRecord,
+        PreferenceData,
+        RankedItem,
+        RankedListRecord,
+    )
 
     def pair(iteration, version):
         info = None if version is None else {POLICY_VERSION: version, "other": 1}
@@ -321,7 +333,7 @@ def test_regression_every_learner_and_mode_without_data_makes_no_update(learners
     data = _fixed_outcome_data(mode, solved)
     assert not data.pairs
     for algorithm, learner in learners.items():
-        usable, reason = usable_data(algorithm, canonical_order(data))
+        usable, reason = usable_data(learner.trains_on, canonical_order(data), algorithm.upper())
         if reason is None and algorithm == "slhf":
             assert usable.ranked_lists  # SLHF has prompts to learn from: not a no-data case
             continue

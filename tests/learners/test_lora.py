@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from treeplay.engines import make_engine
 from treeplay.engines.lora import adapter_base, is_adapter
+from treeplay.learners.config import LoRAConfig
 from treeplay.learners.dpo import DPOLearner
-from treeplay.learners.trainable import LoRAConfig
 from treeplay.orchestrator.weights import from_payload, to_payload
 from treeplay.store.records import PairRecord, PreferenceData, RankedItem, RankedListRecord
 

@@ -7,7 +7,8 @@ import torch
 
 from treeplay.agents.registry import make_environment
 from treeplay.agents.scripted import ScriptedPolicy
-from treeplay.learners.rft import RFTConfig, RFTLearner
+from treeplay.learners.config import RFTConfig
+from treeplay.learners.rft import RFTLearner
 from treeplay.orchestrator.config import RunConfig
 from treeplay.orchestrator.rollouts import run_rollouts
 from treeplay.store.records import RankedItem, RankedListRecord

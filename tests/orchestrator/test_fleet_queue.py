@@ -14,7 +14,7 @@ import pytest
 
 from treeplay.agents.registry import make_environment
 from treeplay.orchestrator.config import load_config
-from treeplay.orchestrator.rollouts import worker_idle_s
+from treeplay.orchestrator.reporting import worker_idle_s
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -120,3 +120,32 @@ def test_worker_idle_time_counts_the_gaps_between_one_workers_chunks():
     spans = {0: [(10.0, 12.0), (12.5, 14.0), (14.0, 15.0)], 1: [(11.0, 13.0), (13.0, 16.0)]}
     assert worker_idle_s(spans) == pytest.approx(0.5)
     assert worker_idle_s({0: [(3.0, 4.0)]}) == 0.0
+
+
+def test_regression_evaluate_checks_every_workers_version_in_one_round(tmp_path, tiny_model_dir, monkeypatch):
+    """Fleet.evaluate asked each rollout worker for its version with a blocking call of its own
+    before splitting the held-out tasks (n round trips, one after the other). Now the versions come
+    back in one round, then the scores in a second; a worker that is behind still gets the weights."""
+    import ray
+
+    from treeplay.orchestrator import workers
+
+    cfg, fleet = _fleet(tmp_path, tiny_model_dir, "rollout.num_workers=2")
+    rounds: list[int] = []
+    real_get = ray.get
+
+    def counting_get(refs, *args, **kwargs):
+        rounds.append(len(refs) if isinstance(refs, list) else 1)
+        return real_get(refs, *args, **kwargs)
+
+    try:
+        held_out = make_environment(cfg.env.name, **cfg.env.kwargs).tasks("test", 6, seed=0)
+        monkeypatch.setattr(workers.ray, "get", counting_get)
+        scores = fleet.evaluate(held_out, 0.0)
+        assert len(scores) == 6
+        assert rounds == [2, 2], rounds  # versions of both workers, then both workers' scores
+        assert fleet.worker_versions() == [0, 0]
+    finally:
+        monkeypatch.undo()
+        fleet.shutdown()
+        ray.shutdown()

@@ -30,9 +30,10 @@ from treeplay.learners.checkpoints import (
     read_checkpoint_meta,
     write_directory_atomically,
 )
-from treeplay.learners.dpo import DPOConfig, DPOLearner
+from treeplay.learners.config import DPOConfig, SLHFConfig
+from treeplay.learners.dpo import DPOLearner
 from treeplay.learners.guards import train_guarded
-from treeplay.learners.slhf import SLHFConfig, SLHFLearner
+from treeplay.learners.slhf import SLHFLearner
 from treeplay.orchestrator.config import load_config
 from treeplay.orchestrator.weights import fingerprint
 from treeplay.orchestrator.workers import ModelFiles

@@ -7,7 +7,8 @@ import pytest
 from treeplay.agents.registry import environment_factory
 from treeplay.engines import make_engine
 from treeplay.orchestrator.config import load_config
-from treeplay.orchestrator.rollouts import evaluate, rollout_summary, run_rollouts
+from treeplay.orchestrator.reporting import rollout_summary
+from treeplay.orchestrator.rollouts import evaluate, run_rollouts
 from treeplay.search.preferences import label_smoothing
 from treeplay.store import queries
 from treeplay.store.database import open_store
@@ -189,7 +190,7 @@ def test_generate_with_stops_survives_every_row_ending_in_eos(tiny_model_dir):
 def test_pairs_and_lists_say_which_weights_made_them(tiny_model_dir):
     """run_rollouts stamps the policy's version on every pair and ranked list it returns."""
     from treeplay.agents.registry import make_environment
-    from treeplay.orchestrator.rollouts import POLICY_VERSION
+    from treeplay.store.records import POLICY_VERSION
 
     cfg = load_config(None, ["rollout.mode=sample", "rollout.samples_per_task=4"])
     engine = make_engine("hf", str(tiny_model_dir), seed=0)

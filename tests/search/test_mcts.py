@@ -11,7 +11,7 @@ import pytest
 from treeplay.agents.base import StepResult, Task
 from treeplay.agents.scripted import ScriptedPolicy
 from treeplay.search.expansion import normalise_step, prior
-from treeplay.search.mcts import MCTSConfig, puct, search, search_many
+from treeplay.search.mcts import puct, search, search_many
 from treeplay.search.preferences import (
     curriculum,
     label_smoothing,
@@ -21,6 +21,7 @@ from treeplay.search.preferences import (
     step_pairs,
     tree_result,
 )
+from treeplay.search.state import MCTSConfig
 from treeplay.search.tree import PreferenceTree
 from treeplay.store.records import PairRecord
 

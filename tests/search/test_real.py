@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from treeplay.agents.envs.arithmetic import ArithmeticEnv
-from treeplay.search.mcts import MCTSConfig, search_many
+from treeplay.search.mcts import search_many
 from treeplay.search.preferences import step_pairs, tree_result
+from treeplay.search.state import MCTSConfig
 from treeplay.search.tree import PreferenceTree
 
 
