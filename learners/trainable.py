@@ -46,6 +46,7 @@ import torch
 
 from treeplay.learners.checkpoints import STATE_FORMAT, rng_state, set_rng_state, to_cpu
 from treeplay.learners.config import LearnerConfig, LoRAConfig
+from treeplay.store.records import uri_to_path
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -302,7 +303,10 @@ class TrainablePolicy:
 
             # The base is named by its origin when that is a plain model directory: a learner actor
             # loads from a temporary copy, which a resumed run would not find.
-            origin = _path_of(self.reference_source)
+            try:
+                origin = uri_to_path(self.reference_source) if self.reference_source else None
+            except ValueError:  # not a local path
+                origin = None
             base = origin if origin is not None and (origin / "config.json").is_file() and not (
                 origin / "adapter_config.json").is_file() else self.base_path
             write_adapter(out, self.state_dict(), base, self.model.config)
@@ -365,15 +369,6 @@ class TrainablePolicy:
         set_rng_state(state["rng"])
         if ref.get("source"):
             self.reference_source = ref["source"]
-
-
-def _path_of(uri: str | None) -> Path | None:
-    """The local path of a ``file://`` URI (None for anything else)."""
-    if uri and uri.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        return Path(unquote(urlparse(uri).path))
-    return None
 
 
 class AdapterReference(torch.nn.Module):

@@ -47,13 +47,13 @@ from treeplay.orchestrator.run_start import (
     console,
     free_name,
     resume_reference,
-    uri_to_path,
     warm_start_model,
 )
 from treeplay.orchestrator.schedule import chunk_seed, iteration_tasks
 from treeplay.orchestrator.tracking import Trackers, check_installed
 from treeplay.store import queries
 from treeplay.store.database import Store, open_store
+from treeplay.store.records import uri_to_path
 
 
 @dataclass
@@ -555,7 +555,7 @@ def resume_run(run: str | int, store_url: str, overrides: list[str] | None = Non
     ckpt = queries.latest_checkpoint(store, info.id)
     if ckpt is None:
         raise ValueError(f"run '{info.name}' has no checkpoint to resume from")
-    model = Path(uri_to_path(ckpt.uri))
+    model = uri_to_path(ckpt.uri)
     if not (model / "config.json").is_file():
         raise ValueError(f"checkpoint v{ckpt.policy_version} of run '{info.name}' is not a model directory: {model}")
     check_cluster(cfg)  # before the run is reopened

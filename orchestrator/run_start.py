@@ -20,6 +20,7 @@ from treeplay.agents.registry import make_environment
 from treeplay.orchestrator.config import STUDY_PEER_PREFIX, RunConfig
 from treeplay.store import queries
 from treeplay.store.database import Store
+from treeplay.store.records import uri_to_path
 
 console = Console(stderr=True)
 
@@ -199,18 +200,8 @@ def resume_reference(checkpoint: Path, version: int) -> tuple[Path | None, str |
         return None, ref.get("source")  # a refreshed reference is rebuilt from the policy
     if not ref.get("source"):
         raise ValueError(f"checkpoint {checkpoint} does not say which model its fixed reference is")
-    path = Path(uri_to_path(ref["source"]))
+    path = uri_to_path(ref["source"])
     if not (path / "config.json").is_file():
         raise ValueError(f"checkpoint {checkpoint} trains against the reference model {path}, which is not "
                          "a model directory any more")
     return path, ref["source"]
-
-
-def uri_to_path(uri: str) -> str:
-    """The local path a ``file://`` checkpoint URI (or a plain path) names."""
-    from urllib.parse import unquote, urlparse
-
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("", "file"):
-        raise ValueError(f"checkpoint URI scheme '{parsed.scheme}' is not supported (only file://)")
-    return unquote(parsed.path)

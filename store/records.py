@@ -17,7 +17,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 PAIR_SOURCES = ("mcts", "panel", "credit", "rubric", "slhf", "sample")
 
@@ -32,6 +34,18 @@ ACTION_SPANS = "action_spans"
 POLICY_VERSION = "policy_version"
 
 Spans = list[tuple[int, int]]
+
+
+def uri_to_path(uri: str) -> Path:
+    """The local path a ``file://`` URI (a checkpoint's, a reference model's) or a plain path names.
+
+    Raises:
+        ValueError: Another scheme (the store records local checkpoints only).
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        raise ValueError(f"URI scheme '{parsed.scheme}' is not supported (only file:// and plain paths)")
+    return Path(unquote(parsed.path))
 
 
 def jsonable(value: Any) -> Any:

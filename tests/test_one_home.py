@@ -34,6 +34,7 @@ def _sources() -> dict[str, str]:
         (r"^\s*def _?first_line\(", "store/database.py"),
         (r"^\s*def label_smoothing\(", "search/preferences.py"),
         (r"1_000_003", "orchestrator/schedule.py"),
+        (r"def uri_to_path\(|urlparse\(", "store/records.py"),  # local paths of checkpoint URIs
         (r"^def derive_seed\(|seed\s*\*\s*\d", "orchestrator/schedule.py"),  # a run seed scaled into a stream's seed
         (r"/\s*[\"']prompts[\"']", "agents/prompt_files.py"),  # a path into a prompts/ folder
         # The task write path's refusals, the same words whether a task comes alone or in a chunk.
