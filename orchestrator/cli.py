@@ -120,7 +120,12 @@ def run(
     overrides: list[str] = typer.Argument(None, help="KEY=VALUE overrides, e.g. learner.dpo.beta=0.2."),
     address: str = typer.Option(None, "--address", help="Ray cluster address ('auto' joins the running one)."),
 ) -> None:
-    """Start a self-improvement run from a config file."""
+    """Start a self-improvement run from a config file.
+
+    Experimental (run and tested, not shown to beat rejection-sampling fine-tuning in
+    docs/evidence.md): rollout.mode mcts, react, panel, multi_agent and agent; learner.algorithm
+    tpo and slhf. A run that uses one says so when it starts.
+    """
     extra = list(overrides or [])
     if address:
         extra.append(f"ray.address={address}")

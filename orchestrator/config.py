@@ -134,6 +134,34 @@ class WarmStartConfig(_Strict):
 
 
 # A panel peer model that only `treeplay study` builds (orchestrator/study.py resolves it to a directory).
+# Methods that docs/evidence.md has not shown to beat rejection-sampling fine-tuning (RFT) on held-out
+# tasks at the scale it measured. They run and are tested; a run that uses one says so when it starts,
+# and the CLI's help lists them. Keyed by config field, then value: the one-line finding.
+EXPERIMENTAL: dict[str, dict[str, str]] = {
+    "rollout.mode": {
+        "mcts": "MCTS-DPO step pairs: +1.3 T=1 points vs RFT, interval [-2.4, +5.1] (not shown to beat it)",
+        "react": "rubric-guided ReAct: no update at all on the tool task (its rubric loop solved no episode)",
+        "panel": "panels of peers: no panel cell beat RFT or no update",
+        "multi_agent": "credit re-assignment: below RFT (-1.1 T=1 points)",
+        "agent": "search over agent programs: runs end to end; no study of what it learns yet",
+    },
+    "learner.algorithm": {
+        "tpo": "TPO: -0.6 T=1 points vs RFT (not shown to beat it)",
+        "slhf": "SLHF: below outcome-DPO and RFT on the demo task",
+    },
+}
+
+
+def experimental_notes(cfg: Any) -> list[str]:
+    """One line per experimental method ``cfg`` uses (``EXPERIMENTAL``), e.g. for the start of a run."""
+    notes = []
+    for key, findings in EXPERIMENTAL.items():
+        value = _lookup(cfg.model_dump(), key)
+        if value in findings:
+            notes.append(f"{key}={value} is experimental: {findings[value]} (docs/evidence.md)")
+    return notes
+
+
 STUDY_PEER_PREFIX = "study-warm:"
 
 

@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from treeplay.agents.base import Task
 from treeplay.agents.registry import make_environment
-from treeplay.orchestrator.config import RunConfig, resume_config
+from treeplay.orchestrator.config import RunConfig, experimental_notes, resume_config
 from treeplay.orchestrator.inspector import DATA_VERSIONS
 from treeplay.orchestrator.reporting import live_line, rollout_summary, worker_idle_s
 from treeplay.orchestrator.run_start import (
@@ -522,6 +522,8 @@ def launch_run(cfg: RunConfig) -> RunReport:
     cfg = cfg.model_copy(update={"name": free_name(store, cfg.name)})
     check_startable(cfg)
     check_cluster(cfg)  # a config the cluster can never place fails here, not after the startup timeout
+    for note in experimental_notes(cfg):
+        console.print(f"[yellow]{note}[/]")
     run_dir = Path(cfg.output_dir) / cfg.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -103,3 +103,29 @@ def test_regression_partial_section_keeps_the_documented_defaults(tmp_path):
     assert from_file.search.iterations == 4 and from_file.search.root_width == RunConfig().search.root_width
     # Free-form mappings are not filled in: another environment gets none of arithmetic's arguments.
     assert load_config(None, ["env.name=toolqa"]).env.kwargs == {}
+
+
+def test_experimental_methods_are_named_in_the_run_help_and_at_the_start_of_a_run():
+    """Methods docs/evidence.md has not shown to beat RFT are marked, not hidden: ``treeplay run
+    --help`` lists every one, and a config that uses one gets a line saying so; the baseline and the
+    one method ahead of it get none. The MCTS-DPO and TPO findings quote the evidence study's JSON."""
+    import json
+    import re
+
+    from treeplay.orchestrator.config import EXPERIMENTAL, experimental_notes
+
+    text = " ".join(CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output.split())
+    for key, findings in EXPERIMENTAL.items():
+        for value in findings:
+            assert re.search(rf"\b{value}\b", text), (key, value)
+    assert experimental_notes(load_config(None, ["rollout.mode=sample", "learner.algorithm=rft"])) == []
+    assert experimental_notes(load_config(None, ["rollout.mode=sample", "learner.algorithm=dpo"])) == []
+    notes = experimental_notes(load_config(None, ["rollout.mode=panel", "learner.algorithm=tpo"]))
+    assert [n.split(" ")[0] for n in notes] == ["rollout.mode=panel", "learner.algorithm=tpo"]
+
+    study = json.loads((Path(__file__).resolve().parents[2] / "docs/results/evidence-study.json").read_text())
+    vs = {c["name"]: c["vs_reference"] for c in study["cells"] if c.get("vs_reference")}
+    mcts = f"{vs['mcts-dpo']['mean'] * 100:+.1f} T=1 points vs RFT, interval [{vs['mcts-dpo']['ci_low'] * 100:.1f}, " \
+           f"{vs['mcts-dpo']['ci_high'] * 100:+.1f}]"
+    assert mcts in EXPERIMENTAL["rollout.mode"]["mcts"]
+    assert f"{vs['tpo']['mean'] * 100:.1f} T=1 points vs RFT" in EXPERIMENTAL["learner.algorithm"]["tpo"]
