@@ -42,10 +42,10 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, CPython {platform.python_version()}"
 
 
-def record(name: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, f"bench/{name}.py", *BENCHES[name], *extra]
+def record(name: str, extra: list[str], cwd: Path = ROOT) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), *BENCHES[name], *extra]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, text=True)
     seconds = time.monotonic() - start
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0:
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("names", nargs="*", help=f"benches to run, of {sorted(BENCHES)}")
     ap.add_argument("--all", action="store_true", help="run every bench")
     ap.add_argument("--extra", default="", help="more arguments for a single bench, one string")
+    ap.add_argument("--cwd", type=Path, default=ROOT, help="working directory of the benches (default: the "
+                    "repository; Ray workers put it on their import path)")
     args = ap.parse_args()
     names = sorted(BENCHES) if args.all else args.names
     unknown = [n for n in names if n not in BENCHES]
@@ -84,7 +86,7 @@ def main() -> None:
     if extra and len(names) != 1:
         raise SystemExit("--extra applies to one bench at a time")
     for name in names:
-        doc = record(name, extra)
+        doc = record(name, extra, args.cwd)
         print(f"{name}: {doc['seconds']} s -> docs/results/{name}.json", file=sys.stderr, flush=True)
 
 
