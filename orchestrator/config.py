@@ -269,11 +269,13 @@ class EvalConfig(_Strict):
     sample_temperature: float = Field(1.0, ge=0, description="Also report accuracy of samples at this T.")
     split: Literal["test", "validation"] = Field(
         "test", description="Held-out split: 'validation' to choose settings, 'test' to report them (once).")
-    agent: Literal["plain", "react"] = Field(
+    agent: Literal["plain", "react", "program"] = Field(
         "plain", description="How a held-out episode is played. plain: the policy alone, prompted with the "
         "transcript of the question and its steps (rollout.max_steps, rollout.max_step_tokens). react: the ReAct "
         "agent with rollout.react's settings (with rubrics on: rubric, act, verify, retry once, the policy "
-        "writing all of them), its actions at the evaluation's temperature: Co-ReAct's inference-time guidance.")
+        "writing all of them), its actions at the evaluation's temperature: Co-ReAct's inference-time guidance. "
+        "program: the agent program of rollout.agent, through a gateway that samples every call at the "
+        "evaluation's temperature, scored as its rollouts are (docs/agents.md).")
     refine_rounds: int = Field(
         0, ge=0, description="SLHF's inference-time refinement: score each held-out answer after this many "
         "follower rounds (the learner's follower prompt, on the rollout engine, at the evaluation's temperature). "
@@ -433,6 +435,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if cfg.eval.refine_rounds and cfg.learner.algorithm != "slhf":
         raise ConfigError(f"config key 'eval.refine_rounds': follower refinement needs learner.algorithm=slhf "
                           f"(got {cfg.learner.algorithm!r})")
+    if cfg.eval.agent == "program" and cfg.rollout.agent is None:
+        raise ConfigError("config key 'eval.agent': 'program' evaluates the agent program of rollout.agent, "
+                          "which this config does not name")
     if cfg.eval.refine_rounds and cfg.eval.agent != "plain":
         raise ConfigError("config key 'eval.refine_rounds': follower refinement refines plain episodes; "
                           f"it cannot follow eval.agent={cfg.eval.agent!r}")

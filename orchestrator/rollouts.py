@@ -347,12 +347,24 @@ def evaluate(
 ) -> list[float]:
     """Outcome of one episode per held-out task (greedy at temperature 0).
 
-    ``eval.agent = "react"`` plays each episode with the ReAct agent (``rollout.react``, its actions
+    ``eval.agent = "program"`` runs the agent program of ``rollout.agent`` once per task through a
+    gateway that samples every call at ``temperature``. ``eval.agent = "react"`` plays each episode with the ReAct agent (``rollout.react``, its actions
     at ``temperature``; the rubric generator and verifier keep their own settings), one task at a
     time; otherwise the episodes run in lock step, prompted with their transcripts. With
     ``eval.refine_rounds = k > 0`` (SLHF) the episode's answer is refined k times by the follower
     before it is scored (``refine_answers``).
     """
+    if cfg.eval.agent == "program":
+        from treeplay.agents.gateway.search import evaluate_agent_program
+
+        env = env_factory()
+        try:
+            return evaluate_agent_program(tasks, policy, env, cfg.rollout.agent, temperature,
+                                          seed=cfg.seed + EVAL_SEED_OFFSET)
+        finally:
+            close = getattr(env, "close", None)
+            if callable(close):
+                close()
     if cfg.eval.agent == "react":
         from treeplay.agents.react import ReActAgent
 

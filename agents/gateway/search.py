@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from treeplay.agents.base import Environment, Task
+from treeplay.agents.base import Environment, Policy, Task
 from treeplay.agents.gateway.config import AgentConfig, load_callable
 from treeplay.agents.gateway.server import Call, Episode, GatewayServer
 from treeplay.engines.contract import decode
@@ -384,3 +384,20 @@ def run_agent_rollouts(tasks: Sequence[Task], policy: Any, env: Environment | No
         "engine_batches": float(gateway.batcher.calls),
         "mean_engine_batch": sum(gateway.batcher.batch_sizes) / max(1, len(gateway.batcher.batch_sizes)),
     }
+
+
+def evaluate_agent_program(tasks: Sequence[Task], policy: Policy, env: Environment | None, config: AgentConfig,
+                           temperature: float, seed: int = 0) -> list[float]:
+    """Held-out evaluation of the agent program itself: one episode per task through a gateway that
+    samples every call at ``temperature`` (0: greedy) whatever the program asks, scored as rollouts
+    are (a posted reward, else ``agent.reward``, else the environment's verifier). An episode that
+    fails scores 0. Nothing is searched and nothing is recorded."""
+    from treeplay.agents.gateway.server import Gateway
+
+    agent = load_callable(config.entry, "agent.entry")
+    gateway = Gateway(policy, default_max_tokens=config.max_tokens, seed=seed, template=config.template,
+                      temperature=temperature)
+    with GatewayServer(gateway) as server:
+        search = AgentSearch(server, agent, env, config)
+        runs = search._wave([(i, task, None) for i, task in enumerate(tasks)])
+    return [float(run.reward or 0.0) if run.error is None else 0.0 for _, run in sorted(runs, key=lambda r: r[0])]

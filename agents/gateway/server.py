@@ -168,13 +168,19 @@ class Gateway:
         window_s / max_batch: The batcher's settings.
         template: "model": chat requests are rendered with the tokenizer's chat template; "plain":
             the messages' contents joined as they are (base models without a chat format).
+        temperature: When set, every call is sampled at this temperature whatever the client asks
+            (held-out evaluation of an agent program: 0 is greedy); None: the client's.
     """
 
     def __init__(self, policy: Policy, model_name: str = "treeplay", default_max_tokens: int = 128,
-                 window_s: float = 0.005, max_batch: int = 64, seed: int = 0, template: str = "model") -> None:
+                 window_s: float = 0.005, max_batch: int = 64, seed: int = 0, template: str = "model",
+                 temperature: float | None = None) -> None:
         if template not in ("model", "plain"):
             raise ValueError(f"template must be 'model' or 'plain', got {template!r}")
+        if temperature is not None and not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         self.template = template
+        self.temperature = temperature
         self.policy = policy
         self.tokenizer = policy.tokenizer  # type: ignore[attr-defined]
         self.model_name = model_name
@@ -229,6 +235,8 @@ class Gateway:
                 raise RequestError(f"{name} must be a number")
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise RequestError("stop must be a string or a list of strings")
+        if self.temperature is not None:
+            temperature = self.temperature
         return Sampling(max_tokens, float(1.0 if temperature is None else temperature),
                         float(1.0 if top_p is None else top_p), tuple(stop))
 

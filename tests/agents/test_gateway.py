@@ -258,3 +258,33 @@ def _agent(name):
     from treeplay.agents.gateway.config import load_callable
 
     return load_callable(f"{AGENTS}:{name}", "agent")
+
+
+def test_held_out_evaluation_runs_the_agent_program_at_the_evaluations_temperature(engine, tasks):
+    """eval.agent=program: one episode of the user's program per held-out task, every call sampled at
+    the evaluation's temperature whatever the program asks (two_call_agent asks for 1.0): greedy
+    evaluation is repeatable, and each episode makes the program's two calls."""
+    from treeplay.agents.gateway.search import evaluate_agent_program
+
+    cfg = AgentConfig(entry=f"{AGENTS}:two_call_agent", reward=f"{AGENTS}:length_reward", template="plain")
+    env = make_environment("arithmetic")
+    greedy = [evaluate_agent_program(tasks, engine, env, cfg, temperature=0.0, seed=s) for s in (1, 2)]
+    assert greedy[0] == greedy[1] and len(greedy[0]) == len(tasks)
+    assert all(0.0 <= x <= 1.0 for x in greedy[0])
+
+    gateway = Gateway(engine, temperature=0.0)
+    assert gateway.sampling({"temperature": 1.0, "max_tokens": 4}).temperature == 0.0
+    assert Gateway(engine).sampling({"temperature": 0.7, "max_tokens": 4}).temperature == 0.7
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        Gateway(engine, temperature=-1.0)
+
+
+def test_eval_agent_program_needs_an_agent_program():
+    from treeplay.orchestrator.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.agent"):
+        load_config(None, ["eval.agent=program"])
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "agent.yaml", [])
+    assert cfg.eval.agent == "program" and cfg.rollout.agent is not None

@@ -41,3 +41,38 @@ def test_a_langgraph_agent_tree_run_makes_step_pairs_and_updates_the_policy(tmp_
     # agent.width at its root and nothing is replayed (tests/agents/test_gateway.py covers replays).
     assert it.metrics["rollout/episodes"] >= 32 * 2 and it.metrics["rollout/mean_engine_batch"] > 1
     assert it.metrics["learn/rejected_update"] == 0.0 and queries.latest_checkpoint(store, run_id).policy_version == 1
+
+
+def test_a_two_call_agent_on_ray_replays_recorded_calls_and_pairs_siblings_below_the_root(tmp_path, warm_model_dir):
+    """An agent program that always makes two calls (a thought, then the answer): on real Ray, tree
+    mode re-runs it with a replay table, so the first call is answered from the tree while the second
+    is sampled, and step pairs come from siblings at both depths. Held-out tasks are played by the
+    program itself (eval.agent=program)."""
+    import ray
+
+    from treeplay.orchestrator.loop import launch_run
+
+    cfg = load_config(ROOT / "configs" / "agent.yaml", [
+        f"model.path={warm_model_dir}", f"output_dir={tmp_path}", f"store.url=sqlite:///{tmp_path}/store.db",
+        "iterations=1", "rollout.tasks_per_iteration=16", "rollout.chunk_size=16", "eval.tasks=8",
+        "rollout.agent.entry=tests.helpers.gateway_agents:two_call_agent",
+        "rollout.agent.reward=tests.helpers.gateway_agents:length_reward",
+        "rollout.agent.episodes=6", "rollout.agent.width=2",
+    ])
+    try:
+        report = launch_run(cfg)
+    finally:
+        ray.shutdown()
+    store = open_store(cfg.store.url)
+    assert queries.get_run(store, report.run_id).status == "done"
+    (it,) = queries.list_iterations(store, report.run_id)
+    m = it.metrics
+    assert m["rollout/calls"] == 2 * m["rollout/episodes"]  # every episode made both calls
+    assert m["rollout/replayed_calls"] > 0 and m["rollout/divergences"] == 0
+    trajs = queries.list_trajectories(store, report.run_id)
+    replayed = [t for t in trajs if t.steps and t.steps[0].info.get("replayed")]
+    assert replayed and all(not t.steps[1].info.get("replayed") for t in replayed)
+    data = queries.preference_data(store, report.run_id, 0)
+    depths = [p.info.get("depth") for p in data.pairs]
+    assert any(d == 0 for d in depths) and any(d == 1 for d in depths), depths  # first and second calls
+    assert "eval/accuracy_greedy" in m
