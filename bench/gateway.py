@@ -4,10 +4,14 @@ The same prompts (arithmetic tasks, the demo's tiny Llama built at random in a t
 (a) straight to ``HFEngine.generate`` as one batch, and (b) through the gateway: B concurrent clients
 (threads with the ``openai`` client, real HTTP on loopback) each sending one ``/v1/completions``
 request, which the gateway gathers into batched engine calls. B is the number of episodes the agent
-mode runs at once (``rollout.agent.concurrency``). Tokens counted are those generated (sequences end
-at EOS or ``--max-tokens``); each figure is the median of ``--repeats`` rounds.
+mode runs at once (``rollout.agent.concurrency``). As in the agent mode, the B episodes are opened
+as live episodes before their clients start (the gateway then knows how many calls to wait for);
+``external`` figures are for clients the gateway knows nothing of, each episode named by its bearer
+key on its first call. Tokens counted are those generated (sequences end at EOS or
+``--max-tokens``); each figure is the median of ``--repeats`` rounds.
 
-``gateway_throughput_fraction`` = gateway tokens/s / direct tokens/s at each B.
+``gateway_throughput_fraction`` = gateway tokens/s / direct tokens/s at each B (live episodes, the
+agent mode's case; its smallest value over B is the headline figure).
 Human-readable lines first; the LAST stdout line is one JSON object.
 
     python bench/gateway.py [--batches 8 32] [--repeats 3] [--max-tokens 32]
@@ -56,30 +60,47 @@ def main() -> None:
                 out = engine.generate(ids, n=1, max_tokens=args.max_tokens, temperature=1.0)
                 return sum(len(s[0].token_ids) for s in out)
 
-            def one(p: str) -> int:
-                # One episode per request (the API key names the episode), as the agent mode's episodes.
-                r = client.completions.create(model="policy", prompt=p, max_tokens=args.max_tokens, temperature=1.0,
-                                              extra_headers={"Authorization": f"Bearer {uuid.uuid4().hex}"})
+            def one(p: str, sid: str | None) -> int:
+                # One episode per request: a live episode's session URL, or a bearer key the gateway
+                # has never seen (an external client).
+                if sid is None:
+                    r = client.completions.create(model="policy", prompt=p, max_tokens=args.max_tokens, temperature=1.0,
+                                                  extra_headers={"Authorization": f"Bearer {uuid.uuid4().hex}"})
+                else:
+                    r = openai.OpenAI(base_url=server.session_url(sid), api_key="bench", max_retries=0,
+                                      timeout=600).completions.create(
+                        model="policy", prompt=p, max_tokens=args.max_tokens, temperature=1.0)
+                    gateway.close(sid)
                 return r.usage.completion_tokens
 
-            def through_gateway(b=b, batch=batch) -> int:
+            def through_gateway(b=b, batch=batch, live=True) -> int:
+                sids = [gateway.open(live=True).sid if live else None for _ in batch]
                 with concurrent.futures.ThreadPoolExecutor(max_workers=b) as pool:
-                    return sum(pool.map(one, batch))
+                    return sum(pool.map(one, batch, sids))
 
-            direct(), through_gateway()  # warm both paths
-            rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+            def external(b=b, batch=batch) -> int:
+                return through_gateway(b, batch, live=False)
+
+            direct(), through_gateway(), external()  # warm every path
+            rates: dict[str, list[float]] = {"direct": [], "gateway": [], "external": []}
+            batches: dict[str, list[int]] = {"gateway": [], "external": []}
             for _ in range(args.repeats):
-                for name, fn in (("direct", direct), ("gateway", through_gateway)):
+                for name, fn in (("direct", direct), ("gateway", through_gateway), ("external", external)):
+                    calls = len(gateway.batcher.batch_sizes)
                     t = time.perf_counter()
                     tokens = fn()
                     rates[name].append(tokens / (time.perf_counter() - t))
-            d, g = statistics.median(rates["direct"]), statistics.median(rates["gateway"])
+                    if name in batches:
+                        batches[name] += gateway.batcher.batch_sizes[calls:]
+            d, g, x = (statistics.median(rates[k]) for k in ("direct", "gateway", "external"))
             figures[f"direct_tokens_per_s_b{b}"] = round(d, 1)
             figures[f"gateway_tokens_per_s_b{b}"] = round(g, 1)
             figures[f"gateway_throughput_fraction_b{b}"] = round(g / d, 3)
-            print(f"B={b}: direct {d:.0f} tok/s, gateway {g:.0f} tok/s, fraction {g / d:.2f}")
-        sizes = gateway.batcher.batch_sizes
-        figures["mean_engine_batch"] = round(sum(sizes) / max(1, len(sizes)), 2)
+            figures[f"external_throughput_fraction_b{b}"] = round(x / d, 3)
+            for name, sizes in batches.items():
+                figures[f"{name}_mean_engine_batch_b{b}"] = round(sum(sizes) / max(1, len(sizes)), 2)
+            print(f"B={b}: direct {d:.0f} tok/s, gateway {g:.0f} tok/s (fraction {g / d:.2f}), "
+                  f"external clients {x:.0f} tok/s (fraction {x / d:.2f})")
     engine.close()
     figures["gateway_throughput_fraction"] = min(v for k, v in figures.items() if k.startswith("gateway_throughput_fraction_b"))
     print(json.dumps(figures))

@@ -162,7 +162,7 @@ class AgentSearch:
     # one episode -------------------------------------------------------------------------------
     def _episode(self, task: Task, replay: list[Call] | None) -> Run:
         sid = uuid.uuid4().hex
-        ep: Episode = self.gateway.open(sid, replay=replay, max_calls=self.cfg.max_calls)
+        ep: Episode = self.gateway.open(sid, replay=replay, max_calls=self.cfg.max_calls, live=True)
         answer, error = None, None
         try:
             out = self.agent(task, self.server.session_url(sid))
@@ -174,7 +174,7 @@ class AgentSearch:
         reward = None
         if error is None:
             reward = ep.reward if ep.reward is not None else self._score(task, answer)
-        self.gateway.episodes.pop(sid, None)
+        self.gateway.close(sid)
         return Run(sid, list(ep.calls), list(ep.conversation.branches), answer, reward, error)
 
     def _score(self, task: Task, answer: str | None) -> float:

@@ -23,6 +23,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ class Episode:
     replay: list[Call] | None = None  # tree mode: the recorded calls to answer from, in order
     replaying: bool = True  # false after a divergence: the rest of the episode is live
     max_calls: int | None = None  # calls beyond this many are refused
+    live: bool = False  # run by treeplay itself (AgentSearch): its next call is expected until it is closed
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     created: float = field(default_factory=time.time)
 
@@ -90,13 +92,22 @@ class Batcher:
     batcher's first request waits for company while requests keep coming (gaps under ``window_s``),
     at most ``max_wait_s``: an agent's next call arrives only after its client has read the last
     reply, so a fixed short window sends most calls alone.
+
+    When the gateway knows how many episodes are running (``expected``: the live episodes treeplay
+    runs itself, each of which will call again until it is closed), the wait instead lasts until
+    that many requests are queued, at most ``expect_wait_s``: a burst of calls from every running
+    episode then becomes one engine call, not a first call of the early arrivals and a second of
+    the rest.
     """
 
     def __init__(self, policy: Policy, window_s: float = 0.005, max_batch: int = 64, seed: int = 0,
-                 max_wait_s: float = 0.05) -> None:
+                 max_wait_s: float = 0.05, expect_wait_s: float = 0.25,
+                 expected: Callable[[], int] | None = None) -> None:
         self.policy = policy
         self.window_s = window_s
         self.max_wait_s = max_wait_s
+        self.expect_wait_s = expect_wait_s
+        self.expected = expected
         self.max_batch = max_batch
         self._seeds = random.Random(seed)
         self.calls = 0
@@ -120,18 +131,28 @@ class Batcher:
         while True:
             items = [await self._queue.get()]
             # Gather company: keep taking requests while they keep arriving (a gap of window_s ends
-            # the wait), for at most max_wait_s, up to max_batch.
-            deadline = loop.time() + self.max_wait_s
+            # the wait), for at most max_wait_s, up to max_batch; or, with live episodes known,
+            # until each of them has a request queued, for at most expect_wait_s.
+            start = loop.time()
             while len(items) < self.max_batch:
                 while not self._queue.empty() and len(items) < self.max_batch:
                     items.append(self._queue.get_nowait())
-                left = deadline - loop.time()
-                if left <= 0 or len(items) >= self.max_batch or self.window_s <= 0:
+                expected = min(self.max_batch, self.expected()) if self.expected is not None else 0
+                if expected > 1:  # live episodes known: wait until each has a request queued
+                    if len(items) >= expected:
+                        break
+                    left = start + self.expect_wait_s - loop.time()
+                    timeout = min(self.window_s or 0.005, left)  # re-check the live count at this pace
+                else:
+                    left = start + self.max_wait_s - loop.time()
+                    timeout = min(self.window_s, left)
+                if len(items) >= self.max_batch or timeout <= 0:
                     break
                 try:
-                    items.append(await asyncio.wait_for(self._queue.get(), min(self.window_s, left)))
+                    items.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except TimeoutError:
-                    break
+                    if expected <= 1:
+                        break  # a gap in the arrivals ends the wait
             groups: dict[Sampling, list] = {}
             for it in items:
                 groups.setdefault(it[1], []).append(it)
@@ -185,20 +206,38 @@ class Gateway:
         self.tokenizer = policy.tokenizer  # type: ignore[attr-defined]
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
-        self.batcher = Batcher(policy, window_s, max_batch, seed)
+        self.batcher = Batcher(policy, window_s, max_batch, seed, expected=self.live_episodes)
         self.episodes: dict[str, Episode] = {}
+        self._live = 0  # live episodes open (they are opened and closed from the agent threads)
+        self._live_lock = threading.Lock()
 
     # -- episodes --------------------------------------------------------------------------------
 
-    def open(self, sid: str | None = None, replay: list[Call] | None = None, max_calls: int | None = None) -> Episode:
+    def open(self, sid: str | None = None, replay: list[Call] | None = None, max_calls: int | None = None,
+             live: bool = False) -> Episode:
         """Start an episode (a fresh id unless ``sid`` is given); ``replay``: the calls to answer
-        from, in order, as long as the requests match them token for token."""
+        from, in order, as long as the requests match them token for token. ``live``: the caller
+        runs the episode and ``close``s it when it ends; until then the batcher expects its calls."""
         sid = sid or uuid.uuid4().hex
         if sid in self.episodes:
             raise RequestError(f"episode {sid!r} already exists")
-        ep = Episode(sid, Conversation(self.tokenizer, self.template), replay=list(replay) if replay else None, max_calls=max_calls)
-        self.episodes[sid] = ep
+        ep = Episode(sid, Conversation(self.tokenizer, self.template), replay=list(replay) if replay else None,
+                     max_calls=max_calls, live=live)
+        with self._live_lock:
+            self.episodes[sid] = ep
+            self._live += live
         return ep
+
+    def close(self, sid: str) -> Episode | None:
+        """Forget the episode ``sid`` (its records are the caller's now); None if there is none."""
+        with self._live_lock:
+            ep = self.episodes.pop(sid, None)
+            self._live -= bool(ep is not None and ep.live)
+        return ep
+
+    def live_episodes(self) -> int:
+        """Episodes treeplay is running whose next call the batcher may wait for."""
+        return self._live
 
     def episode(self, sid: str) -> Episode:
         """The episode ``sid``, opened on its first call."""
