@@ -9,12 +9,13 @@ the loop reads a checkpoint's summary with ``read_checkpoint_meta``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,13 @@ def write_directory_atomically(path: str | Path, write: Callable[[Path], None], 
     finally:
         os.close(fd)
     return out
+
+
+def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of the weights, to check that every worker runs the same ones."""
+    h = hashlib.sha1()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from treeplay.learners.checkpoints import STATE_FORMAT, rng_state, set_rng_state, to_cpu
+from treeplay.learners.checkpoints import STATE_FORMAT, fingerprint, rng_state, set_rng_state, to_cpu
 from treeplay.learners.config import LearnerConfig, LoRAConfig
 from treeplay.store.records import uri_to_path
 
@@ -190,8 +190,6 @@ class TrainablePolicy:
 
     def reference_fingerprint(self) -> str | None:
         """A hash of the reference's weights (None without a reference); computed once per reference."""
-        from treeplay.orchestrator.weights import fingerprint
-
         if self.reference is None:
             return None
         if self._reference_fingerprint is None or self.config.reference == "refresh":

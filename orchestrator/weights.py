@@ -12,7 +12,6 @@ worker (``orchestrator/workers.py``).
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,11 +57,3 @@ def from_payload(payload: WeightsPayload) -> dict[str, torch.Tensor]:
     return out
 
 
-def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """A short hash of the weights, to check that every worker runs the same ones."""
-    h = hashlib.sha1()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -149,7 +149,7 @@ class PolicyHost:
     @ray.method(max_task_retries=-1)
     def fingerprint(self) -> str | None:
         """A hash of the served weights (engines that expose ``state_dict``), to compare workers."""
-        from treeplay.orchestrator.weights import fingerprint
+        from treeplay.learners.checkpoints import fingerprint
 
         sd = getattr(self.engine, "state_dict", None)
         return fingerprint(sd()) if callable(sd) else None

@@ -145,3 +145,18 @@ def test_environments_doc_entry_point_declaration_is_valid():
     [block] = _blocks("toml")
     declared = tomllib.loads(block)["project"]["entry-points"][ENV_GROUP]
     assert declared == {"countdown": "mypkg.envs:CountdownEnv"}
+
+
+def test_every_treeplay_import_the_docs_show_resolves():
+    """A `from treeplay.x import a, b` line in README.md or docs/ names a module and names that exist
+    (a moved class must take the docs with it)."""
+    import importlib
+
+    line = re.compile(r"^\s*from (treeplay(?:\.\w+)*) import ([\w, ]+)$", re.M)
+    missing = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for module, names in line.findall(path.read_text(encoding="utf-8")):
+            mod = importlib.import_module(module)
+            missing += [f"{path.name}: {module}.{n.strip()}" for n in names.split(",")
+                        if n.strip() and not hasattr(mod, n.strip())]
+    assert not missing, missing

@@ -79,3 +79,12 @@ def test_loading_a_config_imports_no_torch_transformers_or_ray(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"loading a config imported {out.stdout.strip()}"
+
+
+def test_only_the_orchestrator_imports_the_orchestrator():
+    """The runtime sits on top: agents, engines, learners, search and store never import it (not
+    even inside a function), so each can be used, and tested, without the loop, Ray or the CLI."""
+    graph = import_graph()
+    upward = sorted((a, b) for a, b in graph.edges
+                    if b.startswith("treeplay.orchestrator") and not a.startswith("treeplay.orchestrator"))
+    assert not upward, upward

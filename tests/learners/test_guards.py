@@ -120,9 +120,9 @@ def test_usable_data_names_what_each_learner_lacks():
 def test_a_learner_with_nothing_to_train_on_makes_no_update(tiny_model_dir):
     """TPO drops lists whose items all tie; with only such lists it trains on nothing: no update,
     the learner untouched, the reason in the metrics."""
+    from treeplay.learners.checkpoints import fingerprint
     from treeplay.learners.config import TPOConfig
     from treeplay.learners.tpo import TPOLearner
-    from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PreferenceData, RankedItem, RankedListRecord
 
     learner = TPOLearner(tiny_model_dir, TPOConfig(num_threads=1))
@@ -147,9 +147,9 @@ def test_a_nan_learning_rate_update_is_rejected_and_weights_stay(warm_model_dir)
     rule refuses to deploy, so the served weights are the ones from before the iteration."""
     import torch
 
+    from treeplay.learners.checkpoints import fingerprint
     from treeplay.learners.config import DPOConfig
     from treeplay.learners.dpo import DPOLearner
-    from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PairRecord, PreferenceData
 
     learner = DPOLearner(warm_model_dir, DPOConfig(lr=1e30, batch_size=4, num_threads=1, loss_type="sigmoid"))
@@ -175,9 +175,9 @@ def test_regression_weights_blown_up_by_an_update_whose_losses_stay_finite_are_n
     finite (the normalisation layers overflow into flat, finite logits), yet the weights moved by
     ~1e31 times their norm. Such an update once reached the workers, whose rollouts then gave NaN
     priors; now the update ratio refuses it and the learner goes back to where it was."""
+    from treeplay.learners.checkpoints import fingerprint
     from treeplay.learners.config import DPOConfig
     from treeplay.learners.dpo import DPOLearner
-    from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PairRecord, PreferenceData
 
     learner = DPOLearner(tiny_model_dir, DPOConfig(lr=1e30, batch_size=20, num_threads=1, loss_type="sigmoid"))
@@ -230,9 +230,9 @@ def test_train_guarded_needs_nothing_but_the_learner_protocol(tiny_model_dir):
     Without rollback, lr=1e30 leaves weights that give a non-finite loss: the learner is unhealthy
     after ``train``, and only ``load_weights`` of the weights from before makes it healthy again."""
     from treeplay.learners.base import Learner
+    from treeplay.learners.checkpoints import fingerprint
     from treeplay.learners.config import DPOConfig
     from treeplay.learners.dpo import DPOLearner
-    from treeplay.orchestrator.weights import fingerprint
     from treeplay.store.records import PairRecord, PreferenceData
 
     learner = DPOLearner(tiny_model_dir, DPOConfig(lr=1e30, rollback=False, batch_size=4, num_threads=1,
@@ -327,8 +327,8 @@ def test_regression_every_learner_and_mode_without_data_makes_no_update(learners
     actor's sequence (usable_data, then train_guarded) must give no update and a reason, for every
     learner and rollout mode, and train only where there is something to learn (RFT on verified-
     correct samples, SLHF on prompts, which its oracle scores)."""
+    from treeplay.learners.checkpoints import fingerprint
     from treeplay.learners.guards import canonical_order, train_guarded, usable_data
-    from treeplay.orchestrator.weights import fingerprint
 
     data = _fixed_outcome_data(mode, solved)
     assert not data.pairs

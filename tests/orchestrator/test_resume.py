@@ -27,6 +27,7 @@ import yaml
 
 from treeplay.learners.checkpoints import (
     TRAINER_DIR,
+    fingerprint,
     read_checkpoint_meta,
     write_directory_atomically,
 )
@@ -35,7 +36,6 @@ from treeplay.learners.dpo import DPOLearner
 from treeplay.learners.guards import train_guarded
 from treeplay.learners.slhf import SLHFLearner
 from treeplay.orchestrator.config import load_config
-from treeplay.orchestrator.weights import fingerprint
 from treeplay.orchestrator.workers import ModelFiles
 from treeplay.store import queries
 from treeplay.store.database import open_store

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from treeplay.orchestrator.weights import fingerprint, from_payload, to_payload
+from treeplay.learners.checkpoints import fingerprint
+from treeplay.orchestrator.weights import from_payload, to_payload
 
 
 def test_round_trip_is_exact_for_fp32_and_bf16():
