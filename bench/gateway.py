@@ -61,15 +61,12 @@ def main() -> None:
                 return sum(len(s[0].token_ids) for s in out)
 
             def one(p: str, sid: str | None) -> int:
-                # One episode per request: a live episode's session URL, or a bearer key the gateway
-                # has never seen (an external client).
-                if sid is None:
-                    r = client.completions.create(model="policy", prompt=p, max_tokens=args.max_tokens, temperature=1.0,
-                                                  extra_headers={"Authorization": f"Bearer {uuid.uuid4().hex}"})
-                else:
-                    r = openai.OpenAI(base_url=server.session_url(sid), api_key="bench", max_retries=0,
-                                      timeout=600).completions.create(
-                        model="policy", prompt=p, max_tokens=args.max_tokens, temperature=1.0)
+                # One episode per request, named by the bearer key: a live episode opened beforehand
+                # (as the agent mode does), or a key the gateway has never seen (an external client).
+                key = sid or uuid.uuid4().hex
+                r = client.completions.create(model="policy", prompt=p, max_tokens=args.max_tokens, temperature=1.0,
+                                              extra_headers={"Authorization": f"Bearer {key}"})
+                if sid is not None:
                     gateway.close(sid)
                 return r.usage.completion_tokens
 

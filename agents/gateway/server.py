@@ -358,10 +358,11 @@ class Gateway:
             except ValueError as e:  # the engine refused the prompt (too long for its context, ...)
                 return error(400, str(e).splitlines()[0] if str(e) else type(e).__name__)
             finish = "tool_calls" if "tool_calls" in message else ("length" if call.finish_reason == "length" else "stop")
-            return {"id": f"chatcmpl-{ep.sid[:12]}-{call.index}", "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model") or gw.model_name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                    "usage": usage(call), **extras(body, call)}
+            # A JSONResponse of plain values: FastAPI's encoder would walk them again for nothing.
+            return JSONResponse({"id": f"chatcmpl-{ep.sid[:12]}-{call.index}", "object": "chat.completion",
+                                 "created": int(time.time()), "model": body.get("model") or gw.model_name,
+                                 "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                                 "usage": usage(call), **extras(body, call)})
 
         async def completions(request: Request, sid: str | None = None):
             try:
@@ -376,11 +377,11 @@ class Gateway:
                 return error(400, str(e))
             except ValueError as e:
                 return error(400, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            return {"id": f"cmpl-{ep.sid[:12]}-{call.index}", "object": "text_completion", "created": int(time.time()),
-                    "model": body.get("model") or gw.model_name,
-                    "choices": [{"index": 0, "text": call.text, "logprobs": None,
-                                 "finish_reason": "length" if call.finish_reason == "length" else "stop"}],
-                    "usage": usage(call), **extras(body, call)}
+            return JSONResponse({"id": f"cmpl-{ep.sid[:12]}-{call.index}", "object": "text_completion",
+                                 "created": int(time.time()), "model": body.get("model") or gw.model_name,
+                                 "choices": [{"index": 0, "text": call.text, "logprobs": None,
+                                              "finish_reason": "length" if call.finish_reason == "length" else "stop"}],
+                                 "usage": usage(call), **extras(body, call)})
 
         def models():
             return {"object": "list", "data": [{"id": gw.model_name, "object": "model", "owned_by": "treeplay"}]}
