@@ -93,10 +93,29 @@ FIGURES: list[Figure] = [
         "{:.2f}|{}|{}",
     ),
     Figure(
-        rf"\| {NUM} of the engine's direct token rate",
+        rf"\| {NUM} of the engine's direct token rate \({NUM} with 8 episodes\)",
         "gateway.json",
-        (("gateway_throughput_fraction_b32",),),
+        (("gateway_throughput_fraction_b32",), ("gateway_throughput_fraction_b8",)),
         "{:.3f}",
+    ),
+    Figure(rf"\| {NUM}x the pairs/s \|", "learners.json", (("ratio",),), "{:.2f}"),
+    Figure(
+        rf"\| redeploy {NUM}x faster \(HF\), {NUM}x \(vLLM\); learner memory {NUM}x less",
+        "lora.json",
+        (("lora_redeploy_speedup",), ("lora_redeploy_speedup_vllm",), ("rss_saving",)),
+        "{:.2f}",
+    ),
+    Figure(
+        rf"\| {NUM}x: {NUM} s → {NUM} s per iteration \({NUM} iterations x 2 seeds\)",
+        "loop.json",
+        (("pipelined_speedup",), ("sync_s_per_iter",), ("async_s_per_iter",), ("iterations",)),
+        "{:.2f}|{:.2f}|{:.2f}|{}",
+    ),
+    Figure(
+        rf"\| {NUM} s per iteration with 1 rollout worker, {NUM} s with 2",
+        "cluster.json",
+        (("max_staleness_0", "iteration_s", "1"), ("max_staleness_0", "iteration_s", "2")),
+        "{:.2f}",
     ),
 ]
 
