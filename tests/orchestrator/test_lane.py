@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from treeplay.orchestrator.loop import Lane, _live_line
+from treeplay.orchestrator.loop import Lane
+from treeplay.orchestrator.reporting import live_line
 
 
 def test_a_synchronous_lane_runs_each_second_half_at_once():
@@ -65,7 +66,7 @@ def test_a_failed_second_half_stops_the_rollouts_early():
 
 def test_the_progress_line_shows_worker_versions_and_what_the_learner_trains_on():
     stats = [{"tasks": 8.0, "solved": 0.5, "pairs": 12.0, "nodes": 80.0}]
-    line = _live_line(3, stats, 2.0, [4, 5], "learner: iter 2 at v5 on data from v4-v5 (staleness <= 1)")
+    line = live_line(3, stats, 2.0, [4, 5], "learner: iter 2 at v5 on data from v4-v5 (staleness <= 1)")
     assert line.startswith("iter 3 rollouts | workers v4 v5 | solved 50% | 12 pairs")
     assert line.endswith("learner: iter 2 at v5 on data from v4-v5 (staleness <= 1)")
-    assert "learner" not in _live_line(3, stats, 2.0, [5])  # a synchronous run's learner is never busy then
+    assert "learner" not in live_line(3, stats, 2.0, [5])  # a synchronous run's learner is never busy then
