@@ -9,7 +9,12 @@ its processes exactly as losing a host would.
   a new weights version is in the object store of every worker's node after a redeploy;
 - a full run that learns, with one rollout node removed mid-run: every iteration finishes, every
   task is written exactly once per iteration, and the run is ``done``;
-- ray_cluster.yaml and its on-prem variant pass Ray's own launcher schema.
+- a run the cluster can never place (configs/gpu.yaml's GPUs, more rollout workers than rollout
+  slots, a learner bigger than the learner node) is refused at once with one line, and nothing is
+  written;
+- ray_cluster.yaml and its on-prem variant pass Ray's own launcher schema, every shell command in
+  them parses with ``bash -n``, and the head's database commands, rehearsed against a throwaway
+  PostgreSQL server, give the store the documented default password (and a changed one).
 """
 
 from __future__ import annotations
@@ -174,6 +179,46 @@ def test_run_survives_losing_a_rollout_node(cluster, tmp_path, warm_model_dir, p
     print(f"cluster run with a node lost: {seconds:.1f}s, {restarts:.0f} chunk(s) re-run, lost {lost}, iterations {[r.timings for r in report.iterations]}")
 
 
+def test_a_run_the_cluster_cannot_place_is_refused_at_once(cluster, tmp_path, monkeypatch):
+    """The quickstart's run step (configs/gpu.yaml, model and output on a shared folder) on a cluster
+    shaped like ray_cluster.yaml but without GPUs or an autoscaler: refused in one line per cause."""
+    from typer.testing import CliRunner
+
+    from treeplay.orchestrator.cli import app
+    from treeplay.orchestrator.config import load_config as load
+    from treeplay.orchestrator.placement import check_placeable, placement_problem
+    from treeplay.orchestrator.workers import check_cluster
+
+    monkeypatch.delenv("TREEPLAY_STORE_URL", raising=False)
+    shared = tmp_path / "shared"
+    model = shared / "models" / "Qwen2.5-0.5B-Instruct"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    paths = [f"model.path={model}", f"output_dir={shared / 'runs'}", f"store.url={url}"]
+    out = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "gpu.yaml"), "--address", cluster.address, *paths])
+    assert out.exit_code == 2, out.output
+    [line] = [s for s in out.output.splitlines() if s.strip()]
+    assert line.startswith("error: the config asks for 4 rollout workers x 1 GPU + learner 1 GPU = 5 GPUs; the Ray "
+                           "cluster has 0 GPUs (")
+    assert line.endswith("; if the cluster's autoscaler adds nodes, set ray.wait_for_autoscaler=true)")
+    assert queries.list_runs(open_store(url, create=False)) == [] and not (shared / "runs").exists()
+
+    # The real cluster's resources, through Ray: 4 rollout slots on two nodes, 1 learner slot (head).
+    cpu = [f"ray.address={cluster.address}", "ray.worker_num_gpus=0", "ray.learner_num_gpus=0",
+           "ray.worker_num_cpus=1", "ray.learner_num_cpus=1"]
+    with pytest.raises(ValueError, match=r"5 rollout workers x 1 'rollout' slot = 5 'rollout' slots; the Ray "
+                                         r"cluster has 4 'rollout' slots"):
+        check_cluster(load(None, [*cpu, "rollout.num_workers=5", "ray.worker_num_cpus=0.5"]))  # CPUs enough
+    with pytest.raises(ValueError, match=r"the learner asks for 2 CPUs on one node; the biggest Ray node with a "
+                                         r"'learner' slot has 1 CPU"):
+        check_cluster(load(None, [*cpu, "rollout.num_workers=2", "ray.learner_num_cpus=2"]))
+    check_cluster(load(None, [*cpu, "rollout.num_workers=4"]))
+    check_placeable(load(None, [*cpu, "rollout.num_workers=9", "ray.wait_for_autoscaler=true"]).ray, 9)
+    assert placement_problem(load(None, cpu).ray, 2, False, {"CPU": 5.0, "rollout": 4.0, "learner": 1.0},
+                             [{"CPU": 1.0, "learner": 1.0}, {"CPU": 2.0, "rollout": 2.0}]) is None
+
+
 @pytest.mark.parametrize("name", ["ray_cluster.yaml", "ray_cluster.onprem.yaml"])
 def test_cluster_launcher_configs_pass_rays_schema(name):
     """What ``ray up`` does before it touches a provider: fill in the provider's defaults, then
@@ -195,3 +240,126 @@ def test_cluster_launcher_configs_pass_rays_schema(name):
     assert roles["rollout"] and roles["learner"] and not set(roles["rollout"]) & set(roles["learner"])
     for t in roles["rollout"] + roles["learner"]:
         assert types[t]["resources"].get("GPU", 0) >= 1 and types[t].get("min_workers", 0) >= 1
+
+
+SETUP_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+              "head_start_ray_commands", "worker_start_ray_commands")
+
+
+@pytest.mark.parametrize("name", ["ray_cluster.yaml", "ray_cluster.onprem.yaml"])
+def test_every_cluster_shell_command_parses_with_bash_n(name):
+    """Every command ``ray up`` runs on a node is valid bash in the form Ray runs it (Ray prefixes
+    each with ``export RAY_HEAD_IP=...;``). A ``#`` inside a plain YAML list item starts a YAML
+    comment, which once cut a pg_hba.conf line in half and left an unterminated quote."""
+    import subprocess
+
+    raw = yaml.safe_load((ROOT / name).read_text())
+    commands = [(key, cmd) for key in SETUP_KEYS for cmd in raw.get(key) or []]
+    assert commands
+    for key, cmd in commands:
+        assert isinstance(cmd, str), f"{key}: {cmd!r} is not one shell line"
+        done = subprocess.run(["bash", "-n", "-c", f"export RAY_HEAD_IP=10.0.0.1; {cmd}"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{name} {key}: {cmd}\n{done.stderr}"
+
+
+@pytest.fixture
+def fake_imds():
+    """EC2's instance metadata service in miniature, IMDSv2 only: a token from PUT /latest/api/token,
+    then GETs that carry it. The "VPC" has two ranges (newline-separated, as EC2 answers)."""
+    import http.server
+    import threading
+
+    token = "rehearsal-token"
+    answers = {"/latest/meta-data/mac": "0e:00:00:00:00:01",
+               "/latest/meta-data/network/interfaces/macs/0e:00:00:00:00:01/vpc-ipv4-cidr-blocks":
+                   "127.0.0.0/8\n10.99.0.0/16"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _send(self, code: int, body: str) -> None:
+            data = body.encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_PUT(self) -> None:  # noqa: N802
+            ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+            self._send(200 if ok else 400, token if ok else "")
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.headers.get("X-aws-ec2-metadata-token") != token:
+                self._send(401, "")
+            elif self.path in answers:
+                self._send(200, answers[self.path])
+            else:
+                self._send(404, "")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.postgres
+def test_head_database_commands_rehearsed_on_a_throwaway_postgres(tmp_path, fake_imds):
+    """ray_cluster.yaml's own head commands for the VPC ranges and the store, run for real against a
+    PostgreSQL server of their own, with system paths pointed at the rehearsal's: twice (a second
+    `ray up` runs them again), then the documented URL with the default password opens the store, a
+    wrong password is refused, and a changed DB_PASSWORD takes effect."""
+    import os
+    import subprocess
+
+    import psycopg
+
+    from tests.helpers.postgres_server import PostgresServer, PostgresUnavailable
+
+    head = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())["head_setup_commands"]
+    marks = ("169.254.169.254", "/etc/postgresql", "psql", "systemctl restart postgresql")
+    rehearsed = [c for c in head if any(m in c for m in marks)]
+    assert any("pg_hba.conf" in c for c in rehearsed) and any("DB_PASSWORD=treeplay;" in c for c in rehearsed)
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        data = server.data
+        # Like Ubuntu's PostgreSQL, local socket connections (sudo -u postgres psql) get in without a
+        # password; every TCP connection must match a line that the setup commands add.
+        (data / "pg_hba.conf").write_text("local all all trust\n")
+        cidrs = tmp_path / "vpc-cidrs"
+        swaps = [("http://169.254.169.254", fake_imds), ("/etc/treeplay-vpc-cidrs", str(cidrs)),
+                 ("/etc/postgresql/*/main/", f"{data}/"),
+                 ("sudo systemctl restart postgresql", "psql -qc 'SELECT pg_reload_conf()'"),
+                 ("sudo -u postgres ", ""), ("sudo ", "")]
+        env = {**os.environ, "PGHOST": str(server.root), "PGPORT": str(server.port), "PGUSER": "postgres"}
+
+        def run(commands: list[str]) -> None:
+            for cmd in commands:
+                for old, new in swaps:
+                    cmd = cmd.replace(old, new)
+                done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+                assert done.returncode == 0, f"{cmd}\n{done.stderr}"
+            subprocess.run(["psql", "-qc", "SELECT pg_reload_conf()"], env=env, check=True, capture_output=True)
+
+        run(rehearsed)
+        run(rehearsed)
+        assert cidrs.read_text().split() == ["127.0.0.0/8", "10.99.0.0/16"]
+        added = [line for line in (data / "pg_hba.conf").read_text().splitlines() if "treeplay-vpc" in line]
+        assert [line.split()[:5] for line in added] == [["host", "treeplay", "treeplay", "127.0.0.0/8", "scram-sha-256"],
+                                                       ["host", "treeplay", "treeplay", "10.99.0.0/16", "scram-sha-256"]]
+
+        url = f"postgresql://treeplay:treeplay@127.0.0.1:{server.port}/treeplay"  # docs/cluster.md's, default password
+        assert queries.list_runs(open_store(url)) == []
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(f"host=127.0.0.1 port={server.port} user=treeplay password=wrong dbname=treeplay")
+
+        run([c.replace("DB_PASSWORD=treeplay;", "DB_PASSWORD=Changed42;") for c in rehearsed])
+        psycopg.connect(f"host=127.0.0.1 port={server.port} user=treeplay password=Changed42 dbname=treeplay").close()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(f"host=127.0.0.1 port={server.port} user=treeplay password=treeplay dbname=treeplay")
+    finally:
+        server.stop()
