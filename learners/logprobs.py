@@ -44,11 +44,6 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def encode_response(tokenizer, text: str, eos: bool = False) -> list[int]:
-    """Token ids of a response, tokenized on its own; ``eos`` appends the EOS id."""
-    return encode_masked_response(tokenizer, text, None, eos)[0]
-
-
 def encode_masked_response(
     tokenizer, text: str, spans: Sequence[tuple[int, int]] | None, eos: bool = False
 ) -> tuple[list[int], list[bool]]:
@@ -416,8 +411,3 @@ def padded(seqs: Sequence[Tensor], pad: float = 0.0) -> tuple[Tensor, Tensor]:
     return values, mask
 
 
-def unshared_logprobs(model, prompt: list[int], response: list[int]) -> Tensor:
-    """Reference computation: per-token log-probs of one response in its own plain forward pass."""
-    ids = torch.tensor([prompt + response], device=next(model.parameters()).device)
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-    return logits.log_softmax(-1).gather(1, ids[0, len(prompt) :, None]).squeeze(1)

@@ -231,13 +231,13 @@ def test_packing_matches_plain_forwards_on_bpe(trees, bpe_model_dir):
     compared, not text), and every response's packed log-probs equal its own plain forward."""
     import torch
 
+    from tests.helpers.reference_logprobs import unshared_logprobs
     from treeplay.learners.dpo import DPOLearner
     from treeplay.learners.logprobs import (
         Group,
         pack,
         packed_logprobs,
         per_sequence,
-        unshared_logprobs,
     )
 
     learner = DPOLearner(bpe_model_dir, num_threads=1, loss_type="mcts_dpo")

@@ -8,17 +8,16 @@ import random
 import pytest
 import torch
 
+from tests.helpers.reference_logprobs import encode_response, unshared_logprobs
 from treeplay.learners.config import DPOConfig
 from treeplay.learners.dpo import DPOLearner
 from treeplay.learners.logprobs import (
     Group,
     encode_prompt,
-    encode_response,
     pack,
     packed_logprobs,
     per_sequence,
     sequence_sums,
-    unshared_logprobs,
 )
 from treeplay.store.records import PairRecord, PreferenceData
 

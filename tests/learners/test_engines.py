@@ -7,8 +7,9 @@ import importlib.util
 import pytest
 import torch
 
+from tests.helpers.reference_logprobs import encode_response, unshared_logprobs
 from treeplay.learners.dpo import DPOLearner
-from treeplay.learners.logprobs import encode_prompt, encode_response, unshared_logprobs
+from treeplay.learners.logprobs import encode_prompt
 from treeplay.store.records import PairRecord
 
 PROMPTS = ["12+30=", "Q: what is 7*6?\n"]

@@ -101,7 +101,7 @@ def test_refresh_reference_is_a_frozen_adapter_copy(bpe_model_dir):
 def test_engine_serves_the_adapter(bpe_model_dir, tmp_path, via):
     """Redeploy sends only the adapter; the HF engine (peft) then scores like the learner's model,
     whether it got the adapter in place or was built from an adapter checkpoint."""
-    from treeplay.learners.logprobs import unshared_logprobs
+    from tests.helpers.reference_logprobs import unshared_logprobs
 
     learner = _learner(bpe_model_dir)
     learner.train(_pairs())
@@ -189,7 +189,7 @@ def test_vllm_serves_adapters_swapped_in_place(bpe_model_dir):
         import vllm  # noqa: F401
     except Exception as e:
         pytest.skip(f"vllm is not importable here ({type(e).__name__}: {e})")
-    from treeplay.learners.logprobs import unshared_logprobs
+    from tests.helpers.reference_logprobs import unshared_logprobs
 
     learner = _learner(bpe_model_dir)
     learner.train(_pairs())
