@@ -21,6 +21,13 @@ def length_reward(task, answer) -> float:
     return float(len(answer or "") % 3) / 2.0
 
 
+def digit_share_reward(task, answer) -> float:
+    """The share of digits in the answer: it varies with what a fixed-length answer says (a reward by
+    length would not), so siblings of a tree differ."""
+    text = answer or ""
+    return sum(ch.isdigit() for ch in text) / max(1, len(text))
+
+
 def add(a: int, b: int) -> int:
     """Add two integers."""
     return a + b

@@ -56,7 +56,7 @@ def test_a_two_call_agent_on_ray_replays_recorded_calls_and_pairs_siblings_below
         f"model.path={warm_model_dir}", f"output_dir={tmp_path}", f"store.url=sqlite:///{tmp_path}/store.db",
         "iterations=1", "rollout.tasks_per_iteration=16", "rollout.chunk_size=16", "eval.tasks=8",
         "rollout.agent.entry=tests.helpers.gateway_agents:two_call_agent",
-        "rollout.agent.reward=tests.helpers.gateway_agents:length_reward",
+        "rollout.agent.reward=tests.helpers.gateway_agents:digit_share_reward",
         "rollout.agent.episodes=6", "rollout.agent.width=2",
     ])
     try:
