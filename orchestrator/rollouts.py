@@ -26,7 +26,8 @@ do in their own column. No Ray here: workers call these functions, and tests cal
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from treeplay.agents.base import (
@@ -117,16 +118,23 @@ class TokenCounter:
         return getattr(self._policy, name)
 
 
-def _agent(cfg, tasks, policy, env_factory, seed):
-    from treeplay.agents.gateway.search import run_agent_rollouts
+@contextmanager
+def _one_env(env_factory: EnvFactory) -> Iterator[Environment]:
+    """An environment for code that needs one instance (the agent mode's verifier), closed after."""
+    from treeplay.search.expansion import close_env
 
     env = env_factory()
     try:
-        return run_agent_rollouts(tasks, policy, env, cfg.rollout.agent, environment=cfg.env.name, seed=seed)
+        yield env
     finally:
-        close = getattr(env, "close", None)
-        if callable(close):
-            close()
+        close_env(env)
+
+
+def _agent(cfg, tasks, policy, env_factory, seed):
+    from treeplay.agents.gateway.search import run_agent_rollouts
+
+    with _one_env(env_factory) as env:
+        return run_agent_rollouts(tasks, policy, env, cfg.rollout.agent, environment=cfg.env.name, seed=seed)
 
 
 def _mcts(cfg, tasks, policy, env_factory, seed):
@@ -357,14 +365,9 @@ def evaluate(
     if cfg.eval.agent == "program":
         from treeplay.agents.gateway.search import evaluate_agent_program
 
-        env = env_factory()
-        try:
+        with _one_env(env_factory) as env:
             return evaluate_agent_program(tasks, policy, env, cfg.rollout.agent, temperature,
                                           seed=cfg.seed + EVAL_SEED_OFFSET)
-        finally:
-            close = getattr(env, "close", None)
-            if callable(close):
-                close()
     if cfg.eval.agent == "react":
         from treeplay.agents.react import ReActAgent
 

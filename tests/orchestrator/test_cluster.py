@@ -19,7 +19,6 @@ its processes exactly as losing a host would.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import yaml
 
 from treeplay.agents.registry import make_environment
 from treeplay.orchestrator.config import load_config
+from treeplay.orchestrator.schedule import iteration_tasks
 from treeplay.store import queries
 from treeplay.store.database import open_store
 
@@ -161,8 +161,7 @@ def test_run_survives_losing_a_rollout_node(cluster, tmp_path, warm_model_dir, p
     assert queries.finished_iterations(store, run_id) == [0, 1, 2]
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
     for index in range(3):
-        rng = random.Random(cfg.seed * 31 + index)  # the loop's own task draw for this iteration
-        wanted = {t.id for t in env.tasks("train", TASKS, seed=rng.randrange(2**31))}
+        wanted = {t.id for t in iteration_tasks(cfg, env, index)}  # the loop's own task draw
         assert queries.completed_task_ids(store, run_id, index) == wanted
         trees = queries.list_trees(store, run_id, index)
         assert len(trees) == TASKS == len({t.task_id for t in trees}), f"iteration {index}: a task written twice"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import yaml
 
 from treeplay.agents.registry import make_environment
 from treeplay.orchestrator.config import load_config
+from treeplay.orchestrator.schedule import iteration_tasks
 from treeplay.store import queries
 from treeplay.store.database import open_store
 
@@ -48,8 +48,7 @@ def _pipelined(tmp_path: Path, model: Path, *extra: str):
 def _every_task_once(store, run_id: int, cfg, iterations: int) -> None:
     env = make_environment(cfg.env.name, **cfg.env.kwargs)
     for index in range(iterations):
-        rng = random.Random(cfg.seed * 31 + index)  # the loop's own task draw for this iteration
-        wanted = {t.id for t in env.tasks("train", cfg.rollout.tasks_per_iteration, seed=rng.randrange(2**31))}
+        wanted = {t.id for t in iteration_tasks(cfg, env, index)}  # the loop's own task draw
         assert queries.completed_task_ids(store, run_id, index) == wanted, index
         trees = queries.list_trees(store, run_id, index)
         assert len(trees) == len(wanted) == len({t.task_id for t in trees}), f"iteration {index}: a task written twice"
